@@ -1,0 +1,129 @@
+"""Reward-model inputs and batched scoring with a sequence-classification model.
+
+A reward model reads (prompt, response) as one of three formats:
+
+* ``chat``: the tokenizer's chat template over prompt + assistant reply (chat reward models);
+* ``pair``: a sentence pair (prompt transcript, reply), truncating the prompt first (BERT-style);
+* ``transcript``: one ``\\n\\nHuman: ...\\n\\nAssistant: ...`` text, truncated from the left.
+
+Training (``train``/``reward-model``) and scoring use the same function, and the
+trained model's folder records its format in ``rlhf_spec_reward.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal, Optional
+
+from .data import render_transcript
+
+RewardFormat = Literal["auto", "chat", "pair", "transcript"]
+META_FILE = "rlhf_spec_reward.json"
+
+
+def resolve_format(fmt: str, tokenizer, model_dir: Optional[str] = None) -> str:
+    """Pick a concrete format: the trained model's recorded one, else chat if the tokenizer has a template, else pair."""
+    if fmt != "auto":
+        return fmt
+    if model_dir:
+        meta = Path(model_dir) / META_FILE
+        if meta.is_file():
+            return json.loads(meta.read_text()).get("format", "pair")
+    return "chat" if getattr(tokenizer, "chat_template", None) else "pair"
+
+
+def encode_for_reward(tokenizer, prompts: list[list[dict]], responses: list[str], fmt: str, max_length: int) -> list[dict]:
+    """Tokenise (prompt, response) pairs for a reward model, without padding.
+
+    Returns:
+        one dict per pair with ``input_ids`` (and ``token_type_ids`` for pair format), each at most ``max_length`` tokens.
+
+    Raises:
+        ValueError: for an unknown format.
+    """
+    tokenizer.truncation_side = "left"
+    prompts, responses = list(prompts), list(responses)
+    out = []
+    if fmt == "chat":
+        texts = [
+            tokenizer.apply_chat_template(p + [{"role": "assistant", "content": r}], tokenize=False) for p, r in zip(prompts, responses)
+        ]
+        enc = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=False)
+    elif fmt == "pair":
+        # Keep the end of the prompt and the start of the response: the response gets at least
+        # half the budget, the prompt the rest (left-truncated, so the last turns survive).
+        budget = max_length - tokenizer.num_special_tokens_to_add(pair=True)
+        p_ids = tokenizer([render_transcript(p).strip() for p in prompts], add_special_tokens=False)["input_ids"]
+        r_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
+        firsts, seconds = [], []
+        for a, b in zip(p_ids, r_ids):
+            b = b[: max(budget // 2, budget - len(a))]
+            a = a[len(a) - (budget - len(b)):] if len(a) > budget - len(b) else a
+            firsts.append(tokenizer.decode(a))
+            seconds.append(tokenizer.decode(b))
+        enc = tokenizer(firsts, seconds, truncation="longest_first", max_length=max_length)
+    elif fmt == "transcript":
+        enc = tokenizer([render_transcript(p, r).strip() for p, r in zip(prompts, responses)], truncation=True, max_length=max_length)
+    else:
+        raise ValueError(f"unknown reward format {fmt!r}")
+    keys = [k for k in ("input_ids", "token_type_ids") if k in enc]
+    for i in range(len(prompts)):
+        out.append({k: enc[k][i] for k in keys})
+    return out
+
+
+def collate(tokenizer, items: list[dict]):
+    """Right-pad a list of encoded items into a batch of tensors (input_ids, attention_mask, ...)."""
+    import torch
+
+    width = max(len(it["input_ids"]) for it in items)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batch = {"input_ids": torch.full((len(items), width), pad, dtype=torch.long),
+             "attention_mask": torch.zeros((len(items), width), dtype=torch.long)}
+    if "token_type_ids" in items[0]:
+        batch["token_type_ids"] = torch.zeros((len(items), width), dtype=torch.long)
+    for i, it in enumerate(items):
+        n = len(it["input_ids"])
+        batch["input_ids"][i, :n] = torch.tensor(it["input_ids"])
+        batch["attention_mask"][i, :n] = 1
+        if "token_type_ids" in it:
+            batch["token_type_ids"][i, :n] = torch.tensor(it["token_type_ids"])
+    return batch
+
+
+def reward_forward(model, batch):
+    """Scalar rewards (B,) float32 from a sequence-classification model's first logit."""
+    out = model(**batch)
+    logits = getattr(out, "logits", None)
+    if logits is None:
+        logits = out.score
+    return logits[:, 0].float()
+
+
+def score_pairs(model, tokenizer, prompts, responses, fmt: str, max_length: int, batch_size: int,
+                bucket: bool = True, progress=None) -> list[float]:
+    """Score N (prompt, response) pairs; returns N floats in input order.
+
+    With ``bucket``, sequences are sorted by length before batching, so padding
+    is small; the scores are the same either way up to float rounding.
+
+    Raises:
+        torch.OutOfMemoryError / MemoryError: lower ``batch_size`` or ``max_length``.
+    """
+    import torch
+
+    items = encode_for_reward(tokenizer, prompts, responses, fmt, max_length)
+    order = sorted(range(len(items)), key=lambda i: -len(items[i]["input_ids"])) if bucket else list(range(len(items)))
+    device = next(model.parameters()).device
+    scores = [0.0] * len(items)
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = {k: v.to(device) for k, v in collate(tokenizer, [items[i] for i in idx]).items()}
+            vals = reward_forward(model, batch).tolist()
+            for i, v in zip(idx, vals):
+                scores[i] = float(v)
+            if progress is not None:
+                progress.advance(len(idx))
+    return scores

@@ -1,0 +1,341 @@
+"""The training loop shared by the built-in ``train`` implementations.
+
+It runs through accelerate (one process here; ``accelerate launch`` starts more),
+checkpoints every ``save_every`` updates (model, optimizer, scheduler, every RNG
+state, and the data position), and resumes from the last checkpoint after a
+crash with the same data order, so a resumed run matches an uninterrupted one
+where the computation is deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Annotated, Any, Callable, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .hookspecs import NotInKey
+
+
+class LoraParams(BaseModel):
+    """LoRA adapters via peft (Hu et al. 2021). The saved model has the adapters merged."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(16, ge=1, le=4096, description="Adapter rank.")
+    alpha: float = Field(32.0, gt=0, description="Scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], description="Module names to adapt."
+    )
+
+
+class OptimParams(BaseModel):
+    """Optimizer, schedule, batch and distribution settings shared by every ``train`` implementation.
+
+    Global batch = ``per_device_batch_size * gradient_accumulation_steps * num_processes``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    lr: float = Field(3e-7, gt=0, le=1.0, description="Peak learning rate (AdamW).")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    weight_decay: float = Field(1e-6, ge=0, description="AdamW weight decay.")
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field("cosine", description="LR schedule (transformers.get_scheduler).")
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of updates spent warming up.")
+    per_device_batch_size: int = Field(1, ge=1, le=4096, description="Pairs per micro-batch per process.")
+    gradient_accumulation_steps: int = Field(16, ge=1, le=65536, description="Micro-batches per optimizer update.")
+    num_processes: int = Field(1, ge=1, le=4096, description="Processes (GPUs); more than 1 runs under 'accelerate launch'.")
+    total_episodes: Optional[int] = Field(None, ge=1, description="Pairs to train on in total (REBEL: 60000). Overrides epochs.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training pairs when total_episodes is unset.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="accelerate mixed precision.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    disable_dropout: bool = Field(True, description="Set every dropout probability to 0 (REBEL does).")
+    lora: Optional[LoraParams] = Field(None, description="Train LoRA adapters instead of all weights.")
+    accelerate_config: Optional[str] = Field(None, description="accelerate config file (e.g. DeepSpeed ZeRO-3) for multi-process runs.")
+    max_grad_norm: Optional[float] = Field(None, gt=0, description="Clip the gradient norm (None: no clipping, as REBEL).")
+    save_every: Annotated[int, NotInKey()] = Field(200, ge=1, description="Checkpoint every N updates for resume. Not part of the key.")
+    log_every: Annotated[int, NotInKey()] = Field(1, ge=1, description="Log to TensorBoard every N updates. Not part of the key.")
+
+    def global_batch(self) -> int:
+        return self.per_device_batch_size * self.gradient_accumulation_steps * self.num_processes
+
+    def num_updates(self, n_train: int) -> int:
+        """Optimizer updates for ``n_train`` training rows (at least 1).
+
+        Raises:
+            ValueError: if there are no training rows.
+        """
+        if n_train <= 0:
+            raise ValueError("no training rows")
+        episodes = self.total_episodes if self.total_episodes else int(math.ceil(self.epochs * n_train))
+        return max(1, episodes // self.global_batch())
+
+
+def disable_dropout(model) -> None:
+    """Set ``p = 0`` on every ``torch.nn.Dropout`` and zero dropout fields of the config."""
+    import torch
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    for attr in ("attention_dropout", "hidden_dropout", "dropout", "hidden_dropout_prob", "attention_probs_dropout_prob", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if hasattr(model.config, attr) and isinstance(getattr(model.config, attr), float):
+            setattr(model.config, attr, 0.0)
+
+
+def apply_lora(model, lora: LoraParams, task_type: str = "CAUSAL_LM"):
+    """Wrap ``model`` with peft LoRA adapters.
+
+    Raises:
+        ValueError from peft if ``target_modules`` match no module.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules), task_type=task_type)
+    return get_peft_model(model, cfg)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message names the update and micro-step."""
+
+
+class Trainer:
+    """A small accelerate training loop over row indices with checkpoint/resume.
+
+    Args:
+        params: the stage's :class:`OptimParams` (subclass).
+        model: the model to train (already on CPU; accelerate moves it).
+        n_train: number of training rows; batches are lists of row indices.
+        step: ``step(model, indices) -> (loss tensor, stats dict of floats)`` for one micro-batch.
+        ckpt_dir: where checkpoints live (the stage's ``partial_dir/checkpoints``).
+        log_dir: TensorBoard folder.
+        seed: seeds the data order (epoch ``e`` uses ``seed + e``) and every RNG.
+        progress: :class:`rlhf_spec.context.Progress`, advanced per update.
+        evaluate: optional ``evaluate(model) -> dict`` run every ``eval_every`` updates and at the end.
+    """
+
+    def __init__(self, params: OptimParams, model, n_train: int, step: Callable, ckpt_dir: Path, log_dir: Path,
+                 seed: int, progress=None, evaluate: Optional[Callable] = None, eval_every: Optional[int] = None,
+                 task_type: str = "CAUSAL_LM"):
+        import torch
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+        from transformers import get_scheduler
+
+        self.p = params
+        self.n_train = n_train
+        self.step_fn = step
+        self.ckpt_dir = Path(ckpt_dir)
+        self.seed = seed
+        self.progress = progress
+        self.evaluate = evaluate
+        self.eval_every = eval_every
+        self.accelerator = Accelerator(gradient_accumulation_steps=params.gradient_accumulation_steps,
+                                       mixed_precision=params.mixed_precision, cpu=not torch.cuda.is_available())
+        set_seed(seed)
+        if params.disable_dropout:
+            disable_dropout(model)
+        if params.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable()
+            if hasattr(model.config, "use_cache"):
+                model.config.use_cache = False
+        if params.lora is not None:
+            model = apply_lora(model, params.lora, task_type)
+        model.train()
+        self.num_updates = params.num_updates(n_train)
+        world = self.accelerator.num_processes
+        self.micro_per_update = params.gradient_accumulation_steps
+        trainable = [q for q in model.parameters() if q.requires_grad]
+        opt = torch.optim.AdamW(trainable, lr=params.lr, betas=tuple(params.betas), eps=params.eps, weight_decay=params.weight_decay)
+        sched = get_scheduler(params.scheduler, opt, num_warmup_steps=int(params.warmup_ratio * self.num_updates),
+                              num_training_steps=self.num_updates)
+        # The schedule counts optimizer updates, so it is stepped by hand on each update rather than
+        # prepared (a prepared scheduler steps once per process); it is still saved with the state.
+        self.model, self.optimizer = self.accelerator.prepare(model, opt)
+        self.scheduler = sched
+        self.accelerator.register_for_checkpointing(sched)
+        self.world = world
+        self.writer = None
+        if self.accelerator.is_main_process:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(log_dir))
+        self.history: list[dict] = []
+
+    # -- data order --------------------------------------------------------------------------
+
+    def _micro_batches(self, epoch: int) -> list[list[int]]:
+        """This process's micro-batches of epoch ``epoch`` (a seeded permutation, split across processes)."""
+        import torch
+
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        perm = torch.randperm(self.n_train, generator=g).tolist()
+        per_update = self.p.per_device_batch_size * self.world
+        out = []
+        for start in range(0, len(perm) - per_update + 1, per_update):
+            chunk = perm[start : start + per_update]
+            r = self.accelerator.process_index
+            out.append(chunk[r * self.p.per_device_batch_size : (r + 1) * self.p.per_device_batch_size])
+        return out
+
+    def _batches(self, start_micro: int):
+        """Yield micro-batches from global micro-step ``start_micro`` on, cycling epochs."""
+        micro = 0
+        epoch = 0
+        while True:
+            mbs = self._micro_batches(epoch)
+            if not mbs:
+                raise ValueError(f"fewer training rows ({self.n_train}) than one micro-batch across processes ({self.p.per_device_batch_size * self.world})")
+            for mb in mbs:
+                if micro >= start_micro:
+                    yield micro, mb
+                micro += 1
+            epoch += 1
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def _latest(self) -> Optional[tuple[Path, dict]]:
+        ptr = self.ckpt_dir / "latest.json"
+        if not ptr.is_file():
+            return None
+        try:
+            pos = json.loads(ptr.read_text())
+        except ValueError:
+            return None
+        path = self.ckpt_dir / pos["dir"]
+        return (path, pos) if path.is_dir() else None
+
+    def _save(self, update: int, micro: int) -> None:
+        from .cache import atomic_write_json
+
+        name = f"update-{update:07d}"
+        final = self.ckpt_dir / name
+        tmp = self.ckpt_dir / f".{name}.tmp"
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(str(tmp))
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            atomic_write_json(tmp / "position.json", {"update": update, "micro": micro, "history": self.history})
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            atomic_write_json(self.ckpt_dir / "latest.json", {"dir": name, "update": update, "micro": micro})
+            for old in self.ckpt_dir.glob("update-*"):
+                if old.name != name:
+                    shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+
+    # -- loop -------------------------------------------------------------------------------
+
+    def train(self) -> dict:
+        """Run (or resume) training to ``num_updates`` updates; returns final metrics.
+
+        Raises:
+            TrainingDiverged: a NaN/inf loss, naming the update and micro-step.
+        """
+        import torch
+
+        update, start_micro, resumed_from = 0, 0, None
+        latest = self._latest()
+        if latest is not None:
+            path, pos = latest
+            self.accelerator.load_state(str(path))
+            update, start_micro = pos["update"], pos["micro"]
+            try:
+                self.history = json.loads((path / "position.json").read_text()).get("history", [])
+            except (OSError, ValueError):
+                self.history = []
+            resumed_from = update
+        if self.progress is not None:
+            self.progress.start(self.num_updates, unit="updates")
+            if update:
+                self.progress.advance(update)
+        acc: dict[str, float] = {}
+        n_acc = 0
+        eval_metrics: dict = {}
+        if update >= self.num_updates:
+            return self._final(resumed_from, eval_metrics)
+        for micro, mb in self._batches(start_micro):
+            with self.accelerator.accumulate(self.model):
+                loss, stats = self.step_fn(self.model, mb)
+                if not torch.isfinite(loss.detach()).all():
+                    raise TrainingDiverged(f"loss is {loss.item()} at update {update + 1} (micro-step {micro + 1}); lower params.lr or check the rewards")
+                self.accelerator.backward(loss)
+                if self.accelerator.sync_gradients and self.p.max_grad_norm:
+                    self.accelerator.clip_grad_norm_(self.model.parameters(), self.p.max_grad_norm)
+                self.optimizer.step()
+                if self.accelerator.sync_gradients:
+                    self.scheduler.step()
+                self.optimizer.zero_grad()
+            for k, v in stats.items():
+                acc[k] = acc.get(k, 0.0) + float(v)
+            n_acc += 1
+            if self.accelerator.sync_gradients:
+                update += 1
+                row = {k: v / n_acc for k, v in acc.items()}
+                row["lr"] = float(self.scheduler.get_last_lr()[0])
+                row["update"] = update
+                self.history.append(row)
+                acc, n_acc = {}, 0
+                if self.writer is not None and update % self.p.log_every == 0:
+                    for k, v in row.items():
+                        if k != "update":
+                            self.writer.add_scalar(f"train/{k}", v, update)
+                if self.progress is not None:
+                    self.progress.advance(1)
+                if self.evaluate is not None and self.eval_every and update % self.eval_every == 0 and update < self.num_updates:
+                    eval_metrics = self._run_eval(update)
+                if update >= self.num_updates:
+                    break
+                if update % self.p.save_every == 0:
+                    self._save(update, micro + 1)
+        return self._final(resumed_from, eval_metrics)
+
+    def _run_eval(self, update: int) -> dict:
+        self.model.eval()
+        try:
+            m = self.evaluate(self.accelerator.unwrap_model(self.model))
+        finally:
+            self.model.train()
+        if self.writer is not None:
+            for k, v in m.items():
+                if isinstance(v, (int, float)):
+                    self.writer.add_scalar(f"eval/{k}", v, update)
+        return m
+
+    def _final(self, resumed_from, eval_metrics) -> dict:
+        if self.evaluate is not None:
+            eval_metrics = self._run_eval(self.num_updates)
+        last = self.history[-1] if self.history else {}
+        n = max(1, min(10, len(self.history)))
+        tail = self.history[-n:]
+        out: dict[str, Any] = {"updates": self.num_updates, "global_batch": self.p.global_batch() // self.p.num_processes * self.world,
+                               "processes": self.world}
+        for k in last:
+            if k not in ("update", "lr"):
+                out[f"train_{k}_last10"] = sum(r.get(k, 0.0) for r in tail) / len(tail)
+        if self.history:
+            out["train_loss_first"] = self.history[0].get("loss")
+        out.update({f"eval_{k}": v for k, v in eval_metrics.items()})
+        if resumed_from is not None:
+            out["resumed_from_update"] = resumed_from
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+        return out
+
+    def unwrapped(self):
+        """The trained model with adapters merged (if LoRA), ready for ``save_pretrained``."""
+        model = self.accelerator.unwrap_model(self.model)
+        if self.p.lora is not None:
+            model = model.merge_and_unload()
+        return model
