@@ -98,6 +98,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     job = json.loads(Path(argv[0]).read_text())
     os.environ[WORKER_ENV] = "1"
+    from .runner import quiet_libraries
+
+    quiet_libraries()
     ctx, impl = job_to_context(job, registry())
     result = impl.run(ctx) or StageResult()
     if int(os.environ.get("RANK", "0")) == 0:

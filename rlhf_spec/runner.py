@@ -347,10 +347,12 @@ class Runner:
         )
 
     def _execute(self, st: Stage, key: str, forced: bool) -> None:
+        quiet_libraries()
         tmp = self.cache.begin(key)
         progress = _make_progress(self.console, st.id)
         ctx = self._context(st, key, tmp, progress)
         ctx.partial_dir.mkdir(parents=True, exist_ok=True)
+        seed_everything(self.pipeline.spec.seed, key)
         t0 = time.perf_counter()
         try:
             with progress:
@@ -416,6 +418,42 @@ class Runner:
         with contextlib.suppress(CacheError):
             self.cache.record_run({"spec": self.pipeline.spec.name, "source": self.pipeline.source,
                                    "keys": sorted(set(self.used_keys))})
+
+
+def seed_everything(seed: int, key: str) -> int:
+    """Seed Python, NumPy and torch from the spec seed and the stage key, so a stage's randomness
+    (a fresh reward head, dropout, sampling) never depends on what ran before it in the process."""
+    import random
+
+    derived = (seed * 1_000_003 + int(key[:8], 16)) % (2**31 - 1)
+    random.seed(derived)
+    with contextlib.suppress(ImportError):
+        import numpy as np
+
+        np.random.seed(derived)
+    with contextlib.suppress(ImportError):
+        import torch
+
+        torch.manual_seed(derived)
+    return derived
+
+
+def quiet_libraries() -> None:
+    """Silence the per-call progress bars of datasets and transformers; rlhf-spec draws its own."""
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with contextlib.suppress(Exception):
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
+    with contextlib.suppress(Exception):
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
 
 
 def _stage_error(st: Stage, exc: BaseException) -> StageFailed:

