@@ -349,6 +349,8 @@ class Runner:
     def _execute(self, st: Stage, key: str, forced: bool) -> None:
         quiet_libraries()
         tmp = self.cache.begin(key)
+        if self.console is not None and not self.console.is_terminal:
+            self.console.print(f"stage {st.id} ({st.impl.kind}/{st.impl.name}, key {key[:12]}): running")
         progress = _make_progress(self.console, st.id)
         ctx = self._context(st, key, tmp, progress)
         ctx.partial_dir.mkdir(parents=True, exist_ok=True)

@@ -157,6 +157,10 @@ class Trainer:
                               num_training_steps=self.num_updates)
         # The schedule counts optimizer updates, so it is stepped by hand on each update rather than
         # prepared (a prepared scheduler steps once per process); it is still saved with the state.
+        ds_plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if ds_plugin is not None and ds_plugin.is_auto("train_micro_batch_size_per_gpu"):
+            # No DataLoader is prepared (batches are index lists), so DeepSpeed is told the micro-batch here.
+            ds_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = params.per_device_batch_size
         self.model, self.optimizer = self.accelerator.prepare(model, opt)
         self.scheduler = sched
         self.accelerator.register_for_checkpointing(sched)
@@ -281,7 +285,7 @@ class Trainer:
             n_acc += 1
             if self.accelerator.sync_gradients:
                 update += 1
-                row = {k: v / n_acc for k, v in acc.items()}
+                row = self._global_means(acc, n_acc)
                 row["lr"] = float(self.scheduler.get_last_lr()[0])
                 row["update"] = update
                 self.history.append(row)
@@ -299,6 +303,24 @@ class Trainer:
                 if update % self.p.save_every == 0:
                     self._save(update, micro + 1)
         return self._final(resumed_from, eval_metrics)
+
+    def _global_means(self, acc: dict[str, float], n_acc: int) -> dict[str, float]:
+        """Per-update means of the step statistics over every micro-step of every process.
+
+        Each process sums its own micro-batch statistics; with several processes the
+        per-process means are averaged (all-reduce), so the logged loss of an update is
+        the same whether its global batch ran in one process or was split across many
+        (every process holds ``per_device_batch_size`` pairs per micro-step).
+        """
+        row = {k: v / max(1, n_acc) for k, v in acc.items()}
+        if self.world > 1 and row:
+            import torch
+
+            keys = sorted(row)
+            t = torch.tensor([row[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
+            t = self.accelerator.reduce(t, reduction="mean")
+            row = dict(zip(keys, (float(x) for x in t.tolist())))
+        return row
 
     def _run_eval(self, update: int) -> dict:
         self.model.eval()
@@ -339,3 +361,21 @@ class Trainer:
         if self.p.lora is not None:
             model = model.merge_and_unload()
         return model
+
+    def full_state_dict(self) -> Optional[dict]:
+        """The whole model's weights when they are sharded across processes (DeepSpeed), else ``None``.
+
+        Under DeepSpeed ZeRO-3 each process holds a slice of every parameter, so the
+        unwrapped module cannot be saved as is. This gathers the 16-bit weights (it needs
+        ``stage3_gather_16bit_weights_on_model_save``, which accelerate's
+        ``zero3_save_16bit_model: true`` sets). Every process must call it (it is a
+        collective); pass the result to ``save_pretrained(state_dict=...)`` on the main process.
+
+        Raises:
+            ValueError: from accelerate, if the DeepSpeed config does not gather 16-bit weights on save.
+        """
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type != DistributedType.DEEPSPEED or self.p.lora is not None:
+            return None
+        return self.accelerator.get_state_dict(self.model)

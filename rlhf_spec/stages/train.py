@@ -107,7 +107,7 @@ def reference_logprobs(ctx, p: PolicyTrainParams, rows, tok) -> tuple[list[float
                 "max_prompt_tokens": p.max_prompt_tokens, "max_response_tokens": p.max_response_tokens}
 
     def compute(tmp: Path) -> dict:
-        model = src.load_causal_lm()
+        model = src.load_causal_lm(device=_local_device())
         items = tokenize_pairs(tok, rows, p.max_prompt_tokens, p.max_response_tokens)
         ch, rj = [], []
         ctx.progress.note("reference logprobs")
@@ -128,6 +128,17 @@ def reference_logprobs(ctx, p: PolicyTrainParams, rows, tok) -> tuple[list[float
     if data["prompt_id"] != list(rows["prompt_id"]):
         raise RuntimeError("reference logprobs do not match the pairs (corrupt shared entry)")
     return data["chosen"], data["rejected"]
+
+
+def _local_device():
+    """This process's GPU (``cuda:LOCAL_RANK`` under a launcher), or ``None`` (CPU) without CUDA."""
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def _split(rows, name: str):
@@ -199,11 +210,13 @@ def train_policy(ctx, make_loss):
     ctx.progress.note("training")
     with ctx.timer("train"):
         metrics = trainer.train()
+    state = trainer.full_state_dict()  # a collective under DeepSpeed ZeRO-3: every process calls it
     if trainer.accelerator.is_main_process:
         with ctx.timer("save"):
-            trainer.unwrapped().save_pretrained(str(ctx.model_out_dir))
+            trainer.unwrapped().save_pretrained(str(ctx.model_out_dir), state_dict=state)
             tok.padding_side = "left"
             tok.save_pretrained(str(ctx.model_out_dir))
+            (ctx.out_dir / "history.json").write_text(json.dumps(trainer.history))
             _copy_tensorboard(ctx)
     metrics.update({"train_pairs": len(train_items), "test_pairs": len(test_items)})
     return StageResult(metrics=metrics)
@@ -319,7 +332,15 @@ class RewardModelParams(OptimParams):
 
 
 def run_reward_model(ctx) -> StageResult:
-    """Train a scalar reward model on preference pairs and report held-out pairwise accuracy."""
+    """Train a scalar reward model on preference pairs and report held-out pairwise accuracy.
+
+    With ``num_processes > 1`` the training runs under ``accelerate launch`` or ``torchrun``
+    (see :mod:`rlhf_spec.launch`), as the policy trainers do.
+    """
+    return _run_maybe_distributed(ctx, _train_reward_model)
+
+
+def _train_reward_model(ctx) -> StageResult:
     import torch
 
     from ..data import hash_unit
@@ -395,10 +416,13 @@ def run_reward_model(ctx) -> StageResult:
     with ctx.timer("train"):
         metrics = trainer.train()
     out = ctx.model_out_dir
-    trainer.unwrapped().save_pretrained(str(out))
-    tok.save_pretrained(str(out))
-    (out / "rlhf_spec_reward.json").write_text(json.dumps({"format": fmt, "max_length": p.max_length}))
-    _copy_tensorboard(ctx)
+    state = trainer.full_state_dict()  # a collective under DeepSpeed ZeRO-3: every process calls it
+    if trainer.accelerator.is_main_process:
+        trainer.unwrapped().save_pretrained(str(out), state_dict=state)
+        tok.save_pretrained(str(out))
+        (out / "rlhf_spec_reward.json").write_text(json.dumps({"format": fmt, "max_length": p.max_length}))
+        (ctx.out_dir / "history.json").write_text(json.dumps(trainer.history))
+        _copy_tensorboard(ctx)
     metrics.update({"train_pairs": len(rows), "format": fmt})
     return StageResult(metrics=metrics)
 
