@@ -124,18 +124,50 @@ class Lease:
         except (OSError, ValueError):
             return None
 
-    def stale(self) -> bool:
-        """True if the current lease file belongs to a dead process or has no recent heartbeat."""
+    def _judge(self) -> tuple[bool, Optional[dict]]:
+        """``(stale, what was read)`` for the current lease file."""
         info = self._info()
         try:
             age = time.time() - self.path.stat().st_mtime
         except FileNotFoundError:
-            return False
+            return False, None
         if info is None:
-            return age > 5.0  # a half-written lease older than a few seconds
-        if info.get("host") == socket.gethostname() and not _pid_alive(int(info.get("pid", -1))):
-            return True
-        return age > self.ttl
+            return age > 5.0, None  # a half-written lease older than a few seconds
+        try:
+            pid = int(info.get("pid", -1))
+        except (TypeError, ValueError):
+            pid = -1
+        if info.get("host") == socket.gethostname() and not _pid_alive(pid):
+            return True, info
+        return age > self.ttl, info
+
+    def stale(self) -> bool:
+        """True if the current lease file belongs to a dead process or has no recent heartbeat."""
+        return self._judge()[0]
+
+    def _break_stale(self, judged: Optional[dict]) -> bool:
+        """Remove the lease file judged stale; return False if it was replaced since the judgement.
+
+        The file is renamed aside first (atomic), then its content is compared with what was judged.
+        If another waiter broke the stale lease and took a fresh one in between, we have moved *that*
+        lease: it is put back (unless yet another lease appeared), so no holder ever loses its lease.
+        """
+        aside = self.path.with_name(self.path.name + f".stale.{uuid.uuid4().hex[:8]}")
+        try:
+            os.rename(self.path, aside)
+        except OSError:
+            return False  # gone already: someone else broke it
+        try:
+            moved = json.loads(aside.read_text())
+        except (OSError, ValueError):
+            moved = None
+        same = (moved is None) if judged is None else (moved is not None and moved.get("token") == judged.get("token"))
+        if not same:
+            with contextlib.suppress(OSError):
+                os.link(aside, self.path)  # put the fresh lease back; fails if a newer one exists
+        with contextlib.suppress(OSError):
+            os.unlink(aside)
+        return same
 
     def try_acquire(self) -> bool:
         """Take the lease if it is free or stale; return whether we hold it."""
@@ -144,11 +176,9 @@ class Lease:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                if self.stale():
-                    aside = self.path.with_name(self.path.name + f".stale.{uuid.uuid4().hex[:6]}")
-                    with contextlib.suppress(OSError):
-                        os.rename(self.path, aside)
-                        os.unlink(aside)
+                stale, judged = self._judge()
+                if stale:
+                    self._break_stale(judged)
                     continue
                 return False
             with os.fdopen(fd, "w") as f:
@@ -425,27 +455,52 @@ class Cache:
                 parts = d.name.split(".")
                 if len(parts) >= 2 and parts[1].isdigit() and not _pid_alive(int(parts[1])):
                     shutil.rmtree(d, ignore_errors=True)
+        locks = self.root / "locks"
+        if locks.is_dir() and not dry_run:
+            # leases left by killed processes (they are broken on demand anyway; this tidies them)
+            for p in locks.glob("*.lease"):
+                stale, judged = Lease(p)._judge()
+                if stale:
+                    Lease(p)._break_stale(judged)
         partial = self.root / "partial"
         if partial.is_dir():
             for d in partial.iterdir():
+                live = self.lease(d.name)
+                if not self.has(d.name) and live.path.exists() and not live.stale():
+                    continue  # a running process is resuming into it
                 if self.has(d.name) or (older_than is not None and now - d.stat().st_mtime >= older_than and d.name not in keep):
                     removed.append(f"partial/{d.name}")
                     if not dry_run:
                         shutil.rmtree(d, ignore_errors=True)
-        if not dry_run:
-            kept_runs = set()
-            for recs in by_spec.values():
-                kept_runs.update(r["_file"] for r in (recs[-keep_last:] if keep_last > 0 else []))
-            for r in runs:
-                if r["_file"] not in kept_runs and all(k not in keep for k in []):
-                    with contextlib.suppress(OSError):
-                        Path(r["_file"]).unlink()
+        # Records of runs that are not kept go too (with --older-than, only the old ones), so a later
+        # gc cannot be steered by a run whose entries are gone.
+        kept_runs = set()
+        for recs in by_spec.values():
+            kept_runs.update(r["_file"] for r in (recs[-keep_last:] if keep_last > 0 else []))
+        for r in runs:
+            path = Path(r["_file"])
+            if r["_file"] in kept_runs:
+                continue
+            with contextlib.suppress(OSError):
+                if older_than is not None and now - path.stat().st_mtime < older_than:
+                    continue
+                removed.append(f"runs/{path.name}")
+                if not dry_run:
+                    path.unlink()
         return {"removed": removed, "kept": len(keep), "freed_bytes": freed, "dry_run": dry_run}
 
     def scan(self) -> list[dict]:
-        """Verify every entry (a full re-hash); returns ``[{key, ok, stage}]``."""
+        """Verify every entry (a full re-hash); returns ``[{key, ok, stage}]``.
+
+        Entry folders whose manifest is missing or unreadable are included (and set aside), so a
+        damaged manifest cannot hide an entry from the scan.
+        """
         out = []
-        for key, man in list(self.entries()):
+        base = self.root / "entries"
+        folders = sorted(d for sub in base.iterdir() if sub.is_dir() for d in sub.iterdir() if d.is_dir()) if base.is_dir() else []
+        for d in folders:
+            key = d.name
+            man = self.manifest(key) or {}
             ok = self.verify(key, force=True)
             out.append({"key": key, "ok": ok, "stage": man.get("stage", {}), "bytes": man.get("bytes", 0)})
         return out

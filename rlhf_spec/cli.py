@@ -88,12 +88,25 @@ def cmd_plugins(args) -> int:
     return 0
 
 
+def _check_stage_ids(runner, args) -> None:
+    """Reject unknown ``--until``/``--force`` ids (exit 2) before anything is written to the cache."""
+    import difflib
+
+    runner.selected(getattr(args, "until", None))
+    ids = [s.id for s in runner.pipeline.stages]
+    for sid in getattr(args, "force", None) or []:
+        if sid not in ids:
+            close = difflib.get_close_matches(sid, ids, n=1)
+            raise UsageError(f"--force: unknown stage '{sid}'" + (f"; did you mean '{close[0]}'?" if close else ""))
+
+
 def cmd_plan(args) -> int:
     from .runner import Runner
 
     pipe = _load(args)
     cache = _cache(args, pipe)
     runner = Runner(pipe, cache)
+    _check_stage_ids(runner, args)
     rows = runner.plan(until=args.until, force=frozenset(args.force or []), explain=args.explain)
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -125,6 +138,7 @@ def cmd_run(args) -> int:
     cache = _cache(args, pipe)
     con = _console()
     runner = Runner(pipe, cache, console=con)
+    _check_stage_ids(runner, args)
     outcomes = []
     status, error, code = "ok", "", 0
     try:

@@ -55,9 +55,15 @@ class InputArtifact:
     path: str
 
     def load_dataset(self):
-        """The upstream ``datasets.Dataset`` (for samples, scored, pairs)."""
+        """The upstream ``datasets.Dataset`` (for samples, scored, pairs).
+
+        Cache entries are immutable. ``datasets`` writes the results of transforms (``select`` then
+        ``save_to_disk``, ``map``, ``filter``) as ``cache-*.arrow`` files next to the source's own
+        files, that is into the entry; with transform caching off they go to a temporary folder.
+        """
         import datasets
 
+        datasets.disable_caching()
         return datasets.load_from_disk(str(Path(self.path) / DATA_DIR))
 
     @property

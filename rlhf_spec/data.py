@@ -167,17 +167,30 @@ def check_local_columns(ds, base: Path) -> Optional[str]:
     Returns:
         ``None`` when fine, else a one-line message (e.g. a dataset without the named column).
     """
+    found = local_column_problem(ds, base)
+    return found[1] if found else None
+
+
+def local_column_problem(ds, base: Path) -> Optional[tuple[str, str]]:
+    """Like :func:`check_local_columns`, but also name the spec field at fault.
+
+    Returns:
+        ``None`` when fine, else ``(field, message)``: ``field`` is ``path`` (unreadable file),
+        ``adapter`` (hh-rlhf columns missing) or the ``*_column`` field naming a missing column.
+    """
     path = Path(ds.path) if Path(ds.path).is_absolute() else base / ds.path
     try:
         rec = _first_record(path)
     except Exception as exc:  # noqa: BLE001
-        return f"cannot read {ds.path}: {type(exc).__name__}: {exc}"
-    cols = ["chosen", "rejected"] if ds.adapter == "hh-rlhf" else [
-        c for c in (ds.prompt_column, ds.chosen_column, ds.rejected_column) if c
-    ]
-    missing = [c for c in cols if c not in rec]
+        return "path", f"cannot read {ds.path}: {type(exc).__name__}: {exc}"
+    if ds.adapter == "hh-rlhf":
+        fields = [("adapter", "chosen"), ("adapter", "rejected")]
+    else:
+        fields = [(f, getattr(ds, f)) for f in ("prompt_column", "chosen_column", "rejected_column") if getattr(ds, f)]
+    missing = [(f, c) for f, c in fields if c not in rec]
     if missing:
-        return f"{ds.path} has no column(s) {', '.join(repr(c) for c in missing)}; it has {', '.join(repr(k) for k in rec)}"
+        cols = ", ".join(repr(c) for _, c in missing)
+        return missing[0][0], f"{ds.path} has no column(s) {cols}; it has {', '.join(repr(k) for k in rec)}"
     return None
 
 
@@ -214,6 +227,9 @@ def load_spec_dataset(ds, base: Path):
         path = Path(ds.path) if Path(ds.path).is_absolute() else base / ds.path
         fmt = _local_format(path)
         if fmt == "arrow":
+            # never write transform caches into the user's folder: it would change the dataset's
+            # content digest (its identity in cache keys) on every run
+            datasets.disable_caching()
             raw = datasets.load_from_disk(str(path))
         else:
             raw = datasets.load_dataset(fmt, data_files=str(path), split="train")

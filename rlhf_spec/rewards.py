@@ -101,12 +101,44 @@ def reward_forward(model, batch):
     return logits[:, 0].float()
 
 
+# Padded tokens per forward pass when scoring on CPU. A CPU forward costs the same per token at any
+# batch size, so big batches buy nothing there; but a batch of 64 x 256 tokens spills its activations
+# out of the caches and runs about a third slower per token than one of 2048 tokens (see
+# docs/benchmarks.md). On GPUs the cap does not apply: there larger batches are faster.
+CPU_BATCH_TOKENS = 2048
+
+
+def length_batches(lengths: list[int], batch_size: int, max_batch_tokens: Optional[int] = None) -> list[list[int]]:
+    """Batches of indices, longest first, each with at most ``batch_size`` rows and, when
+    ``max_batch_tokens`` is set, at most that many padded tokens (rows x longest row).
+
+    A sequence longer than ``max_batch_tokens`` gets a batch of its own. Ties keep input order.
+
+    Returns:
+        lists of indices into ``lengths``; every index appears exactly once.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    cur: list[int] = []
+    for i in order:
+        if cur and (len(cur) >= batch_size or (max_batch_tokens and lengths[cur[0]] * (len(cur) + 1) > max_batch_tokens)):
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
 def score_pairs(model, tokenizer, prompts, responses, fmt: str, max_length: int, batch_size: int,
-                bucket: bool = True, progress=None) -> list[float]:
+                bucket: bool = True, progress=None, max_batch_tokens: Optional[int] = None) -> list[float]:
     """Score N (prompt, response) pairs; returns N floats in input order.
 
     With ``bucket``, sequences are sorted by length before batching, so padding
-    is small; the scores are the same either way up to float rounding.
+    is small, and a batch holds at most ``max_batch_tokens`` padded tokens
+    (default: :data:`CPU_BATCH_TOKENS` on CPU, no limit on other devices; 0: no
+    limit). Without ``bucket``, batches are ``batch_size`` rows in input order.
+    The scores are the same either way up to float rounding.
 
     Raises:
         torch.OutOfMemoryError / MemoryError: lower ``batch_size`` or ``max_length``.
@@ -114,12 +146,16 @@ def score_pairs(model, tokenizer, prompts, responses, fmt: str, max_length: int,
     import torch
 
     items = encode_for_reward(tokenizer, prompts, responses, fmt, max_length)
-    order = sorted(range(len(items)), key=lambda i: -len(items[i]["input_ids"])) if bucket else list(range(len(items)))
     device = next(model.parameters()).device
+    if bucket:
+        if max_batch_tokens is None:
+            max_batch_tokens = CPU_BATCH_TOKENS if device.type == "cpu" else 0
+        batches = length_batches([len(it["input_ids"]) for it in items], batch_size, max_batch_tokens)
+    else:
+        batches = [list(range(s, min(s + batch_size, len(items)))) for s in range(0, len(items), batch_size)]
     scores = [0.0] * len(items)
     with torch.no_grad():
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
+        for idx in batches:
             batch = {k: v.to(device) for k, v in collate(tokenizer, [items[i] for i in idx]).items()}
             vals = reward_forward(model, batch).tolist()
             for i, v in zip(idx, vals):

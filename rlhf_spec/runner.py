@@ -135,12 +135,9 @@ class Runner:
                     if ref in spec.models:
                         ident, src = self._model_identity(ref)
                     else:
-                        up = self.pipeline.stage(ref)
                         ident = {"stage_key": self._keys[ref]}
                         src = ModelSource(name=ref, origin="stage", path=str(self.cache.entry_dir(self._keys[ref]) / "model"),
                                           identity=ident)
-                        src.dtype = "auto"
-                        del up
                     models[fname] = ident
                     sources[fname] = src
                 dsets = {}
@@ -278,10 +275,14 @@ class Runner:
             except KeyError:
                 raise UsageError(f"--force: unknown stage '{sid}'") from None
         selected = self.selected(until)
+        # The run needs every selected stage's entry, also those after a failure or an interrupt
+        # (to resume into), so all known keys go into the run record that `cache gc` honours.
+        self.used_keys.extend(self._keys[s.id] for s in selected if s.id in self._keys)
         for st in selected:
             key = self.key(st.id)
             self.used_keys.append(key)
-            if st.id not in force and self.cache.has(key):
+            # verified read: a corrupt entry is set aside (with a warning) and recomputed
+            if st.id not in force and self.cache.has(key) and self.cache.verify(key):
                 man = self.cache.manifest(key) or {}
                 self.outcomes[st.id] = StageOutcome(
                     st.id, st.impl.kind, st.impl.name, key, "cached", 0.0, str(self.cache.entry_dir(key)),
@@ -316,16 +317,18 @@ class Runner:
                     f"[yellow]stage {st.id}: another run (pid {holder.get('pid')} on {holder.get('host')}) is computing it; waiting[/]"
                 )
             waited = True
-            if self.cache.has(key) and not forced:
-                break
+            if not forced and self.cache.has(key) and self.cache.verify(key):
+                break  # the other run committed it; a corrupt commit is set aside and we keep waiting for the lease
             time.sleep(0.5)
         try:
-            if waited and self.cache.has(key) and not forced and self.cache.verify(key):
+            # Re-check under the lease: another run may have committed the key between our first look and now.
+            if not forced and self.cache.has(key) and self.cache.verify(key):
                 man = self.cache.manifest(key) or {}
                 self.outcomes[st.id] = StageOutcome(
                     st.id, st.impl.kind, st.impl.name, key, "reused", 0.0, str(self.cache.entry_dir(key)),
                     man.get("output_type", st.output_type), man.get("metrics", {}), man.get("rows"),
                 )
+                self.used_keys.extend(man.get("used_keys", []))
                 return
             self._execute(st, key, forced)
         finally:
@@ -412,6 +415,7 @@ class Runner:
             "host": socket.gethostname(),
             "cache_dir": str(self.cache.root),
             "warnings": list(self.cache.warnings),
+            "summary": _summary(outcomes),
             "stages": [o.__dict__ for o in outcomes],
         }
 
@@ -420,6 +424,21 @@ class Runner:
         with contextlib.suppress(CacheError):
             self.cache.record_run({"spec": self.pipeline.spec.name, "source": self.pipeline.source,
                                    "keys": sorted(set(self.used_keys))})
+
+
+HEADLINE = ("eval_accuracy", "eval_pairs", "win_rate", "reward_mean_policy", "reward_mean_reference", "kl_k1", "kl_k3",
+            "reward_mean", "pairs", "samples", "updates", "train_loss_last10")
+
+
+def _summary(outcomes: list[StageOutcome]) -> dict:
+    """Headline metrics (``stage.metric``) and where the time went (seconds per stage)."""
+    out: dict[str, Any] = {}
+    for o in outcomes:
+        for k in HEADLINE:
+            if k in o.metrics:
+                out[f"{o.id}.{k}"] = o.metrics[k]
+    out["seconds_by_stage"] = {o.id: round(o.seconds, 2) for o in outcomes}
+    return out
 
 
 def seed_everything(seed: int, key: str) -> int:

@@ -34,6 +34,17 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 SCHEMA_FILE = "rlhf-spec.schema.json"
 
 
+HUB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$"
+
+
+def _check_hub_id(v: Optional[str]) -> Optional[str]:
+    """A hub id is 'name' or 'owner/name'; anything with '..' or a leading '/' or '.' is a local path in disguise
+    (transformers and datasets would read it from disk), so it is refused."""
+    if v is not None and (not re.match(HUB_ID_PATTERN, v) or ".." in v):
+        raise ValueError(f"'{v}' is not a hub id ('owner/name'); for a local folder use 'path'")
+    return v
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -69,6 +80,19 @@ class ModelSpec(_Strict):
             raise ValueError("'gguf_file' needs 'path'")
         return self
 
+    @field_validator("hub")
+    @classmethod
+    def _hub_id(cls, v):
+        return _check_hub_id(v)
+
+    @field_validator("gguf_file")
+    @classmethod
+    def _plain_file_name(cls, v):
+        # a file name inside 'path', never a path of its own that could climb out of it
+        if v is not None and (v in ("", ".", "..") or "/" in v or "\\" in v):
+            raise ValueError(f"'{v}' must be a file name inside the model folder, without '/' or '..'")
+        return v
+
 
 class DatasetSpec(_Strict):
     """A dataset the spec reads, normalised to columns ``prompt_id``, ``prompt`` (chat messages)
@@ -97,10 +121,20 @@ class DatasetSpec(_Strict):
     def _check(self):
         if bool(self.hub) == bool(self.path):
             raise ValueError("give exactly one of 'hub' or 'path'")
-        lo, hi = self.hash_range
+        return self
+
+    @field_validator("hash_range")
+    @classmethod
+    def _range(cls, v):
+        lo, hi = v
         if not (0.0 <= lo < hi <= 1.0):
             raise ValueError("hash_range must satisfy 0 <= lo < hi <= 1")
-        return self
+        return v
+
+    @field_validator("hub")
+    @classmethod
+    def _hub_id(cls, v):
+        return _check_hub_id(v)
 
     def columns(self) -> tuple[str, ...]:
         """Normalised columns this dataset provides."""
@@ -260,30 +294,6 @@ def _model_fields(model: type[BaseModel]) -> list[str]:
     return names
 
 
-def _resolve_submodel(model: type[BaseModel], loc: tuple) -> Optional[type[BaseModel]]:
-    """Walk ``loc`` through nested pydantic models, to find which model an unknown key belongs to."""
-    cur: Any = model
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        if not (isinstance(cur, type) and issubclass(cur, BaseModel)):
-            return None
-        fld = None
-        for fname, f in cur.model_fields.items():
-            if part in (fname, f.alias):
-                fld = f
-                break
-        if fld is None:
-            # dict[str, Model] keys
-            return cur if False else _dict_value_model(cur, part)
-        cur = _unwrap_model(fld.annotation)
-    return cur if isinstance(cur, type) and issubclass(cur, BaseModel) else None
-
-
-def _dict_value_model(model, part):
-    return None
-
-
 def _unwrap_model(tp):
     if isinstance(tp, type) and issubclass(tp, BaseModel):
         return tp
@@ -421,6 +431,13 @@ def _check_path(value: str, ptr: str, problems: list[Problem], base: Path, must_
         p = base / p
     if must_exist and not p.exists():
         problems.append(Problem(ptr, f"file or folder not found: {value}"))
+
+
+def _looks_local(value: str) -> bool:
+    """True for a tokenizer source that is a local path rather than a hub id ('owner/name')."""
+    if os.path.isabs(value) or value.startswith(".") or ".." in value.replace("\\", "/").split("/"):
+        return True
+    return not re.match(HUB_ID_PATTERN, value)
 
 
 def validate(data: dict, registry, source: str = "", base: Optional[Path] = None, check_files: bool = True) -> Pipeline:
@@ -564,19 +581,19 @@ def validate(data: dict, registry, source: str = "", base: Optional[Path] = None
                 _check_path(m.path, f"/models/{name}/path", problems, base)
                 if m.gguf_file and (base / m.path).is_dir() and not (base / m.path / m.gguf_file).exists():
                     problems.append(Problem(f"/models/{name}/gguf_file", f"no file '{m.gguf_file}' in {m.path}"))
-            if m.tokenizer and not m.tokenizer.count("/") == 1 and (m.tokenizer.startswith(".") or os.sep in m.tokenizer):
+            if m.tokenizer and _looks_local(m.tokenizer):
                 _check_path(m.tokenizer, f"/models/{name}/tokenizer", problems, base)
         for name, d in spec.datasets.items():
             if d.path:
                 _check_path(d.path, f"/datasets/{name}/path", problems, base)
         if not problems:
-            from .data import check_local_columns
+            from .data import local_column_problem
 
             for name, d in spec.datasets.items():
                 if d.path:
-                    msg = check_local_columns(d, base)
-                    if msg:
-                        problems.append(Problem(f"/datasets/{name}", msg))
+                    found = local_column_problem(d, base)
+                    if found:
+                        problems.append(Problem(f"/datasets/{name}/{found[0]}", found[1]))
 
     # implementation-specific static checks
     if not problems:
@@ -596,8 +613,7 @@ def _validate_params(i: int, st: dict, registry, problems: list[Problem]):
         return None
     impl, reason = registry.lookup(kind, uses)
     if impl is None:
-        close = ""
-        problems.append(Problem(f"/stages/{i}/uses", reason, close))
+        problems.append(Problem(f"/stages/{i}/uses", reason))
         return None
     params_raw = st.get("params", {})
     if not isinstance(params_raw, dict):

@@ -136,8 +136,15 @@ class Trainer:
         self.progress = progress
         self.evaluate = evaluate
         self.eval_every = eval_every
+        cpu, handlers = not torch.cuda.is_available(), []
+        if cpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+            # DeepSpeed under 'accelerate launch' on a machine without CUDA (tests): accelerate finds no
+            # backend for it by itself, so name gloo; DeepSpeed then runs on its CPU accelerator.
+            from accelerate.utils import InitProcessGroupKwargs
+
+            cpu, handlers = False, [InitProcessGroupKwargs(backend="gloo")]
         self.accelerator = Accelerator(gradient_accumulation_steps=params.gradient_accumulation_steps,
-                                       mixed_precision=params.mixed_precision, cpu=not torch.cuda.is_available())
+                                       mixed_precision=params.mixed_precision, cpu=cpu, kwargs_handlers=handlers)
         set_seed(seed)
         if params.disable_dropout:
             disable_dropout(model)
@@ -158,9 +165,15 @@ class Trainer:
         # The schedule counts optimizer updates, so it is stepped by hand on each update rather than
         # prepared (a prepared scheduler steps once per process); it is still saved with the state.
         ds_plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
-        if ds_plugin is not None and ds_plugin.is_auto("train_micro_batch_size_per_gpu"):
-            # No DataLoader is prepared (batches are index lists), so DeepSpeed is told the micro-batch here.
-            ds_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = params.per_device_batch_size
+        if ds_plugin is not None:
+            # DeepSpeed reads batch and clipping settings from its own config. No DataLoader is
+            # prepared (batches are index lists), so the micro-batch is set here; and clipping
+            # follows params.max_grad_norm instead of accelerate's default of 1.0 for "auto".
+            cfg = ds_plugin.deepspeed_config
+            if ds_plugin.is_auto("train_micro_batch_size_per_gpu"):
+                cfg["train_micro_batch_size_per_gpu"] = params.per_device_batch_size
+            if ds_plugin.is_auto("gradient_clipping"):
+                cfg["gradient_clipping"] = float(params.max_grad_norm or 0.0)
         self.model, self.optimizer = self.accelerator.prepare(model, opt)
         self.scheduler = sched
         self.accelerator.register_for_checkpointing(sched)
@@ -341,7 +354,10 @@ class Trainer:
         n = max(1, min(10, len(self.history)))
         tail = self.history[-n:]
         out: dict[str, Any] = {"updates": self.num_updates, "global_batch": self.p.global_batch() // self.p.num_processes * self.world,
-                               "processes": self.world}
+                               "processes": self.world, "distributed_type": str(self.accelerator.distributed_type.value)}
+        ds_plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if ds_plugin is not None:
+            out["zero_stage"] = ds_plugin.deepspeed_config.get("zero_optimization", {}).get("stage")
         for k in last:
             if k not in ("update", "lr"):
                 out[f"train_{k}_last10"] = sum(r.get(k, 0.0) for r in tail) / len(tail)

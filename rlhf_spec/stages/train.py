@@ -428,8 +428,11 @@ def _train_reward_model(ctx) -> StageResult:
 
 
 def _policy_resources(p) -> dict:
-    return {"processes": p.num_processes, "gpus": p.num_processes, "global_batch": p.global_batch(),
-            "episodes": p.total_episodes or f"{p.epochs} epoch(s)"}
+    out = {"processes": p.num_processes, "gpus": p.num_processes, "global_batch": p.global_batch(),
+           "episodes": p.total_episodes or f"{p.epochs} epoch(s)"}
+    if p.total_episodes:
+        out["updates"] = max(1, p.total_episodes // p.global_batch())
+    return out
 
 
 @hookimpl

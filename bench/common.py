@@ -1,0 +1,193 @@
+"""Shared helpers of the benchmarks: set-up, real models and data, side-by-side timing, JSON output.
+
+Every benchmark prints one JSON line per figure on stdout::
+
+    {"name": ..., "ours": ..., "baseline": ..., "unit": ..., "ratio": ours / baseline, "n": ..., "model": ...,
+     "better": "higher" | "lower", "target": ..., "met": true | false | null, ...extra fields}
+
+``better`` says how the ratio reads: for throughputs (``higher``) a ratio above 1 means we are
+faster; for seconds, bytes or memory (``lower``) a ratio below 1 means we use less. Progress
+messages go to stderr, so stdout holds nothing but figures.
+
+Both sides of a figure run in one process, on the same model and inputs, alternating (the side
+that goes first rotates from one repetition to the next), and the median over the repetitions is
+reported. Torch runs on ``BENCH_THREADS`` intra-op threads (default 1) on both sides: on a shared
+machine with more runnable processes than cores, two OpenMP threads that wait for each other at
+every barrier make timings swing by an order of magnitude, while one thread per process degrades
+evenly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "bench" / ".work"
+HH = "hh-rlhf/harmless-base_test.jsonl.gz"
+GGUF_DIR = "models/SmolLM2-135M-Instruct"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MINILM_DIR = "models/all-MiniLM-L6-v2"
+POLICY_NAME = "SmolLM2-135M-Instruct"
+RM_NAME = "all-MiniLM-L6-v2"
+
+
+def threads() -> int:
+    return int(os.environ.get("BENCH_THREADS", "1"))
+
+
+def setup() -> None:
+    """Quiet libraries, fix the thread count, and make the project importable from a checkout."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    os.chdir(ROOT)
+    warnings.filterwarnings("ignore")
+    import torch
+
+    torch.set_num_threads(threads())
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001 - cosmetics only
+        pass
+    WORK.mkdir(parents=True, exist_ok=True)
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def data_path(rel: str) -> Path:
+    """A real data file: the project's ``data/`` (placed by ``make assets``), else ``../shared/data``."""
+    for base in (ROOT / "data", ROOT.parent / "shared" / "data"):
+        if (base / rel).is_file():
+            return base / rel
+    raise SystemExit(f"data file {rel} not found; run `make assets`")
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def policy_source():
+    """SmolLM2-135M-Instruct from its GGUF file, dequantised once into ``bench/.work/converted``."""
+    from rlhf_spec.models import ModelSource
+
+    return ModelSource(name="policy", origin="spec", path=str(ROOT / GGUF_DIR), gguf_file=GGUF_FILE,
+                       converted_dir=str(WORK / "converted" / POLICY_NAME), identity={"bench": POLICY_NAME})
+
+
+def reward_source():
+    """all-MiniLM-L6-v2 as a sequence classifier with one (seeded, untrained) output."""
+    from rlhf_spec.models import ModelSource
+
+    return ModelSource(name="reward_model", origin="spec", path=str(ROOT / MINILM_DIR), identity={"bench": RM_NAME})
+
+
+def load_reward_model():
+    import torch
+
+    src = reward_source()
+    tok = src.load_tokenizer()
+    torch.manual_seed(0)
+    return src.load_sequence_classifier(), tok
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def hh_dataset(hash_range=(0.0, 1.0), limit: Optional[int] = None):
+    """hh-rlhf harmless-base rows, normalised as the stages see them (prompt messages, chosen, rejected)."""
+    from rlhf_spec.data import load_spec_dataset
+    from rlhf_spec.spec import DatasetSpec
+
+    spec = {"path": str(data_path(HH)), "adapter": "hh-rlhf", "hash_range": list(hash_range)}
+    if limit:
+        spec["limit"] = limit
+    return load_spec_dataset(DatasetSpec.model_validate(spec), ROOT)
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def alternate(sides: list[tuple[str, Callable[[], dict]]], reps: int, warmup: bool = False) -> dict[str, list[dict]]:
+    """Run each side ``reps`` times, interleaved; the first side of repetition ``r`` is side ``r % k``.
+
+    Each side is a callable returning its units of work (``{"tokens": ..., "prompts": ...}``); the
+    result maps the side's name to one dict per repetition with ``seconds`` and those units.
+    With ``warmup``, every side runs once first, untimed.
+    """
+    if warmup:
+        for name, fn in sides:
+            fn()
+    out: dict[str, list[dict]] = {name: [] for name, _ in sides}
+    k = len(sides)
+    for r in range(reps):
+        for j in range(k):
+            name, fn = sides[(r + j) % k]
+            t0 = time.perf_counter()
+            units = fn() or {}
+            dt = time.perf_counter() - t0
+            out[name].append({"seconds": dt, **units})
+            log(f"  rep {r + 1}/{reps} {name}: {dt:.2f}s {units}")
+    return out
+
+
+def rate(runs: list[dict], unit: str) -> float:
+    """Median over repetitions of ``unit`` per second."""
+    return median([r[unit] / r["seconds"] for r in runs])
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def emit(name: str, ours: Optional[float], baseline: Optional[float], unit: str, n: Any, model: str,
+         better: str = "higher", target: Optional[str] = None, **extra) -> dict:
+    """Print one figure as a JSON line; ``ratio`` is ``ours / baseline``.
+
+    ``target`` is a string such as ``">=1.3"`` or ``"<=1.1"``, checked against the ratio.
+    """
+    ratio = None
+    if ours is not None and baseline not in (None, 0):
+        ratio = ours / baseline
+    met = None
+    if target and ratio is not None:
+        op, val = target[:2], float(target[2:])
+        met = ratio >= val if op == ">=" else ratio <= val
+    rec = {"name": name, "ours": _round(ours), "baseline": _round(baseline), "unit": unit,
+           "ratio": _round(ratio, 3), "n": n, "model": model, "better": better, "target": target, "met": met}
+    rec.update({k: _round(v) if isinstance(v, float) else v for k, v in extra.items()})
+    print(json.dumps(rec), flush=True)
+    return rec
+
+
+def _round(x, nd: int = 4):
+    if isinstance(x, float):
+        return float(f"{x:.{nd + 2}g}")
+    return x
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far, in MiB."""
+    import resource
+
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return kb / 1024.0
