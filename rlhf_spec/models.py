@@ -61,6 +61,15 @@ def default_dtype(name: str = "auto"):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def default_device():
+    """``cuda:LOCAL_RANK`` when a CUDA GPU is present, else ``cpu``: where inference stages put models."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 @dataclass
 class ModelSource:
     """Where to load one model from.

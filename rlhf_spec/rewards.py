@@ -73,12 +73,12 @@ def encode_for_reward(tokenizer, prompts: list[list[dict]], responses: list[str]
     return out
 
 
-def collate(tokenizer, items: list[dict]):
+def collate(tokenizer, items: list[dict], pad_id: Optional[int] = None):
     """Right-pad a list of encoded items into a batch of tensors (input_ids, attention_mask, ...)."""
     import torch
 
     width = max(len(it["input_ids"]) for it in items)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id if pad_id is not None else (tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     batch = {"input_ids": torch.full((len(items), width), pad, dtype=torch.long),
              "attention_mask": torch.zeros((len(items), width), dtype=torch.long)}
     if "token_type_ids" in items[0]:
@@ -93,19 +93,20 @@ def collate(tokenizer, items: list[dict]):
 
 
 def reward_forward(model, batch):
-    """Scalar rewards (B,) float32 from a sequence-classification model's first logit."""
+    """Scalar rewards (B,) float32: the first logit of a sequence-classification model, or a
+    1-D ``score`` output (ArmoRM-style custom heads)."""
     out = model(**batch)
     logits = getattr(out, "logits", None)
     if logits is None:
         logits = out.score
-    return logits[:, 0].float()
+    return (logits if logits.dim() == 1 else logits[:, 0]).float()
 
 
-# Padded tokens per forward pass when scoring on CPU. A CPU forward costs the same per token at any
-# batch size, so big batches buy nothing there; but a batch of 64 x 256 tokens spills its activations
-# out of the caches and runs about a third slower per token than one of 2048 tokens (see
-# docs/benchmarks.md). On GPUs the cap does not apply: there larger batches are faster.
-CPU_BATCH_TOKENS = 2048
+# Padded tokens per forward pass when scoring on CPU. There a forward pass costs about the same per
+# token at any batch size, so wide batches only add padding and push activations out of the caches:
+# buckets of 64 rows x 256 tokens scored MiniLM pairs about a third slower than buckets of at most
+# 1024 tokens (docs/benchmarks.md). On GPUs no cap applies: there wider batches are faster.
+CPU_BATCH_TOKENS = 1024
 
 
 def length_batches(lengths: list[int], batch_size: int, max_batch_tokens: Optional[int] = None) -> list[list[int]]:
@@ -156,7 +157,7 @@ def score_pairs(model, tokenizer, prompts, responses, fmt: str, max_length: int,
     scores = [0.0] * len(items)
     with torch.no_grad():
         for idx in batches:
-            batch = {k: v.to(device) for k, v in collate(tokenizer, [items[i] for i in idx]).items()}
+            batch = {k: v.to(device) for k, v in collate(tokenizer, [items[i] for i in idx], pad_id=getattr(model.config, "pad_token_id", None)).items()}
             vals = reward_forward(model, batch).tolist()
             for i, v in zip(idx, vals):
                 scores[i] = float(v)

@@ -15,6 +15,7 @@ from pydantic import Field
 
 from ..generation import SamplingParams, chat_prompt_texts, generate_completions, prompt_lengths
 from ..hookspecs import METRICS, PAIRS, POLICY, REWARD_MODEL, DatasetRef, ModelRef, NotInKey, StageImpl, StageResult, hookimpl
+from ..models import default_device
 from ..rewards import RewardFormat, resolve_format, score_pairs
 
 
@@ -63,6 +64,8 @@ def _sequence_logprobs(model, tok, texts: list[str], completions: list[str], tem
             ids[j, : len(s)] = torch.tensor(s)
             attn[j, : len(s)] = 1
             mask[j, st : len(s)] = True
+        dev = next(model.parameters()).device
+        ids, attn, mask = ids.to(dev), attn.to(dev), mask.to(dev)
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=attn).logits
             out += sequence_logprobs(logits, ids, mask, temperature=temperature).tolist()
@@ -99,14 +102,14 @@ def run(ctx) -> StageResult:
 
     with ctx.timer("policy"):
         ctx.progress.note("policy samples")
-        model = pol_src.load_causal_lm()
+        model = pol_src.load_causal_lm(device=default_device())
         pol_out, pol_tok = generate_completions(model, tok, texts, p, p.batch_size, seed, True, ctx.progress, lengths)
         pol_lp = _sequence_logprobs(model, tok, texts, pol_out, temp, p.batch_size)
         del model
     with ctx.timer("reference"):
         ctx.progress.note("reference samples")
         ref_tok_ = ref_src.load_tokenizer(padding_side="left")
-        model = ref_src.load_causal_lm()
+        model = ref_src.load_causal_lm(device=default_device())
         ref_out, ref_ntok = generate_completions(model, ref_tok_, texts, p, p.batch_size, seed, True, ctx.progress, lengths)
         ref_lp_on_pol = _sequence_logprobs(model, ref_tok_, texts, pol_out, temp, p.batch_size)
         del model
@@ -114,7 +117,7 @@ def run(ctx) -> StageResult:
         ctx.progress.note("scoring")
         rm_src = ctx.model("reward_model")
         rm_tok = rm_src.load_tokenizer()
-        rm = rm_src.load_sequence_classifier()
+        rm = rm_src.load_sequence_classifier(device=default_device())
         fmt = resolve_format(p.reward_format, rm_tok, rm_src.path if rm_src.origin == "stage" else None)
         scores = score_pairs(rm, rm_tok, list(rows["prompt"]) * 2, pol_out + ref_out, fmt, p.reward_max_length, p.reward_batch_size)
     n = len(rows)

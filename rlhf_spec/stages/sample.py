@@ -8,6 +8,7 @@ from pydantic import Field
 
 from ..generation import SamplingParams, chat_prompt_texts, generate_completions, prompt_lengths
 from ..hookspecs import POLICY, SAMPLES, DatasetRef, ModelRef, StageImpl, StageResult, hookimpl
+from ..models import default_device
 
 
 class SampleParams(SamplingParams):
@@ -45,7 +46,7 @@ def run(ctx) -> StageResult:
         ctx.progress.note("loading policy")
         src = ctx.model("policy")
         tok = src.load_tokenizer(padding_side="left")
-        model = src.load_causal_lm()
+        model = src.load_causal_lm(device=default_device())
     texts = chat_prompt_texts(tok, list(prompts["prompt"]))
     lengths = prompt_lengths(tok, texts)
     keep = [i for i, n in enumerate(lengths) if p.max_prompt_tokens is None or n <= p.max_prompt_tokens]

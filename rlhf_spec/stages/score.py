@@ -7,6 +7,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..hookspecs import REWARD_MODEL, SAMPLES, SCORED, ModelRef, NotInKey, StageImpl, StageResult, hookimpl
+from ..models import default_device
 from ..rewards import RewardFormat, resolve_format, score_pairs
 
 
@@ -35,7 +36,7 @@ def run(ctx) -> StageResult:
         ctx.progress.note("loading reward model")
         src = ctx.model("reward_model")
         tok = src.load_tokenizer()
-        model = src.load_sequence_classifier()
+        model = src.load_sequence_classifier(device=default_device())
     fmt = resolve_format(p.format, tok, src.path if src.origin == "stage" else None)
     ctx.progress.note("scoring")
 

@@ -21,6 +21,7 @@ from typing import Annotated, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field
 
 from rlhf_spec.hookspecs import REWARD_MODEL, SAMPLES, SCORED, ModelRef, NotInKey, StageImpl, StageResult, hookimpl
+from rlhf_spec.rewards import length_batches
 
 
 class ArmoRMParams(BaseModel):
@@ -120,28 +121,6 @@ def encode_chats(tokenizer, prompts: list[list[dict]], responses: list[str], max
     return out
 
 
-def length_buckets(lengths: list[int], batch_size: int, max_batch_tokens: int) -> list[list[int]]:
-    """Batches of indices, longest sequences first, each within ``batch_size`` rows and ``max_batch_tokens`` padded tokens.
-
-    A sequence longer than ``max_batch_tokens`` gets a batch of its own.
-
-    Returns:
-        lists of indices into ``lengths``; every index appears exactly once.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    cur: list[int] = []
-    for i in order:
-        width = lengths[cur[0]] if cur else lengths[i]  # sorted, so the first is the longest
-        if cur and (len(cur) >= batch_size or width * (len(cur) + 1) > max_batch_tokens):
-            batches.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        batches.append(cur)
-    return batches
-
-
 def score_forward(model, input_ids, attention_mask):
     """Rewards of one right-padded batch: ``model(...).score`` as float32.
 
@@ -180,7 +159,7 @@ def score_sequences(model, seqs: list[list[int]], pad_id: Optional[int], batch_s
     alone = [i for i, s in enumerate(seqs) if pad_id is None or pad_id in s]
     alone_set = set(alone)
     rest = [i for i in range(len(seqs)) if i not in alone_set]
-    batches = [[rest[j] for j in b] for b in length_buckets([len(seqs[i]) for i in rest], batch_size, max_batch_tokens)]
+    batches = [[rest[j] for j in b] for b in length_batches([len(seqs[i]) for i in rest], batch_size, max_batch_tokens)]
     batches += [[i] for i in alone]
     for idx in batches:
         width = max(len(seqs[i]) for i in idx)

@@ -46,7 +46,8 @@ class TinyArmoForScore(LlamaPreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
         self.model = LlamaModel(config)
-        self.regression_layer = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        # like ArmoRM, the head's width is the number of objectives, not num_labels
+        self.regression_layer = nn.Linear(config.hidden_size, config.num_objectives, bias=False)
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, **kwargs):
@@ -81,7 +82,7 @@ def cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProc
 
 
 def make_tiny_armo(folder: Path, seed: int = 0) -> Path:
-    """Save the tiny remote-code reward model (num_labels 4, 'objectives') and a chat tokenizer to ``folder``."""
+    """Save the tiny remote-code reward model (4 objectives) and a chat tokenizer to ``folder``."""
     import torch
 
     from rlhf_spec.testing import make_tokenizer
@@ -94,7 +95,7 @@ def make_tiny_armo(folder: Path, seed: int = 0) -> Path:
     tok = make_tokenizer([p[-1]["content"] + " " + r for p, r in CHATS])
     torch.manual_seed(seed)
     cfg = mod.TinyArmoConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, num_labels=4,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, num_objectives=4,
                              pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
     model = mod.TinyArmoForScore(cfg)
     torch.nn.init.normal_(model.regression_layer.weight, std=1.0)  # rewards of order 1, so the comparison below is not trivially small
@@ -181,14 +182,14 @@ def test_the_model_really_needs_remote_code(tiny):
 def test_bucketed_batches_equal_one_at_a_time(tiny):
     import torch
 
-    from rlhf_spec_armorm.plugin import ArmoRMParams, encode_chats, length_buckets, load_armorm, score_forward, score_sequences
+    from rlhf_spec_armorm.plugin import ArmoRMParams, encode_chats, length_batches, load_armorm, score_forward, score_sequences
 
     model, tok = load_armorm(_source(tiny), ArmoRMParams(reward_model="armo", dtype="float32"))
     pad = model.config.pad_token_id
     seqs = encode_chats(tok, [p for p, _ in CHATS], [r for _, r in CHATS], max_length=4096)
     lengths = [len(s) for s in seqs]
     assert len(set(lengths)) >= 6, lengths
-    batches = length_buckets(lengths, 4, 10_000)
+    batches = length_batches(lengths, 4, 10_000)
     assert sorted(i for b in batches for i in b) == list(range(len(seqs)))
     assert any(len({lengths[i] for i in b}) > 1 for b in batches), "no batch needs padding; the test would prove nothing"
     batched = score_sequences(model, seqs, pad, batch_size=4, max_batch_tokens=10_000)
@@ -201,11 +202,11 @@ def test_bucketed_batches_equal_one_at_a_time(tiny):
     assert max(abs(a - b) for a, b in zip(shifted, single)) > 1e-4
 
 
-def test_length_buckets_respect_both_limits():
-    from rlhf_spec_armorm.plugin import length_buckets
+def test_length_batches_respect_both_limits():
+    from rlhf_spec_armorm.plugin import length_batches
 
     lengths = [5, 300, 17, 17, 90, 1, 44, 300, 2, 61, 8, 1000]
-    batches = length_buckets(lengths, batch_size=3, max_batch_tokens=400)
+    batches = length_batches(lengths, batch_size=3, max_batch_tokens=400)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     for b in batches:
         width = max(lengths[i] for i in b)
