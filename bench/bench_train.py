@@ -73,6 +73,10 @@ def make_pairs(args) -> Path:
     return folder
 
 
+def ref_file(args, pairs_dir: Path) -> Path:
+    return TDIR / f"ref-{pairs_dir.name}-{args.max_prompt_tokens}-{args.max_response_tokens}.json"
+
+
 def stage_context(args, pairs_dir: Path, tag: str):
     from rlhf_spec.context import InputArtifact, StageContext
     from rlhf_spec.hashing import hash_json
@@ -179,7 +183,7 @@ def child(args) -> None:
     if args.child == "ours":
         secs = run_ours(args, pairs_dir)["seconds"]
     else:
-        base = Baseline(args, pairs_dir, TDIR / f"ref-{pairs_dir.name}-{args.max_prompt_tokens}.json")
+        base = Baseline(args, pairs_dir, ref_file(args, pairs_dir))
         model, opt = base.load()
         t0 = time.perf_counter()
         base.train(model, opt)
@@ -197,18 +201,15 @@ def main(argv=None) -> None:
     ap.add_argument("--child", choices=["ours", "baseline"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     common.setup()
-    TDIR.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(TDIR / "runs", ignore_errors=True)
     if args.child:
         return child(args)
+    shutil.rmtree(TDIR, ignore_errors=True)  # nothing carried over from an earlier run
+    TDIR.mkdir(parents=True)
 
     pairs_dir = make_pairs(args)
-    base = Baseline(args, pairs_dir, TDIR / f"ref-{pairs_dir.name}-{args.max_prompt_tokens}.json")
+    base = Baseline(args, pairs_dir, ref_file(args, pairs_dir))
     log(f"train: {len(base.items)} pairs, {base.tokens} tokens per pass, {len(base.batches)} updates of "
         f"{args.batch_pairs} pairs")
-    # compute the stage's reference log-probs (a shared cache entry) before timing anything
-    run_ours(args, pairs_dir)
-
     def ours():
         r = run_ours(args, pairs_dir)
         assert r["updates"] == len(base.batches), r

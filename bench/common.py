@@ -83,12 +83,19 @@ def data_path(rel: str) -> Path:
 # ----------------------------------------------------------------------------- models
 
 
+_GGUF_DIGEST: list[str] = []
+
+
 def policy_source():
-    """SmolLM2-135M-Instruct from its GGUF file, dequantised once into ``bench/.work/converted``."""
+    """SmolLM2-135M-Instruct from its GGUF file, dequantised once into ``bench/.work/converted/<sha256>``."""
+    from rlhf_spec.hashing import sha256_file
     from rlhf_spec.models import ModelSource
 
+    if not _GGUF_DIGEST:
+        _GGUF_DIGEST.append(sha256_file(ROOT / GGUF_DIR / GGUF_FILE))
+    digest = _GGUF_DIGEST[0]
     return ModelSource(name="policy", origin="spec", path=str(ROOT / GGUF_DIR), gguf_file=GGUF_FILE,
-                       converted_dir=str(WORK / "converted" / POLICY_NAME), identity={"bench": POLICY_NAME})
+                       converted_dir=str(WORK / "converted" / digest[:16]), identity={"bench": POLICY_NAME, "gguf": digest})
 
 
 def reward_source():
@@ -132,7 +139,8 @@ def alternate(sides: list[tuple[str, Callable[[], dict]]], reps: int, warmup: bo
     """Run each side ``reps`` times, interleaved; the first side of repetition ``r`` is side ``r % k``.
 
     Each side is a callable returning its units of work (``{"tokens": ..., "prompts": ...}``); the
-    result maps the side's name to one dict per repetition with ``seconds`` and those units.
+    result maps the side's name to one dict per repetition with ``seconds`` and those units. A side
+    that times only part of its work itself returns that time as ``seconds``.
     With ``warmup``, every side runs once first, untimed.
     """
     if warmup:
@@ -144,8 +152,8 @@ def alternate(sides: list[tuple[str, Callable[[], dict]]], reps: int, warmup: bo
         for j in range(k):
             name, fn = sides[(r + j) % k]
             t0 = time.perf_counter()
-            units = fn() or {}
-            dt = time.perf_counter() - t0
+            units = dict(fn() or {})
+            dt = units.pop("seconds", None) or (time.perf_counter() - t0)
             out[name].append({"seconds": dt, **units})
             log(f"  rep {r + 1}/{reps} {name}: {dt:.2f}s {units}")
     return out
@@ -186,8 +194,18 @@ def _round(x, nd: int = 4):
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set size so far, in MiB."""
+    """This process's peak resident set size so far, in MiB.
+
+    Read from ``VmHWM`` in ``/proc/self/status``, the high-water mark of this process's own address
+    space. (``getrusage`` is no good here: Linux carries ``ru_maxrss`` over ``exec``, so a child
+    started with ``vfork`` reports at least its parent's peak.)
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     import resource
 
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return kb / 1024.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

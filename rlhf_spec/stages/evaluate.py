@@ -28,7 +28,7 @@ class EvaluateParams(SamplingParams):
     prompts: Optional[Annotated[str, DatasetRef(columns=("prompt",))]] = Field(
         None, description="Held-out prompts from /datasets; or give a pairs stage input and its 'test' split is used."
     )
-    limit: Optional[int] = Field(None, ge=1, description="Evaluate at most this many prompts.")
+    limit: Optional[int] = Field(None, ge=1, description="Evaluate at most this many prompts (after max_prompt_tokens).")
     max_prompt_tokens: Optional[int] = Field(None, ge=1, description="Skip prompts longer than this (chat template included).")
     batch_size: int = Field(8, ge=1, description="Prompts per generate call (part of the key: it fixes batch composition).")
     reward_format: RewardFormat = Field("auto", description="Reward-model input format (see score).")
@@ -86,14 +86,14 @@ def run(ctx) -> StageResult:
             raise ValueError("the pairs input has no 'test' rows; set test_size on the pair stage or give params.prompts")
     else:
         raise ValueError("evaluate needs params.prompts or a pairs input")
-    if p.limit:
-        rows = rows.select(range(min(p.limit, len(rows))))
     temp = p.temperature if p.temperature > 0 else 1.0
     pol_src, ref_src = ctx.model("policy"), ctx.model("reference")
     tok = pol_src.load_tokenizer(padding_side="left")
     texts = chat_prompt_texts(tok, list(rows["prompt"]))
     lengths = prompt_lengths(tok, texts)
     keep = [i for i, n in enumerate(lengths) if p.max_prompt_tokens is None or n <= p.max_prompt_tokens]
+    if p.limit:
+        keep = keep[: p.limit]
     rows, texts, lengths = rows.select(keep), [texts[i] for i in keep], [lengths[i] for i in keep]
     if len(rows) == 0:
         raise ValueError("no evaluation prompts left after max_prompt_tokens")

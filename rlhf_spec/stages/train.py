@@ -349,7 +349,8 @@ def _train_reward_model(ctx) -> StageResult:
 
     p: RewardModelParams = ctx.params
     if p.dataset:
-        rows = ctx.dataset("dataset")
+        with ctx.timer("load_data"):
+            rows = ctx.dataset("dataset")
         eval_rows = None
     elif ctx.inputs:
         all_rows = ctx.input_dataset(0)
@@ -378,7 +379,8 @@ def _train_reward_model(ctx) -> StageResult:
         r = encode_for_reward(tok, rs["prompt"], rs["rejected"], fmt, p.max_length)
         return c, r
 
-    tr_c, tr_r = encode(rows)
+    with ctx.timer("tokenize"):
+        tr_c, tr_r = encode(rows)
     margins = torch.tensor(list(rows[p.margin_column]), dtype=torch.float32) if p.margin_column else torch.full((len(rows),), p.margin)
     loss_fn = PairwiseRewardLoss()
 
