@@ -217,7 +217,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--hash-reps", type=int, default=5)
-    ap.add_argument("--skip-smoke", action="store_true", help="only hashing (and the cache figures of an earlier smoke run)")
+    ap.add_argument("--skip-smoke", action="store_true", help="only hashing (and the cache figures of a kept earlier smoke run)")
+    ap.add_argument("--keep-cache", action="store_true", help="keep the smoke run's cache folder (about 1.2 GB) afterwards")
     args = ap.parse_args(argv)
     common.setup()
     hashing(args.hash_reps)
@@ -226,6 +227,8 @@ def main(argv=None) -> None:
         cache = runner_overhead(args.reps)
     if (cache / "entries").is_dir():
         cache_size(cache)
+        if not args.keep_cache and not args.skip_smoke:
+            shutil.rmtree(cache, ignore_errors=True)
 
 
 if __name__ == "__main__":

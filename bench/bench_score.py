@@ -31,7 +31,7 @@ from common import RM_NAME, alternate, emit, log, rate  # noqa: E402
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sequences", type=int, default=96)
+    ap.add_argument("--sequences", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--reps", type=int, default=3)

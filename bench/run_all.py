@@ -25,7 +25,7 @@ ROOT = HERE.parent
 ORDER = ["shards", "score", "sample", "train", "runner"]
 # --quick: tiny sizes, to check that everything runs (the figures mean nothing)
 QUICK = {
-    "sample": ["--prompts", "8", "--batch-size", "4", "--max-new-tokens", "4", "--reps", "1"],
+    "sample": ["--prompts", "8", "--batch-size", "4", "--max-new-tokens", "4", "--reps", "1", "--scaling-reps", "1"],
     "score": ["--sequences", "16", "--reps", "1"],
     "train": ["--steps", "1", "--max-prompt-tokens", "16", "--max-response-tokens", "8", "--reps", "1"],
     "shards": ["--rows", "1000", "--reps", "1"],

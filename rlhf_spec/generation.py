@@ -89,7 +89,7 @@ def generate_completions(
         do_sample=sampling.temperature > 0,
         temperature=sampling.temperature if sampling.temperature > 0 else None,
         top_p=sampling.top_p if sampling.temperature > 0 else None,
-        top_k=None,
+        top_k=0,  # nucleus sampling only, as REBEL's vLLM sampler (None would mean transformers' default of 50)
         max_new_tokens=sampling.max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=eos_ids,

@@ -167,6 +167,6 @@ def run(ctx) -> StageResult:
 
 @hookimpl
 def rlhf_spec_register_stages(register):
-    register(StageImpl(kind="evaluate", name="reward-winrate", params=EvaluateParams, run=run, version="1",
+    register(StageImpl(kind="evaluate", name="reward-winrate", params=EvaluateParams, run=run, version="2",
                        inputs=(PAIRS,), min_inputs=0, max_inputs=1, output=METRICS,
                        description="reward win rate, mean rewards and KL of the policy against the reference"))

@@ -89,7 +89,7 @@ def run(ctx) -> StageResult:
 
 @hookimpl
 def rlhf_spec_register_stages(register):
-    register(StageImpl(kind="sample", name="transformers", params=SampleParams, run=run, version="1",
+    register(StageImpl(kind="sample", name="transformers", params=SampleParams, run=run, version="2",
                        inputs=(), min_inputs=0, max_inputs=0, output=SAMPLES,
                        description="n completions per prompt with transformers generate (CPU or GPU)",
                        resources=lambda p: {"processes": 1, "gpus": "0-1"}))
