@@ -9,6 +9,7 @@ from pydantic import Field
 from ..generation import SamplingParams, chat_prompt_texts, generate_completions, prompt_lengths
 from ..hookspecs import POLICY, SAMPLES, DatasetRef, ModelRef, StageImpl, StageResult, hookimpl
 from ..models import default_device
+from ..results import samples_result
 
 
 class SampleParams(SamplingParams):
@@ -77,14 +78,7 @@ def run(ctx) -> StageResult:
 
     with ctx.timer("generate"):
         result = ctx.run_shards(prompts, process, p.num_shards)
-    ctx.save_dataset(result)
-    gen_s = ctx.timings.get("generate", 0.0)
-    return StageResult(
-        metrics={"prompts": len(prompts), "prompts_skipped_too_long": skipped, "samples": len(result),
-                 "generated_tokens": total_tokens[0],
-                 "tokens_per_second": round(total_tokens[0] / gen_s, 2) if gen_s > 0 and total_tokens[0] else None},
-        rows=len(result),
-    )
+    return samples_result(ctx, len(prompts), skipped, result, total_tokens[0])
 
 
 @hookimpl

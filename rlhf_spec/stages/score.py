@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..hookspecs import REWARD_MODEL, SAMPLES, SCORED, ModelRef, NotInKey, StageImpl, StageResult, hookimpl
 from ..models import default_device
+from ..results import scored_result
 from ..rewards import RewardFormat, resolve_format, score_pairs
 
 
@@ -47,10 +48,7 @@ def run(ctx) -> StageResult:
 
     with ctx.timer("score"):
         out = ctx.run_shards(rows, process, p.num_shards)
-    ctx.save_dataset(out)
-    r = out["reward"] if len(out) else [0.0]
-    return StageResult(metrics={"scored": len(out), "format": fmt, "reward_mean": float(sum(r) / len(r)),
-                                "reward_min": float(min(r)), "reward_max": float(max(r))}, rows=len(out))
+    return scored_result(ctx, out, format=fmt)
 
 
 @hookimpl

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from rlhf_spec.hookspecs import REWARD_MODEL, SAMPLES, SCORED, ModelRef, NotInKey, StageImpl, StageResult, hookimpl
 from rlhf_spec.rewards import length_batches
+from rlhf_spec.results import scored_result
 
 
 class ArmoRMParams(BaseModel):
@@ -197,10 +198,7 @@ def run(ctx) -> StageResult:
 
     with ctx.timer("score"):
         out = ctx.run_shards(rows, process, p.num_shards)
-    ctx.save_dataset(out)
-    r = out["reward"] if len(out) else [0.0]
-    return StageResult(metrics={"scored": len(out), "reward_mean": float(sum(r) / len(r)),
-                                "reward_min": float(min(r)), "reward_max": float(max(r))}, rows=len(out))
+    return scored_result(ctx, out)
 
 
 @hookimpl

@@ -18,6 +18,7 @@ from pydantic import Field
 
 from rlhf_spec.generation import SamplingParams as _Sampling
 from rlhf_spec.hookspecs import POLICY, SAMPLES, DatasetRef, ModelRef, NotInKey, StageImpl, StageResult, hookimpl
+from rlhf_spec.results import samples_result
 
 INSTALL_HINT = (
     "the 'vllm' sample stage needs vLLM, which is not installed in this environment; "
@@ -175,14 +176,7 @@ def run(ctx) -> StageResult:
 
     with ctx.timer("generate"):
         result = ctx.run_shards(prompts, process, p.num_shards)
-    ctx.save_dataset(result)
-    gen_s = ctx.timings.get("generate", 0.0)
-    return StageResult(
-        metrics={"prompts": len(prompts), "prompts_skipped_too_long": skipped, "samples": len(result),
-                 "generated_tokens": total_tokens[0],
-                 "tokens_per_second": round(total_tokens[0] / gen_s, 2) if gen_s > 0 and total_tokens[0] else None},
-        rows=len(result),
-    )
+    return samples_result(ctx, len(prompts), skipped, result, total_tokens[0])
 
 
 def resources(p: VllmSampleParams) -> dict:
