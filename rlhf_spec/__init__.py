@@ -1,7 +1,55 @@
 """rlhf-spec: run a whole RLHF pipeline from one declarative JSON spec.
 
-The public surface for plugin authors is :mod:`rlhf_spec.hookspecs`
-(``hookimpl``, ``StageImpl``) and :mod:`rlhf_spec.context` (``StageContext``).
+This module is the public API for plugin authors: everything in ``__all__``. Other modules may
+change without notice. Names are loaded on first use, so ``import rlhf_spec`` stays fast (torch is
+imported only when a training helper is used).
+
+Plugin surfaces (one hook each, see :mod:`rlhf_spec.hookspecs`): stages (:class:`StageImpl`),
+rewards (:class:`RewardImpl`) and generation backends (:class:`BackendImpl`).
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.2.0"
+
+_EXPORTS = {
+    # hook markers
+    "hookimpl": "hookspecs", "hookspec": "hookspecs",
+    # records, the shared reward/backend syntax, artifact types and params markers
+    "StageImpl": "records", "RewardImpl": "records", "BackendImpl": "records", "StageResult": "records",
+    "RewardBatch": "records", "RewardOutput": "records", "Reward": "records", "Completion": "records", "Engine": "records",
+    "RewardSpec": "records", "BackendSpec": "records", "ModelRef": "records", "DatasetRef": "records", "NotInKey": "records",
+    "KINDS": "records", "ARTIFACT_TYPES": "records", "SAMPLES": "records", "SCORED": "records", "PAIRS": "records",
+    "POLICY": "records", "REWARD_MODEL": "records", "METRICS": "records",
+    # what a stage, a reward or a backend gets
+    "StageContext": "context", "ComponentContext": "context", "InputArtifact": "context", "Progress": "context",
+    "RewardError": "context", "ModelSource": "models", "SamplingParams": "backends",
+    # errors
+    "Problem": "errors", "RLHFSpecError": "errors", "SpecError": "errors", "StageFailed": "errors",
+    # training: shared params and loop, pairs -> batches, logprobs, saving a policy
+    "OptimParams": "algorithms.training", "LoraParams": "algorithms.training", "Trainer": "algorithms.training",
+    "TrainingDiverged": "algorithms.training", "PolicyTrainParams": "algorithms.policy", "PairBatch": "algorithms.policy",
+    "pair_trainer": "algorithms.policy", "train_on_pairs": "algorithms.policy", "save_policy": "algorithms.policy",
+    "reference_logprobs": "algorithms.policy", "tokenize_pairs": "algorithms.batching",
+    "tokenize_completions": "algorithms.batching", "pad_batch": "algorithms.batching", "length_batches": "algorithms.batching", "TokenizedPair": "algorithms.batching",
+    "TokenizedCompletion": "algorithms.batching", "pair_logprobs": "algorithms.logprobs",
+    "completion_logprobs": "algorithms.logprobs", "sequence_logprobs": "algorithms.ops", "token_logprobs": "algorithms.ops",
+    "masked_mean": "algorithms.ops",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rlhf_spec' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -6,6 +6,7 @@ Exit codes: 0 success; 1 runtime failure; 2 invalid spec or usage; 130 interrupt
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -68,18 +69,20 @@ def cmd_plugins(args) -> int:
     reg = _registry()
     rows = reg.rows()
     failures = [f.__dict__ for f in reg.failures]
-    conflicts = {f"{k}/{n}": v for (k, n), v in reg.conflicts.items()}
+    conflicts = {"/".join(p for p in k if p): v for k, v in reg.conflicts.items()}
     if args.json:
-        print(json.dumps({"stages": rows, "failures": failures, "conflicts": conflicts}, indent=2))
+        print(json.dumps({"implementations": rows, "stages": [r for r in rows if r["surface"] == "stage"],
+                          "failures": failures, "conflicts": conflicts}, indent=2))
         return 0
     from rich.table import Table
 
     con = _console()
-    t = Table(title="rlhf-spec stage implementations")
-    for col in ("kind", "name", "distribution", "version", "inputs", "output", "description"):
+    t = Table(title="rlhf-spec plugins: stages, rewards and generation backends")
+    for col in ("surface", "kind", "name", "distribution", "version", "inputs -> output", "description"):
         t.add_column(col)
     for r in rows:
-        t.add_row(r["kind"], r["name"], r["distribution"], r["version"], ",".join(r["inputs"]) or "-", r["output"], r["description"])
+        io = f"{','.join(r['inputs']) or '-'} -> {r['output']}" if r["surface"] == "stage" else ""
+        t.add_row(r["surface"], r["kind"] or "-", r["name"], r["distribution"], r["version"], io, r["description"])
     con.print(t)
     for f in failures:
         con.print(f"[red]plugin '{f['entry_point']}' from {f['distribution']} {f['version']} failed to load:[/] {f['error']}")
@@ -88,26 +91,14 @@ def cmd_plugins(args) -> int:
     return 0
 
 
-def _check_stage_ids(runner, args) -> None:
-    """Reject unknown ``--until``/``--force`` ids (exit 2) before anything is written to the cache."""
-    import difflib
-
-    runner.selected(getattr(args, "until", None))
-    ids = [s.id for s in runner.pipeline.stages]
-    for sid in getattr(args, "force", None) or []:
-        if sid not in ids:
-            close = difflib.get_close_matches(sid, ids, n=1)
-            raise UsageError(f"--force: unknown stage '{sid}'" + (f"; did you mean '{close[0]}'?" if close else ""))
-
-
 def cmd_plan(args) -> int:
+    from .plan import plan
     from .runner import Runner
 
     pipe = _load(args)
     cache = _cache(args, pipe)
     runner = Runner(pipe, cache)
-    _check_stage_ids(runner, args)
-    rows = runner.plan(until=args.until, force=frozenset(args.force or []), explain=args.explain)
+    rows = plan(runner, until=args.until, force=frozenset(args.force or []), explain=args.explain)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -131,15 +122,16 @@ def cmd_plan(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .runner import Runner, write_report
+    from .report import build_report, print_summary, write_report
+    from .runner import Runner
 
     started = time.time()
     pipe = _load(args)
     cache = _cache(args, pipe)
     con = _console()
     runner = Runner(pipe, cache, console=con)
-    _check_stage_ids(runner, args)
-    outcomes = []
+    runner.selected(args.until)
+    runner.check_force(args.force)
     status, error, code = "ok", "", 0
     try:
         runner.run(until=args.until, force=frozenset(args.force or []))
@@ -151,39 +143,17 @@ def cmd_run(args) -> int:
             traceback.print_exc()
     finally:
         outcomes = [runner.outcomes[s.id] for s in runner.selected(args.until) if s.id in runner.outcomes]
-        runner.record()
-    report = runner.report(started, outcomes, status, error)
+        with contextlib.suppress(RLHFSpecError):
+            runner.record()
+    report = build_report(runner, started, outcomes, status, error)
     path = Path(args.report) if args.report else cache.root / "reports" / (
-        f"{pipe.spec.name}-{_dt.datetime.now().strftime('%Y%m%dT%H%M%S')}.json"
-    )
+        f"{pipe.spec.name}-{_dt.datetime.now().strftime('%Y%m%dT%H%M%S')}.json")
     write_report(path, report)
-    _print_summary(con, pipe, outcomes, report)
+    print_summary(con, report)
     con.print(f"report: {path}")
     if code:
         print(f"rlhf-spec: {error}", file=sys.stderr)
     return code
-
-
-def _print_summary(con, pipe, outcomes, report) -> None:
-    from rich.table import Table
-
-    t = Table(title=f"{pipe.spec.name}: {report['status']} in {report['seconds']:.1f} s")
-    for col in ("stage", "kind", "uses", "status", "seconds", "key", "rows", "output"):
-        t.add_column(col, overflow="fold")
-    for o in outcomes:
-        style = {"ran": "yellow", "cached": "green", "reused": "green"}.get(o.status, "red")
-        t.add_row(o.id, o.kind, o.uses, f"[{style}]{o.status}[/]", f"{o.seconds:.1f}", o.key[:12], "" if o.rows is None else str(o.rows), o.output)
-    con.print(t)
-    for o in outcomes:
-        headline = {k: v for k, v in o.metrics.items() if isinstance(v, (int, float)) and not k.startswith("seconds_")}
-        if headline:
-            con.print(f"  {o.id}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in list(headline.items())[:10]))
-    for w in report.get("warnings", []):
-        con.print(f"[yellow]warning:[/] {w}")
-
-
-def _fmt(v) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def _parse_age(text: str) -> float:
@@ -237,63 +207,77 @@ def cmd_cache(args) -> int:
 # ----------------------------------------------------------------------------- parser
 
 
+def _common(sp, cache_dir: bool = True) -> None:
+    """Options every command accepts before or after its name. Their defaults are set once, on the
+    top-level parser; a sub-parser only overrides a value the user gave there (SUPPRESS)."""
+    sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    if cache_dir:
+        sp.add_argument("--cache-dir", default=argparse.SUPPRESS,
+                        help="cache folder (default: $RLHF_SPEC_CACHE, the spec's cache.dir, or .rlhf-cache)")
+
+
+def _spec_args(sp) -> None:
+    sp.add_argument("spec", help="path of the JSON spec")
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override a spec value by dotted path, e.g. stages.sample.params.n=2 (repeatable)")
+
+
+def _cache_parser(sub) -> None:
+    sp = sub.add_parser("cache", help="inspect and clean the cache")
+    _common(sp)
+    csub = sp.add_subparsers(dest="cache_cmd", required=True)
+    c = csub.add_parser("ls", help="list entries")
+    c.add_argument("--json", action="store_true")
+    _common(c)
+    c = csub.add_parser("verify", help="re-hash every entry; set corrupt ones aside")
+    _common(c)
+    c = csub.add_parser("gc", help="remove entries, trash and partial work no kept run needs")
+    c.add_argument("--keep-last", type=int, default=1, help="keep what the last N runs of each spec used (default 1)")
+    c.add_argument("--older-than", help="only remove what is older than AGE (e.g. 12h, 7d)")
+    c.add_argument("--dry-run", action="store_true")
+    _common(c)
+    sp.set_defaults(fn=cmd_cache)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The ``rlhf-spec`` argument parser. ``--debug`` and ``--cache-dir`` mean the same before or after a command."""
     p = argparse.ArgumentParser(prog="rlhf-spec", description="Run an RLHF pipeline from one declarative JSON spec.")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--debug", action="store_true", default=False, help="show tracebacks")
+    p.add_argument("--cache-dir", default=None, help="cache folder (default: $RLHF_SPEC_CACHE, the spec's cache.dir, or .rlhf-cache)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    def spec_args(sp, with_set=True):
-        sp.add_argument("spec", help="path of the JSON spec")
-        if with_set:
-            sp.add_argument("--set", action="append", metavar="KEY=VALUE",
-                            help="override a spec value by dotted path, e.g. stages.sample.params.n=2 (repeatable)")
-
     sp = sub.add_parser("run", help="run a spec, reusing cached stages")
-    spec_args(sp)
-    sp.add_argument("--cache-dir", help="cache folder (default: $RLHF_SPEC_CACHE, the spec's cache.dir, or .rlhf-cache)")
+    _spec_args(sp)
+    _common(sp)
     sp.add_argument("--report", help="where to write the JSON run report")
     sp.add_argument("--force", action="append", metavar="ID", help="rerun this stage even if cached (repeatable)")
     sp.add_argument("--until", metavar="ID", help="stop after this stage (runs only it and what it needs)")
-    sp.add_argument("--debug", action="store_true", help="show tracebacks")
     sp.set_defaults(fn=cmd_run)
 
     sp = sub.add_parser("plan", help="show which stages are cached and which would run, and why")
-    spec_args(sp)
-    sp.add_argument("--cache-dir")
+    _spec_args(sp)
+    _common(sp)
     sp.add_argument("--force", action="append", metavar="ID")
     sp.add_argument("--until", metavar="ID")
     sp.add_argument("--explain", action="store_true", help="name the key ingredient that changed for each stage that reruns")
     sp.add_argument("--json", action="store_true")
-    sp.add_argument("--debug", action="store_true", help="show tracebacks")
     sp.set_defaults(fn=cmd_plan)
 
     sp = sub.add_parser("validate", help="check a spec without running anything")
-    spec_args(sp)
-    sp.add_argument("--debug", action="store_true", help="show tracebacks")
+    _spec_args(sp)
+    _common(sp, cache_dir=False)
     sp.set_defaults(fn=cmd_validate)
 
-    sp = sub.add_parser("plugins", help="list installed stage implementations")
+    sp = sub.add_parser("plugins", help="list installed stages, rewards and generation backends")
     sp.add_argument("--json", action="store_true")
+    _common(sp, cache_dir=False)
     sp.set_defaults(fn=cmd_plugins)
 
     sp = sub.add_parser("schema", help="print the JSON Schema of specs (with installed plugins' params)")
     sp.add_argument("-o", "--output", help="write to this file instead of stdout")
+    _common(sp, cache_dir=False)
     sp.set_defaults(fn=cmd_schema)
-
-    sp = sub.add_parser("cache", help="inspect and clean the cache")
-    sp.add_argument("--cache-dir")
-    csub = sp.add_subparsers(dest="cache_cmd", required=True)
-    c = csub.add_parser("ls", help="list entries")
-    c.add_argument("--json", action="store_true")
-    c.add_argument("--cache-dir")
-    c = csub.add_parser("verify", help="re-hash every entry; set corrupt ones aside")
-    c.add_argument("--cache-dir")
-    c = csub.add_parser("gc", help="remove entries no kept run needs")
-    c.add_argument("--keep-last", type=int, default=1, help="keep what the last N runs of each spec used (default 1)")
-    c.add_argument("--older-than", help="only remove entries older than AGE (e.g. 12h, 7d)")
-    c.add_argument("--dry-run", action="store_true")
-    c.add_argument("--cache-dir")
-    sp.set_defaults(fn=cmd_cache)
+    _cache_parser(sub)
     return p
 
 
@@ -304,7 +288,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return int(exc.code or 0) if exc.code in (0, None) else 2
-    debug = "--debug" in argv
+    debug = bool(args.debug)
+    if debug:
+        import logging
+
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        logging.getLogger("rlhf_spec").addHandler(handler)
+        logging.getLogger("rlhf_spec").setLevel(logging.DEBUG)
     try:
         code = args.fn(args)
     except RLHFSpecError as exc:

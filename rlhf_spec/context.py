@@ -1,25 +1,30 @@
-"""What a running stage sees: its params, inputs, models, datasets, output folder and helpers.
+"""What a running stage gets: frozen inputs, a mutable output record, and services.
 
-A stage implementation receives one :class:`StageContext` and writes its output
-under ``ctx.out_dir``: a dataset with :meth:`StageContext.save_dataset`, a model
-with ``save_pretrained(ctx.out_dir / "model")``. The runner commits that folder
-to the cache when ``run`` returns.
+A stage implementation receives one :class:`StageContext` and writes its output under
+``ctx.out_dir``: a dataset with :meth:`StageContext.save_dataset`, a model with
+:func:`rlhf_spec.save_policy` (or ``save_pretrained(ctx.model_out_dir)``). The runner commits that
+folder to the cache when ``run`` returns. The context holds three parts:
+
+* :class:`StageInputs` (frozen): the stage's id, key, validated params, seed, upstream artifacts and
+  the resolved models and datasets;
+* :class:`StageOutput` (mutable): the output folder, timings, counters and the cache keys used;
+* services: progress, resumable shards, shared memo entries, and loading rewards and backends.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from pydantic import BaseModel
 
-from .hashing import hash_json, list_files, sha256_file
 from .models import ModelSource
+from .records import ComponentSpec, Completion, Engine, Reward, RewardBatch, RewardOutput
+from .refs import get_path
+from .runtime import local_device
 
 DATA_DIR = "data"
 MODEL_DIR = "model"
@@ -38,13 +43,13 @@ class Progress:
         """Show a short status text (e.g. ``"loading policy"``)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class InputArtifact:
     """The committed output of an upstream stage.
 
     Attributes:
         stage_id: the producing stage's id.
-        output_type: its artifact type (see :mod:`rlhf_spec.hookspecs`).
+        output_type: its artifact type (see :mod:`rlhf_spec.records`).
         key: its cache key.
         path: its entry folder.
     """
@@ -55,11 +60,9 @@ class InputArtifact:
     path: str
 
     def load_dataset(self):
-        """The upstream ``datasets.Dataset`` (for samples, scored, pairs).
+        """The upstream ``datasets.Dataset`` (samples, scored, pairs, tables).
 
-        Cache entries are immutable. ``datasets`` writes the results of transforms (``select`` then
-        ``save_to_disk``, ``map``, ``filter``) as ``cache-*.arrow`` files next to the source's own
-        files, that is into the entry; with transform caching off they go to a temporary folder.
+        Transform caching is switched off, so ``select``/``map`` never write into the immutable entry.
         """
         import datasets
 
@@ -71,23 +74,20 @@ class InputArtifact:
         return Path(self.path) / MODEL_DIR
 
 
-@dataclass
-class StageContext:
-    """Everything a stage needs at run time.
+@dataclass(frozen=True)
+class StageInputs:
+    """Everything that determines the stage's output (frozen).
 
     Attributes:
-        stage_id, kind, uses: the stage's spec entry.
+        stage_id, kind, uses: the stage's spec entry. pointer: its JSON pointer (``/stages/2``).
         key: the stage's cache key (64 hex characters).
         params: the validated params model instance.
         seed: the spec's global seed.
-        out_dir: where to write the output (a temporary folder the runner commits).
-        partial_dir: persists across interrupted attempts of this key (shards, checkpoints).
-        cache_root: the cache folder (for :meth:`memo`).
         inputs: upstream artifacts, in ``inputs`` order.
-        models: ``param name -> ModelSource`` for every model-reference param.
-        datasets: ``param name -> (DatasetSpec dict)`` for every dataset-reference param.
+        models: ``param path -> ModelSource`` for every model reference, nested ones included
+            (``"policy"``, ``"reward.params.model"``).
+        datasets: ``param path -> DatasetSpec dict`` for every dataset reference (hub revisions resolved).
         base_dir: folder that relative spec paths resolve against.
-        timings: seconds spent per named phase (see :meth:`timer`), reported per stage.
     """
 
     stage_id: str
@@ -96,34 +96,99 @@ class StageContext:
     key: str
     params: BaseModel
     seed: int
-    out_dir: Path
-    partial_dir: Path
-    cache_root: Path
-    inputs: list[InputArtifact] = field(default_factory=list)
-    models: dict[str, ModelSource] = field(default_factory=dict)
-    datasets: dict[str, dict] = field(default_factory=dict)
+    inputs: tuple[InputArtifact, ...] = ()
+    models: Mapping[str, ModelSource] = field(default_factory=dict)
+    datasets: Mapping[str, dict] = field(default_factory=dict)
     base_dir: Path = field(default_factory=Path.cwd)
-    progress: Progress = field(default_factory=Progress)
+    pointer: str = ""
+
+
+@dataclass
+class StageOutput:
+    """What the stage writes and records (mutable).
+
+    Attributes:
+        out_dir: where to write the output (a temporary folder the runner commits).
+        timings: seconds per named phase (see :meth:`StageContext.timer`), reported as ``seconds_<name>``.
+        counters: integer counts reported in the metrics (``shards_reused``, ...).
+        used_keys: cache keys of shared entries the stage read or wrote (kept by ``cache gc``).
+    """
+
+    out_dir: Path
     timings: dict[str, float] = field(default_factory=dict)
-    used_keys: list[str] = field(default_factory=list)
     counters: dict[str, int] = field(default_factory=dict)
+    used_keys: list[str] = field(default_factory=list)
 
-    # -- inputs ----------------------------------------------------------------------
 
-    def model(self, param: str) -> ModelSource:
-        """The :class:`ModelSource` named by model-reference param ``param``.
+class StageContext:
+    """Everything a stage needs at run time: ``inputs`` (frozen), ``output`` (mutable) and services.
+
+    Args:
+        inputs: the :class:`StageInputs`.
+        output: the :class:`StageOutput`.
+        partial_dir: persists across interrupted attempts of this key (shards, checkpoints).
+        cache_root: the cache folder (for :meth:`memo`).
+        progress: a :class:`Progress`.
+    """
+
+    def __init__(self, inputs: StageInputs, output: StageOutput, partial_dir: Path, cache_root: Path,
+                 progress: Optional[Progress] = None):
+        self.spec = inputs
+        self.output = output
+        self.partial_dir = Path(partial_dir)
+        self.cache_root = Path(cache_root)
+        self.progress = progress or Progress()
+
+    # -- reading ---------------------------------------------------------------------
+
+    @property
+    def params(self) -> BaseModel:
+        return self.spec.params
+
+    @property
+    def seed(self) -> int:
+        return self.spec.seed
+
+    @property
+    def key(self) -> str:
+        return self.spec.key
+
+    @property
+    def stage_id(self) -> str:
+        return self.spec.stage_id
+
+    @property
+    def inputs(self) -> tuple[InputArtifact, ...]:
+        return self.spec.inputs
+
+    @property
+    def base_dir(self) -> Path:
+        return self.spec.base_dir
+
+    @property
+    def device(self):
+        """This process's device: ``cuda:LOCAL_RANK`` when a GPU is present, else CPU."""
+        return local_device()
+
+    def model(self, path: str) -> ModelSource:
+        """The :class:`ModelSource` named by the model-reference param at ``path`` (``"policy"``).
 
         Raises:
             KeyError: if the param is unset or is not a model reference.
         """
-        return self.models[param]
+        return self.spec.models[path]
 
-    def dataset(self, param: str):
-        """Load the spec dataset named by dataset-reference param ``param``, normalised (see :mod:`rlhf_spec.data`)."""
+    def dataset(self, path: str):
+        """Load the spec dataset named by the dataset-reference param at ``path``, normalised
+        (see :mod:`rlhf_spec.data`).
+
+        Raises:
+            KeyError: if the param is unset. Errors of :func:`rlhf_spec.data.load_spec_dataset`.
+        """
         from .data import load_spec_dataset
-        from .spec import DatasetSpec
+        from .spec.models import DatasetSpec
 
-        return load_spec_dataset(DatasetSpec.model_validate(self.datasets[param]), self.base_dir)
+        return load_spec_dataset(DatasetSpec.model_validate(self.spec.datasets[path]), self.base_dir)
 
     def input_dataset(self, index: int = 0):
         """The ``datasets.Dataset`` of data input ``index``.
@@ -133,17 +198,50 @@ class StageContext:
         """
         return self.inputs[index].load_dataset()
 
-    # -- outputs ---------------------------------------------------------------------
+    def component(self, path: str) -> ComponentSpec:
+        """The validated reward or backend spec at params ``path`` (``"reward"``, ``"judges.1"``).
+
+        Raises:
+            KeyError: if nothing is there. TypeError: if it is not a reward or backend spec.
+        """
+        node = get_path(self.params, path)
+        if not isinstance(node, ComponentSpec):
+            raise TypeError(f"params.{path} of stage '{self.stage_id}' is not a reward or backend spec")
+        return node
+
+    def reward(self, path: str) -> "CheckedReward":
+        """Load the reward named at params ``path`` (a :class:`~rlhf_spec.RewardSpec`) once.
+
+        Returns:
+            a :class:`CheckedReward`: its ``score`` checks every output (count, finiteness).
+
+        Raises:
+            Errors of the reward's ``load`` (missing model files, for example).
+        """
+        spec = self.component(path)
+        cctx = ComponentContext(self, path)
+        return CheckedReward(spec.impl.load(spec.parsed, cctx), spec.impl.origin(), cctx.pointer)
+
+    def backend(self, path: str, policy: ModelSource) -> Engine:
+        """Load the generation backend named at params ``path`` (a :class:`~rlhf_spec.BackendSpec`) for ``policy``."""
+        spec = self.component(path)
+        return spec.impl.load(policy, spec.parsed, ComponentContext(self, path))
+
+    # -- writing ---------------------------------------------------------------------
+
+    @property
+    def out_dir(self) -> Path:
+        return self.output.out_dir
+
+    @property
+    def model_out_dir(self) -> Path:
+        return self.output.out_dir / MODEL_DIR
 
     def save_dataset(self, ds) -> Path:
         """Write the stage's dataset output (``save_to_disk`` under ``out_dir/data``)."""
         path = self.out_dir / DATA_DIR
         ds.save_to_disk(str(path))
         return path
-
-    @property
-    def model_out_dir(self) -> Path:
-        return self.out_dir / MODEL_DIR
 
     @contextlib.contextmanager
     def timer(self, name: str):
@@ -152,92 +250,37 @@ class StageContext:
         try:
             yield
         finally:
-            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+            self.output.timings[name] = self.output.timings.get(name, 0.0) + time.perf_counter() - t0
 
-    # -- resumable work --------------------------------------------------------------
+    def count(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to counter ``name`` (reported in the metrics)."""
+        self.output.counters[name] = self.output.counters.get(name, 0) + int(n)
+
+    # -- services --------------------------------------------------------------------
 
     def run_shards(self, rows, process: Callable[[Any, int], Any], num_shards: int):
-        """Process ``rows`` in content-defined shards, committing each shard as it finishes.
-
-        Rows go to shard ``int(prompt_id[:8], 16) % num_shards``, so a shard's
-        content never depends on the number of workers or GPUs. Each finished
-        shard is saved under ``partial_dir/shards`` by temporary folder and
-        rename, then appended (with file hashes) to an append-only journal.
-        A rerun after a crash skips every journalled shard whose files still
-        verify, and recomputes only the rest.
-
-        Args:
-            rows: a ``datasets.Dataset`` with a ``prompt_id`` column.
-            process: ``process(shard_rows, shard_index) -> datasets.Dataset``.
-            num_shards: number of shards (part of the cache key, since it fixes batch composition).
+        """Process ``rows`` in content-defined shards, committing each as it finishes; see
+        :func:`rlhf_spec.cache.shards.run_shards`. Counts a shard returns (``(dataset, counts)``) are
+        added to the stage's counters, for resumed shards too.
 
         Returns:
             the concatenation of all shard outputs, in shard order.
         """
-        import datasets
+        from .cache.shards import run_shards
 
-        sdir = self.partial_dir / "shards"
-        sdir.mkdir(parents=True, exist_ok=True)
-        journal = self.partial_dir / "journal.jsonl"
-        done: dict[int, dict] = {}
-        if journal.exists():
-            for line in journal.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue  # a torn last line from a crash
-                done[int(rec["shard"])] = rec
-        assign = [int(pid[:8], 16) % num_shards for pid in list(rows["prompt_id"])]
-        members: dict[int, list[int]] = {}
-        for i, s in enumerate(assign):
-            members.setdefault(s, []).append(i)
-        self.progress.start(len(rows))
-        outs = []
-        reused = computed = 0
-        for s in sorted(members):
-            final = sdir / f"{s:05d}"
-            rec = done.get(s)
-            if rec is not None and _verify_files(final, rec["files"]):
-                reused += 1
-                self.progress.advance(len(members[s]))
-                outs.append(final)
-                continue
-            out = process(rows.select(members[s]), s)
-            tmp = sdir / f".{s:05d}.{os.getpid()}.tmp"
-            if tmp.exists():
-                import shutil
-
-                shutil.rmtree(tmp)
-            out.save_to_disk(str(tmp))
-            files = []
-            for p in list_files(tmp):
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
-                files.append({"path": p.relative_to(tmp).as_posix(), "sha256": sha256_file(p), "size": p.stat().st_size})
-            if final.exists():
-                import shutil
-
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            with open(journal, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"shard": s, "rows": len(out), "files": files}) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            computed += 1
-            outs.append(final)
-        self.counters["shards_reused"] = reused
-        self.counters["shards_computed"] = computed
-        parts = [datasets.load_from_disk(str(p)) for p in outs]
-        if not parts:
-            return rows.select([])
-        return datasets.concatenate_datasets(parts)
+        out, reused, computed, counts = run_shards(self.partial_dir, rows, process, num_shards, self.progress)
+        self.output.counters["shards_reused"] = reused
+        self.output.counters["shards_computed"] = computed
+        for k, v in counts.items():
+            self.count(k, v)
+        return out
 
     def memo(self, name: str, preimage: dict, compute: Callable[[Path], Optional[dict]]) -> Path:
         """A cache entry derived inside this stage and shareable with other stages.
 
-        The entry's key hashes ``name`` and ``preimage`` only (not this stage's
-        key), so two training stages with the same pairs and reference policy
-        share, for example, the reference-policy logprobs.
+        The entry's key hashes ``name`` and ``preimage`` only (not this stage's key), so two
+        training stages with the same pairs and reference policy share, for example, the
+        reference-policy logprobs.
 
         Args:
             name: what is computed, e.g. ``"reference-logprobs"``.
@@ -246,22 +289,96 @@ class StageContext:
 
         Returns:
             the committed entry folder.
+
+        Raises:
+            CacheError: if the entry cannot be written.
         """
         from .cache import Cache
+        from .hashing import hash_json
 
         key = hash_json({"memo": name, "preimage": preimage})
-        cache = Cache(self.cache_root)
-        path = cache.memo(key, compute, {"stage": {"id": self.stage_id, "memo": name}, "preimage": {"memo": name, **preimage}})
-        self.used_keys.append(key)
+        manifest = {"stage": {"id": self.stage_id, "memo": name}, "preimage": {"memo": name, **preimage}}
+        path = Cache(self.cache_root).memo(key, compute, manifest)
+        self.output.used_keys.append(key)
         return path
 
 
-def _verify_files(folder: Path, files: list[dict]) -> bool:
-    try:
-        for rec in files:
-            p = folder / rec["path"]
-            if p.stat().st_size != rec["size"] or sha256_file(p) != rec["sha256"]:
-                return False
-    except OSError:
-        return False
-    return True
+class ComponentContext:
+    """What a reward's or a backend's ``load`` gets: its own model references, its JSON pointer,
+    nested rewards (for combinations), the device, and the stage's progress and timer.
+
+    Args:
+        stage: the :class:`StageContext` of the stage that uses the component.
+        path: the component's params path in the stage (``"reward"``, ``"judges.0"``).
+    """
+
+    def __init__(self, stage: StageContext, path: str):
+        self.stage = stage
+        self.path = path
+        self.pointer = f"{stage.spec.pointer}/params/" + path.replace(".", "/")
+
+    @property
+    def device(self):
+        return self.stage.device
+
+    @property
+    def progress(self) -> Progress:
+        return self.stage.progress
+
+    def timer(self, name: str):
+        return self.stage.timer(name)
+
+    def model(self, field_name: str) -> ModelSource:
+        """The :class:`ModelSource` of this component's model-reference param ``field_name``.
+
+        Raises:
+            KeyError: if the param is unset or not a model reference.
+        """
+        return self.stage.model(f"{self.path}.params.{field_name}")
+
+    def reward(self, subpath: str) -> "CheckedReward":
+        """Load a reward nested in this component's params (``"components.helpful.reward"``)."""
+        return self.stage.reward(f"{self.path}.params.{subpath}")
+
+
+class RewardError(RuntimeError):
+    """A reward returned something unusable (wrong number of scores, NaN); names the reward and its JSON pointer."""
+
+
+class CheckedReward:
+    """A loaded reward whose outputs are checked: one finite score per completion, components alike.
+
+    Args:
+        reward: the loaded :class:`~rlhf_spec.Reward`.
+        origin: ``"reward 'name' (distribution version)"``, for messages.
+        pointer: the reward spec's JSON pointer.
+    """
+
+    def __init__(self, reward: Reward, origin: str, pointer: str):
+        self.reward, self.origin, self.pointer = reward, origin, pointer
+
+    def score(self, batch: RewardBatch) -> RewardOutput:
+        """Score a batch; see :meth:`rlhf_spec.Reward.score`.
+
+        Raises:
+            RewardError: if the output has another length than the batch, or a non-finite value.
+        """
+        import math
+
+        out = self.reward.score(batch)
+        n = len(batch)
+        for name, values in [("scores", out.scores)] + [(f"component '{k}'", v) for k, v in out.components.items()]:
+            if len(values) != n:
+                raise RewardError(f"{self.pointer}: {self.origin} returned {len(values)} {name} for {n} completions")
+            bad = [i for i, v in enumerate(values) if not math.isfinite(float(v))]
+            if bad:
+                raise RewardError(f"{self.pointer}: {self.origin} returned a non-finite {name} value "
+                                  f"({values[bad[0]]}) for completion {bad[0]} of {n}")
+        return out
+
+    def __getattr__(self, name):  # e.g. a judge's pairwise ``compare``
+        return getattr(self.reward, name)
+
+
+__all__ = ["ComponentContext", "CheckedReward", "Completion", "InputArtifact", "Progress", "RewardError", "StageContext",
+           "StageInputs", "StageOutput"]

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .hashing import canonical_json
+from .paths import resolve
 
 HUMAN = "\n\nHuman:"
 ASSISTANT = "\n\nAssistant:"
@@ -161,24 +162,14 @@ def _first_record(path: Path) -> dict:
     return ds[0] if len(ds) else {}
 
 
-def check_local_columns(ds, base: Path) -> Optional[str]:
-    """Check that a local dataset has the columns its spec entry names.
-
-    Returns:
-        ``None`` when fine, else a one-line message (e.g. a dataset without the named column).
-    """
-    found = local_column_problem(ds, base)
-    return found[1] if found else None
-
-
 def local_column_problem(ds, base: Path) -> Optional[tuple[str, str]]:
-    """Like :func:`check_local_columns`, but also name the spec field at fault.
+    """Check that a local dataset has the columns its spec entry names, and name the spec field at fault.
 
     Returns:
         ``None`` when fine, else ``(field, message)``: ``field`` is ``path`` (unreadable file),
         ``adapter`` (hh-rlhf columns missing) or the ``*_column`` field naming a missing column.
     """
-    path = Path(ds.path) if Path(ds.path).is_absolute() else base / ds.path
+    path = resolve(ds.path, base)
     try:
         rec = _first_record(path)
     except Exception as exc:  # noqa: BLE001
@@ -224,7 +215,7 @@ def load_spec_dataset(ds, base: Path):
     import datasets
 
     if ds.path:
-        path = Path(ds.path) if Path(ds.path).is_absolute() else base / ds.path
+        path = resolve(ds.path, base)
         fmt = _local_format(path)
         if fmt == "arrow":
             # never write transform caches into the user's folder: it would change the dataset's
@@ -251,21 +242,3 @@ def load_spec_dataset(ds, base: Path):
         if ds.limit and len(keep) >= ds.limit:
             break
     return norm.select(keep)
-
-
-def dataset_identity(ds, base: Path, hash_state) -> dict:
-    """The identity of a dataset for cache keys: its selection options plus the file's content
-    hash (local) or the hub id with its resolved revision.
-
-    Raises:
-        FileNotFoundError: missing local file. RuntimeError: a hub revision that cannot be resolved offline.
-    """
-    ident = ds.model_dump(mode="json", exclude={"path", "revision"})
-    if ds.path:
-        path = Path(ds.path) if Path(ds.path).is_absolute() else base / ds.path
-        ident["content_sha256"] = hash_state.tree_digest(path)
-    else:
-        from .models import resolve_revision
-
-        ident["revision"] = resolve_revision(ds.hub, ds.revision, repo_type="dataset")
-    return ident

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import difflib
+from dataclasses import dataclass
+from typing import Iterable
 
 
 @dataclass
@@ -73,7 +75,6 @@ class PluginFailure:
     distribution: str
     version: str
     error: str
-    kinds: list[str] = field(default_factory=list)
 
 
 class StageFailed(RLHFSpecError):
@@ -90,3 +91,12 @@ class CacheError(RLHFSpecError):
     """The cache could not be written or read (disk full, permissions). Exit code 1."""
 
     exit_code = 1
+
+
+def did_you_mean(name: object, options: Iterable[object]) -> str:
+    """``"did you mean 'x'?"`` for the closest of ``options`` to ``name``, or ``""`` if none is close.
+
+    The one suggestion helper used for unknown keys, stage ids, implementation names and ``--set`` paths.
+    """
+    close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1, cutoff=0.6)
+    return f"did you mean '{close[0]}'?" if close else ""

@@ -156,3 +156,24 @@ class HashState:
             return self.file_digest(root)
         listing = [[p.relative_to(root).as_posix(), self.file_digest(p)] for p in list_files(root)]
         return hash_json(listing)
+
+
+def package_digest(obj) -> str:
+    """sha256 over the ``.py`` files of the top-level package that defines ``obj`` (a function or class).
+
+    Plugins that opt into ``source_hash`` key their outputs on it, so editing the plugin's code
+    (without bumping its version) cannot silently reuse outputs of the old code.
+
+    Raises:
+        OSError: if a source file cannot be read.
+    """
+    import importlib
+
+    top = importlib.import_module(obj.__module__.split(".")[0])
+    if hasattr(top, "__path__"):
+        root = Path(list(top.__path__)[0])
+        files = sorted(p for p in root.rglob("*.py") if "__pycache__" not in p.parts)
+    else:
+        root = Path(top.__file__).parent
+        files = [Path(top.__file__)]
+    return hash_json([[p.relative_to(root).as_posix(), sha256_file(p)] for p in files])

@@ -16,17 +16,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from .runtime import torch_dtype
+
 HEX40 = re.compile(r"^[0-9a-f]{40}$")
 
 
 def resolve_revision(repo_id: str, revision: Optional[str], repo_type: str = "model") -> str:
     """Resolve a hub revision (branch, tag or commit) to a 40-hex commit.
 
-    A pinned commit is returned as is. Otherwise the hub is asked (unless
-    ``HF_HUB_OFFLINE`` is set), then the local hub cache's ``refs`` are read.
+    A pinned commit is returned as is. Otherwise the hub is asked (unless ``HF_HUB_OFFLINE`` is
+    set); when it cannot be reached, the local hub cache's ``refs`` are read.
 
     Raises:
-        RuntimeError: if neither works; the message says to pin a commit in the spec.
+        RuntimeError: the hub says the repository or revision does not exist, or is gated (the
+            message says which and what to do); or the hub cannot be reached and the local cache
+            does not have the revision (the message says to pin a commit).
     """
     rev = revision or "main"
     if HEX40.match(rev):
@@ -34,40 +38,73 @@ def resolve_revision(repo_id: str, revision: Optional[str], repo_type: str = "mo
     from huggingface_hub import constants
 
     if not constants.HF_HUB_OFFLINE:
-        try:
-            from huggingface_hub import HfApi
-
-            api = HfApi()
-            info = (api.dataset_info if repo_type == "dataset" else api.model_info)(repo_id, revision=rev, timeout=10)
-            if info.sha:
-                return info.sha
-        except Exception:  # noqa: BLE001 - fall back to the local cache
-            pass
+        sha = _ask_hub(repo_id, rev, repo_type)
+        if sha:
+            return sha
     folder = Path(constants.HF_HUB_CACHE) / f"{repo_type}s--{repo_id.replace('/', '--')}" / "refs" / rev
     if folder.is_file():
         return folder.read_text().strip()
     raise RuntimeError(
-        f"cannot resolve revision '{rev}' of {repo_type} '{repo_id}' (no network and not in the local hub cache); "
-        "pin a 40-character commit in the spec's 'revision'"
+        f"cannot resolve revision '{rev}' of {repo_type} '{repo_id}' (the hub cannot be reached and it is not in the "
+        "local hub cache); pin a 40-character commit in the spec's 'revision'"
     )
 
 
-def default_dtype(name: str = "auto"):
-    """torch dtype for a spec dtype name; 'auto' is bfloat16 on CUDA and float32 on CPU."""
-    import torch
+def _ask_hub(repo_id: str, rev: str, repo_type: str) -> Optional[str]:
+    """The commit of ``rev`` from the hub; None when the hub cannot be reached (network errors).
 
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    Raises:
+        RuntimeError: for a repository or revision the hub says does not exist, or a gated one.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+
+    api = HfApi()
+    try:
+        info = (api.dataset_info if repo_type == "dataset" else api.model_info)(repo_id, revision=rev, timeout=10)
+    except GatedRepoError:
+        raise RuntimeError(f"{repo_type} '{repo_id}' is gated: accept its terms on the hub and log in "
+                           "(HF_TOKEN or `hf auth login`) before running") from None
+    except RepositoryNotFoundError:
+        raise RuntimeError(f"{repo_type} '{repo_id}' does not exist on the hub (or is private and no token "
+                           "with access is set); check the id") from None
+    except RevisionNotFoundError:
+        raise RuntimeError(f"{repo_type} '{repo_id}' has no revision '{rev}'; check the branch, tag or commit") from None
+    except HfHubHTTPError as exc:
+        if getattr(exc.response, "status_code", 500) < 500:
+            raise RuntimeError(f"the hub refused {repo_type} '{repo_id}' revision '{rev}': {exc}") from None
+        return None  # a server error: try the local cache
+    except _transport_errors():
+        return None  # the hub cannot be reached: try the local cache
+    return info.sha
+
+
+def _transport_errors() -> tuple:
+    """The exception types of an unreachable hub: OSError, and the HTTP client's transport errors."""
+    import importlib
+
+    out: list = [OSError, TimeoutError]
+    for mod in ("httpx2", "httpx", "requests"):
+        try:
+            m = importlib.import_module(mod)
+        except ImportError:
+            continue
+        err = getattr(m, "TransportError", None) or getattr(m, "ConnectionError", None)
+        if err is not None:
+            out.append(err)
+    return tuple(out)
+def default_dtype(name: str = "auto"):
+    """Deprecated name of :func:`rlhf_spec.runtime.torch_dtype`."""
+    from .runtime import torch_dtype
+
+    return torch_dtype(name)
 
 
 def default_device():
-    """``cuda:LOCAL_RANK`` when a CUDA GPU is present, else ``cpu``: where inference stages put models."""
-    import torch
+    """Deprecated name of :func:`rlhf_spec.runtime.local_device` (now honours ``LOCAL_RANK`` too)."""
+    from .runtime import local_device
 
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+    return local_device()
 
 
 @dataclass
@@ -82,7 +119,8 @@ class ModelSource:
         gguf_file: GGUF file inside ``path``.
         dtype: spec dtype name.
         trust_remote_code: as the spec allows for this model only.
-        tokenizer: separate tokenizer source.
+        tokenizer: separate tokenizer source (a hub id or a folder).
+        tokenizer_revision: the tokenizer's hub commit, resolved by the runner (hub tokenizers only).
         converted_dir: cache folder for a dequantised copy of a GGUF model (filled by the runner).
         identity: the dict that goes into cache keys.
     """
@@ -96,6 +134,7 @@ class ModelSource:
     dtype: str = "auto"
     trust_remote_code: bool = False
     tokenizer: Optional[str] = None
+    tokenizer_revision: Optional[str] = None
     converted_dir: Optional[str] = None
     identity: Optional[dict] = None
 
@@ -119,6 +158,13 @@ class ModelSource:
             return self.path, kw
         return self.hub, {"revision": self.revision} if self.revision else {}
 
+    def tokenizer_location(self) -> tuple[str, dict]:
+        """(name_or_path, kwargs) the tokenizer loads from: the separate ``tokenizer`` source pinned to
+        its resolved commit, else the model's own location."""
+        if self.tokenizer:
+            return self.tokenizer, ({"revision": self.tokenizer_revision} if self.tokenizer_revision else {})
+        return self._location()
+
     def load_tokenizer(self, padding_side: Optional[str] = None):
         """Load the tokenizer (with a pad token; the EOS token if the tokenizer has none).
 
@@ -127,10 +173,7 @@ class ModelSource:
         """
         from transformers import AutoTokenizer
 
-        if self.tokenizer:
-            loc, kw = self.tokenizer, {}
-        else:
-            loc, kw = self._location()
+        loc, kw = self.tokenizer_location()
         tok = AutoTokenizer.from_pretrained(loc, trust_remote_code=self.trust_remote_code, **kw)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
@@ -172,7 +215,7 @@ class ModelSource:
         self._prepare_gguf()
         loc, kw = self._location()
         model = AutoModelForCausalLM.from_pretrained(
-            loc, dtype=dtype or default_dtype(self.dtype), trust_remote_code=self.trust_remote_code, **kw
+            loc, dtype=dtype or torch_dtype(self.dtype), trust_remote_code=self.trust_remote_code, **kw
         )
         detach_quantizer(model)
         if device is not None:
@@ -191,7 +234,7 @@ class ModelSource:
 
         loc, kw = self._location()
         model = AutoModelForSequenceClassification.from_pretrained(
-            loc, num_labels=num_labels, dtype=dtype or default_dtype(self.dtype), trust_remote_code=self.trust_remote_code, **kw
+            loc, num_labels=num_labels, dtype=dtype or torch_dtype(self.dtype), trust_remote_code=self.trust_remote_code, **kw
         )
         if device is not None:
             model.to(device)

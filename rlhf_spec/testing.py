@@ -3,9 +3,12 @@
 * :func:`make_tiny_policy` / :func:`make_tiny_reward_model` build random-initialised
   transformers models with a real (small, trained in-process) tokenizer and a chat
   template, saved as ``save_pretrained`` folders. They load and run in well under a second.
-* :func:`check_stage_contract` checks what every plugin must satisfy: the params
-  model exports a JSON Schema, rejects unknown keys, and the stage's cache key is
-  stable across processes.
+* :func:`check_contract` checks what every plugin must satisfy (a stage, a reward or a backend):
+  the params model exports a JSON Schema and rejects unknown keys, and cache keys are stable
+  across processes.
+* :func:`run_spec` runs a spec through the real command line in a subprocess;
+  :func:`check_resume` kills such a run (SIGKILL) at every N-th commit point until it finishes, and
+  checks it ends with the keys and metrics of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -101,37 +104,149 @@ def hh_rows(path: str | os.PathLike, n: int) -> list[dict]:
     return out
 
 
-def check_stage_contract(impl, example_params: dict, spec_for_key: Optional[dict] = None) -> None:
-    """Assert the plugin contract for one registered :class:`~rlhf_spec.hookspecs.StageImpl`.
+def check_contract(record, example_params: dict, spec_for_key: Optional[dict] = None) -> None:
+    """Assert the plugin contract for one registered record (:class:`~rlhf_spec.StageImpl`,
+    :class:`~rlhf_spec.RewardImpl` or :class:`~rlhf_spec.BackendImpl`).
 
     * the params model exports a JSON Schema and accepts ``example_params``;
     * it rejects an unknown key (``extra="forbid"``);
-    * if ``spec_for_key`` (a whole spec dict using the stage) is given, ``rlhf-spec plan --json``
-      in two fresh processes gives the same keys.
+    * if ``spec_for_key`` (a whole spec dict using the record) is given, ``rlhf-spec plan --json``
+      in two fresh processes (with different hash seeds) gives the same keys.
 
     Raises:
         AssertionError: naming the part of the contract that fails.
     """
     from pydantic import ValidationError
 
-    schema = impl.params.model_json_schema()
-    assert schema.get("type") == "object", f"{impl.kind}/{impl.name}: params schema is not an object"
-    impl.params.model_validate(example_params)
+    name = f"{getattr(record, 'kind', '') or type(record).__name__}/{record.name}"
+    schema = record.params.model_json_schema()
+    assert schema.get("type") == "object", f"{name}: params schema is not an object"
+    record.params.model_validate(example_params)
     try:
-        impl.params.model_validate({**example_params, "surely_not_a_param": 1})
+        record.params.model_validate({**example_params, "surely_not_a_param": 1})
     except ValidationError:
         pass
     else:
-        raise AssertionError(f"{impl.kind}/{impl.name}: params model accepts unknown keys; use extra='forbid'")
+        raise AssertionError(f"{name}: params model accepts unknown keys; use extra='forbid'")
     if spec_for_key is not None:
         import tempfile
 
         with tempfile.TemporaryDirectory() as d:
-            sp = Path(d) / "spec.json"
-            sp.write_text(json.dumps(spec_for_key))
+            sp = write_json(Path(d) / "spec.json", spec_for_key)
             keys = []
-            for _ in range(2):
+            for seed in ("1", "2"):
                 out = subprocess.run([sys.executable, "-m", "rlhf_spec", "plan", str(sp), "--json", "--cache-dir", str(Path(d) / "c")],
-                                     capture_output=True, text=True, check=True, env=dict(os.environ, PYTHONHASHSEED="random"))
+                                     capture_output=True, text=True, check=True, env=dict(os.environ, PYTHONHASHSEED=seed))
                 keys.append([r["key"] for r in json.loads(out.stdout)])
-            assert keys[0] == keys[1], f"{impl.kind}/{impl.name}: cache keys differ between processes"
+            assert keys[0] == keys[1], f"{name}: cache keys differ between processes"
+
+
+check_stage_contract = check_contract  # the name of earlier releases
+
+
+def write_json(path: str | os.PathLike, obj) -> Path:
+    """Write ``obj`` as indented JSON to ``path`` and return the path."""
+    path = Path(path)
+    path.write_text(json.dumps(obj, indent=1))
+    return path
+
+
+def run_spec(spec: dict, folder: str | os.PathLike, *args: str, env: Optional[dict] = None,
+             timeout: float = 900) -> tuple[subprocess.CompletedProcess, Optional[dict]]:
+    """Run ``rlhf-spec run`` on ``spec`` in a real subprocess, with its cache and report in ``folder``.
+
+    Returns:
+        (the completed process, the run report as a dict, or None if none was written).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sp = write_json(folder / "spec.json", spec)
+    report = folder / "report.json"
+    report.unlink(missing_ok=True)
+    proc = subprocess.run([sys.executable, "-m", "rlhf_spec", "run", str(sp), "--cache-dir", str(folder / "cache"),
+                           "--report", str(report), *args], capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
+    return proc, (json.loads(report.read_text()) if report.exists() else None)
+
+
+def check_resume(spec: dict, folder: str | os.PathLike, every: int = 2, max_attempts: int = 60) -> dict:
+    """Kill a run of ``spec`` with SIGKILL at every ``every``-th commit point (a cache entry, a shard,
+    a checkpoint: ``RLHF_SPEC_KILL_AT_COMMIT``), restart it until it completes, and check the result
+    equals an uninterrupted run's: the same keys and the same metrics of every stage (timings and
+    resume counters aside).
+
+    Returns:
+        ``{"kills": n, "attempts": n, "report": final report}``.
+
+    Raises:
+        AssertionError: if a run fails, never completes, or ends differently.
+    """
+    folder = Path(folder)
+    fresh, fresh_rep = run_spec(spec, folder / "fresh")
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    kills = 0
+    for attempt in range(1, max_attempts + 1):
+        proc, rep = run_spec(spec, folder / "killed", env={"RLHF_SPEC_KILL_AT_COMMIT": str(every)})
+        if proc.returncode == -9:
+            kills += 1
+            continue
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        break
+    else:
+        raise AssertionError(f"the run never completed in {max_attempts} attempts")
+    want = {s["id"]: s for s in fresh_rep["stages"]}
+    for s in rep["stages"]:
+        assert s["key"] == want[s["id"]]["key"], f"stage {s['id']}: key differs after resume"
+        a, b = _comparable(s["metrics"]), _comparable(want[s["id"]]["metrics"])
+        assert a == b, f"stage {s['id']}: metrics differ after resume: {a} vs {b}"
+    return {"kills": kills, "attempts": attempt, "report": rep}
+
+
+def _comparable(metrics: dict) -> dict:
+    skip = ("seconds_", "shards_", "resumed_from", "tokens_per_second")
+    return {k: v for k, v in metrics.items() if not k.startswith(skip) and k not in ("tokens_per_second",)}
+
+
+def make_context(params, folder: str | os.PathLike, kind: str = "train", uses: str = "", stage_id: str = "stage",
+                 inputs: Iterable = (), models: Optional[dict] = None, datasets: Optional[dict] = None, seed: int = 0,
+                 registry=None):
+    """A real :class:`~rlhf_spec.StageContext` for calling a stage's ``run`` directly in a test.
+
+    Reward and backend specs inside ``params`` are resolved against ``registry`` (default: the
+    installed plugins). The output goes to ``folder/out``, work in progress to ``folder/partial``.
+
+    Args:
+        params: the stage's validated params model instance.
+        inputs: :class:`~rlhf_spec.InputArtifact` records of upstream entries.
+        models: ``param path -> ModelSource``; datasets: ``param path -> DatasetSpec dict``.
+
+    Raises:
+        RuntimeError: if a reward or backend named in ``params`` is not installed.
+    """
+    import uuid
+
+    from .context import StageContext, StageInputs, StageOutput
+    from .plugins import registry as installed
+    from .spec.validate import bind_components
+
+    problems: list = []
+    bind_components(params, registry or installed(), "/stages/0/params", problems)
+    if problems:
+        raise RuntimeError("; ".join(p.render() for p in problems))
+    folder = Path(folder)
+    (folder / "out").mkdir(parents=True, exist_ok=True)
+    spec = StageInputs(stage_id=stage_id, kind=kind, uses=uses, key=uuid.uuid4().hex * 2, params=params, seed=seed,
+                       inputs=tuple(inputs), models=dict(models or {}), datasets=dict(datasets or {}), base_dir=folder,
+                       pointer="/stages/0")
+    return StageContext(spec, StageOutput(out_dir=folder / "out"), folder / "partial", folder / "cache")
+
+
+def execute(ctx, run) -> "object":
+    """Run a stage body as the runner does: in ``params.num_processes`` worker processes when above 1.
+
+    ``run`` is the stage's ``run`` function or its :class:`~rlhf_spec.StageImpl`.
+    """
+    from .launch import execute_stage
+
+    impl = run if hasattr(run, "run") else type("_Impl", (), {"run": staticmethod(run)})()
+    return execute_stage(ctx, impl)

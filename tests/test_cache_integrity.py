@@ -36,10 +36,11 @@ def mini_spec(models: dict, hh: Path) -> dict:
         "models": {"policy": {"path": str(models["policy"])}, "rm": {"path": str(models["reward"])}},
         "datasets": {"prompts": {"path": str(hh), "adapter": "hh-rlhf", "hash_range": [0.5, 0.75], "limit": 6}},
         "stages": [
-            {"id": "sample", "kind": "sample", "uses": "transformers",
-             "params": {"policy": "policy", "prompts": "prompts", "n": 2, "max_new_tokens": 6, "batch_size": 4, "num_shards": 3}},
-            {"id": "score", "kind": "score", "uses": "transformers", "inputs": ["sample"],
-             "params": {"reward_model": "rm", "max_length": 64, "num_shards": 2}},
+            {"id": "sample", "kind": "sample", "uses": "generate",
+             "params": {"policy": "policy", "prompts": "prompts", "n": 2, "max_new_tokens": 6, "num_shards": 3,
+                        "backend": {"uses": "transformers", "params": {"batch_size": 4}}}},
+            {"id": "score", "kind": "score", "uses": "reward", "inputs": ["sample"],
+             "params": {"reward": {"uses": "classifier", "params": {"model": "rm", "max_length": 64}}, "num_shards": 2}},
             {"id": "pair", "kind": "pair", "uses": "best-worst", "inputs": ["score"], "params": {"test_size": 1}},
             {"id": "rebel", "kind": "train", "uses": "rebel", "inputs": ["pair"],
              "params": {"policy": "policy", "eta": 1.0, "lr": 1e-3, "per_device_batch_size": 1, "gradient_accumulation_steps": 1,
@@ -243,7 +244,7 @@ def test_cache_ls_and_gc_keep_last(mini_run, own_cache, tmp_path, capsys):
     first = {r["key"] for r in listed}
 
     # a second run with a different score param: score, pair, rebel (and its memo) get new keys
-    code, rep2 = run_inprocess(mini_run.spec_path, own_cache, tmp_path / "r2.json", "--set", "stages.score.params.max_length=48")
+    code, rep2 = run_inprocess(mini_run.spec_path, own_cache, tmp_path / "r2.json", "--set", "stages.score.params.reward.params.max_length=48")
     assert code == 0
     assert statuses(rep2) == {"sample": "cached", "score": "ran", "pair": "ran", "rebel": "ran"}
     last_run_keys = set(_run_records(own_cache)[-1]["keys"])
@@ -273,7 +274,7 @@ def test_cache_ls_and_gc_keep_last(mini_run, own_cache, tmp_path, capsys):
     assert verify_exit(own_cache) == 0
 
     # the kept run still has all it needs: rerunning it computes nothing
-    code, rep3 = run_inprocess(mini_run.spec_path, own_cache, tmp_path / "r3.json", "--set", "stages.score.params.max_length=48")
+    code, rep3 = run_inprocess(mini_run.spec_path, own_cache, tmp_path / "r3.json", "--set", "stages.score.params.reward.params.max_length=48")
     assert code == 0 and set(statuses(rep3).values()) == {"cached"}
 
 
@@ -323,9 +324,9 @@ def test_plan_explain_names_the_changed_ingredient(mini_run, own_cache, tmp_path
     plan = _explain(spec, own_cache, capsys, "--set", "stages.sample.params.temperature=0.5")
     assert plan["sample"]["status"] == "run"
     assert any(c.startswith("params.temperature: 0.8 -> 0.5") for c in plan["sample"]["changes"]), plan["sample"]
-    # an input: the downstream stages say their upstream output changed, not a param
-    assert plan["score"]["changes"] == ["inputs[0]: upstream output changed"]
-    assert plan["pair"]["changes"] == ["inputs[0]: upstream output changed"]
+    # an input: the downstream stages name the upstream stage that changed, not a param
+    assert plan["score"]["changes"] == ["inputs[0]: upstream stage 'sample' changed"]
+    assert plan["pair"]["changes"] == ["inputs[0]: upstream stage 'score' changed"]
 
     # model identity: a copy of the policy with the same bytes changes nothing; a changed file does
     policy = tmp_path / "policy-copy"
@@ -339,7 +340,7 @@ def test_plan_explain_names_the_changed_ingredient(mini_run, own_cache, tmp_path
     for sid in ("sample", "rebel"):
         assert plan[sid]["status"] == "run"
         assert any(c.startswith("models.policy.content_sha256") for c in plan[sid]["changes"]), plan[sid]
-    assert plan["score"]["changes"] == ["inputs[0]: upstream output changed"]
+    assert plan["score"]["changes"] == ["inputs[0]: upstream stage 'sample' changed"]
 
     # dataset identity: an identical copy elsewhere is the same data; a changed copy is not
     same = tmp_path / "same.jsonl.gz"
@@ -353,13 +354,13 @@ def test_plan_explain_names_the_changed_ingredient(mini_run, own_cache, tmp_path
         f.writelines(lines[1:])
     plan = _explain(spec, own_cache, capsys, "--set", f"datasets.prompts.path={changed}")
     assert any(c.startswith("datasets.prompts.content_sha256") for c in plan["sample"]["changes"]), plan["sample"]
-    assert plan["rebel"]["changes"] == ["inputs[0]: upstream output changed"]
+    assert plan["rebel"]["changes"] == ["inputs[0]: upstream stage 'pair' changed"]
 
     # the human-readable plan prints the same reasons
     capsys.readouterr()
     assert main(["plan", str(spec), "--cache-dir", str(own_cache), "--explain", "--set", "stages.pair.params.test_size=2"]) == 0
     out = capsys.readouterr().out
-    assert "pair: params.test_size: 1 -> 2" in out and "rebel: inputs[0]: upstream output changed" in out
+    assert "pair: params.test_size: 1 -> 2" in out and "rebel: inputs[0]: upstream stage 'pair' changed" in out
 
 
 def test_plan_explain_names_an_implementation_version_change(mini_run, own_cache, capsys):
@@ -376,7 +377,7 @@ def test_plan_explain_names_an_implementation_version_change(mini_run, own_cache
         set_registry(None)
     assert plan["score"]["status"] == "cached"
     assert plan["pair"]["changes"] == [f'impl_version: "{impl.version}" -> "{impl.version}.1"']
-    assert plan["rebel"]["changes"] == ["inputs[0]: upstream output changed"]
+    assert plan["rebel"]["changes"] == ["inputs[0]: upstream stage 'pair' changed"]
 
 
 # ----------------------------------------------------------------------------- concurrency and leases
@@ -563,7 +564,7 @@ def test_out_of_disk_space_message_has_a_hint(tiny_spec):
 
     exc = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/some/cache/tmp/x.arrow")
     msg = str(_stage_error(_stage(tiny_spec, "sample"), exc))
-    assert msg.startswith("stage 'sample' (sample/transformers from rlhf-spec")
+    assert msg.startswith("stage 'sample' (sample/generate from rlhf-spec")
     assert "out of disk space" in msg and "--cache-dir" in msg and "intact" in msg
     # the cache's own writes say the same when the disk fills while committing
     assert "out of disk space" in _oserror_text(exc, Path("entries/ab/abc")) and "--cache-dir" in _oserror_text(exc, Path("x"))
@@ -578,7 +579,7 @@ def test_out_of_memory_message_has_a_hint(tiny_spec):
 
     msg = str(_stage_error(_stage(tiny_spec, "sample"), MemoryError()))
     assert "stage 'sample'" in msg and "ran out of memory" in msg
-    assert "params.batch_size" in msg and "params.max_new_tokens" in msg and "/stages/1/params" in msg
+    assert "params.backend.params.batch_size" in msg and "params.max_new_tokens" in msg and "/stages/1/params" in msg
     msg = str(_stage_error(_stage(tiny_spec, "rebel"), torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")))
     assert "ran out of memory" in msg and "params.per_device_batch_size" in msg and "/stages/5/params" in msg
 

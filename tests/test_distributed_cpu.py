@@ -23,7 +23,6 @@ run (``accelerator.save_state``, DeepSpeed's own format under ZeRO-3), so saving
 from __future__ import annotations
 
 import json
-import uuid
 from pathlib import Path
 
 import pytest
@@ -62,24 +61,18 @@ def _train(tmp: Path, pairs: Path, policy: Path, name: str, processes: int, accu
     """Run the REBEL stage once; return its metrics, update history and saved weights."""
     from safetensors.torch import load_file
 
-    from rlhf_spec.context import InputArtifact, StageContext
-    from rlhf_spec.models import ModelSource
+    from rlhf_spec import InputArtifact, ModelSource
     from rlhf_spec.stages.train import RebelParams, run_rebel
+    from rlhf_spec.testing import execute, make_context
 
     params = RebelParams(policy="policy", eta=1.0, lr=LR, per_device_batch_size=1, gradient_accumulation_steps=accum,
                          num_processes=processes, total_episodes=UPDATES * 4, max_prompt_tokens=32, max_response_tokens=8,
                          logprob_temperature=0.8, save_every=2, accelerate_config=accelerate_config)
     assert params.global_batch() == 4
-    run_dir = tmp / name
-    ctx = StageContext(
-        stage_id="rebel", kind="train", uses="rebel", key=uuid.uuid4().hex * 2, params=params, seed=0,
-        out_dir=run_dir / "out", partial_dir=run_dir / "partial", cache_root=run_dir / "cache",
-        inputs=[InputArtifact("pair", "pairs", "0" * 64, str(pairs))],
-        models={"policy": ModelSource(name="policy", origin="spec", path=str(policy), identity={"path": str(policy)})},
-        base_dir=tmp,
-    )
-    ctx.out_dir.mkdir(parents=True)
-    result = run_rebel(ctx)
+    ctx = make_context(params, tmp / name, uses="rebel", stage_id="rebel",
+                       inputs=[InputArtifact("pair", "pairs", "0" * 64, str(pairs))],
+                       models={"policy": ModelSource(name="policy", origin="spec", path=str(policy), identity={"path": str(policy)})})
+    result = execute(ctx, run_rebel)
     return {"metrics": result.metrics, "history": json.loads((ctx.out_dir / "history.json").read_text()),
             "weights": load_file(str(ctx.model_out_dir / "model.safetensors"))}
 

@@ -206,7 +206,21 @@ CASES: list[Case] = [
          _set("stages.score.inputs", ["sampel"])),
     Case("input-is-itself", ["/stages/3/inputs/0:", "lists itself"], _set("stages.filter.inputs", ["filter"])),
     Case("cycle", ["cycle:", "filter -> pair -> filter"], _set("stages.filter.inputs", ["pair"])),
-    Case("unknown-uses", ["/stages/1/uses:", "did you mean 'transformers'?"], _set("stages.sample.uses", "transformer")),
+    Case("unknown-uses", ["/stages/1/uses:", "did you mean 'generate'?"], _set("stages.sample.uses", "generat")),
+    Case("unknown-backend", ["/stages/1/params/backend/uses:", "no backend named 'transformer'", "did you mean 'transformers'?"],
+         _set("stages.sample.params.backend.uses", "transformer")),
+    Case("backend-param-typo", ["/stages/1/params/backend/params/batch_sise:", "did you mean 'batch_size'?"],
+         _set("stages.sample.params.backend.params.batch_sise", 4)),
+    Case("unknown-reward", ["/stages/2/params/reward/uses:", "no reward named 'clasifier'", "did you mean 'classifier'?"],
+         _set("stages.score.params.reward.uses", "clasifier")),
+    Case("reward-param-typo", ["/stages/2/params/reward/params/max_lenght:", "did you mean 'max_length'?"],
+         _set("stages.score.params.reward.params.max_lenght", 64)),
+    Case("reward-model-ref-unknown", ["/stages/2/params/reward/params/model:", "did you mean 'reward_model'?"],
+         _set("stages.score.params.reward.params.model", "reward_modle")),
+    Case("judge-typo", ["/stages/6/params/judges/rm/params/max_lenght:", "did you mean 'max_length'?"],
+         _set("stages.evaluate.params.judges.rm.params.max_lenght", 64)),
+    Case("judge-ref-wrong-artifact", ["/stages/6/params/judges/rm/params/model:", "produces policy"],
+         _set("stages.evaluate.params.judges.rm.params.model", "rebel")),
     Case("unknown-kind", ["/stages/1/kind:"], _set("stages.sample.kind", "sampler")),
     Case("pair-fed-unscored-samples", ["/stages/4/inputs/0:", "needs scored input", "produces samples"],
          _set("stages.pair.inputs", ["sample"])),
@@ -384,20 +398,15 @@ def test_plugin_problems_rejected(which, env, tiny_spec):
 def _armorm_installed() -> bool:
     from rlhf_spec.plugins import load_registry
 
-    return any(d == "rlhf-spec-armorm" for d in (i.distribution for i in load_registry().impls.values()))
+    return "armorm" in load_registry().rewards
 
 
 @pytest.mark.skipif(not _armorm_installed(), reason="the rlhf-spec-armorm plugin is not installed")
 def test_armorm_without_trust_remote_code_rejected(env, tiny_spec, capsys):
-    """The ArmoRM plugin needs the model's repository code; a spec must allow it for that model."""
-    from rlhf_spec.plugins import registry
-
-    impl = next(i for i in registry().impls.values() if i.distribution == "rlhf-spec-armorm" and i.kind == "score")
-    field_name = next(iter(impl.params.model_fields))
+    """The ArmoRM reward needs the model's repository code; a spec must allow it for that model."""
     tiny_spec["models"]["armo"] = {"hub": "RLHFlow/ArmoRM-Llama3-8B-v0.1", "revision": "0" * 40}
-    tiny_spec["stages"][SCORE]["uses"] = impl.name
-    tiny_spec["stages"][SCORE]["params"] = {field_name: "armo"}
-    case = Case("armorm", ["/stages/2/params/reward_model:", "/models/armo/trust_remote_code"])
+    tiny_spec["stages"][SCORE]["params"]["reward"] = {"uses": "armorm", "params": {"model": "armo"}}
+    case = Case("armorm", ["/stages/2/params/reward/params/model:", "/models/armo/trust_remote_code"])
     code = main(_prepare(case, env, tiny_spec))
     out, err = capsys.readouterr()
     _assert_rejected(code, out, err, case, env.tmp)
@@ -460,7 +469,7 @@ def test_remote_code_runs_only_when_the_spec_allows_it_for_that_model(env, tiny_
 
     runner = Runner(validate(spec, registry()), Cache(env.tmp / "cache"))
     runner.compute_keys()
-    assert runner._sources["sample"]["policy"].trust_remote_code is False
+    assert runner.sources["sample"]["policy"].trust_remote_code is False
     # the switch is the model's own entry: turned on there (in a fresh process with its own module cache), the code runs
     spec["models"]["policy"]["trust_remote_code"] = True
     path = write_spec(env.tmp, spec)

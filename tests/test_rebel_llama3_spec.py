@@ -78,8 +78,8 @@ def test_plan_offline_shows_resources_and_exits_0(tmp_path):
     rows = {row["id"]: row for row in json.loads(r.stdout)}
     assert len(rows) == 18
     for it in (1, 2, 3):
-        assert rows[f"sample_iter{it}"]["resources"] == {"processes": 1, "gpus": 8, "samples_per_prompt": 5}
-        assert rows[f"score_iter{it}"]["resources"] == {"processes": 1, "gpus": 1}
+        assert rows[f"sample_iter{it}"]["resources"] == {"processes": 1, "gpus": 8, "samples_per_prompt": 5, "backend": "vllm"}
+        assert rows[f"score_iter{it}"]["resources"] == {"processes": 1, "gpus": 1, "reward": "armorm"}
         assert rows[f"train_iter{it}"]["resources"] == {"processes": 8, "gpus": 8, "global_batch": 128, "episodes": 60000,
                                                         "updates": 468}
     # hub revisions cannot be resolved offline: the keys are reported unknown, with the reason

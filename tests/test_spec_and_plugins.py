@@ -37,10 +37,10 @@ def test_misspelt_param_names_pointer_and_suggestion(tiny_spec):
 
 
 def test_unknown_uses_lists_installed(tiny_spec):
-    tiny_spec["stages"][2]["uses"] = "transformer"
+    tiny_spec["stages"][2]["uses"] = "rewards"
     (err,) = _errors(tiny_spec)
-    assert err.startswith("/stages/2/uses: no 'score' implementation named 'transformer'")
-    assert "did you mean 'transformers'" in err
+    assert err.startswith("/stages/2/uses: no 'score' implementation named 'rewards'; installed for 'score':")
+    assert "did you mean 'reward'" in err
 
 
 def test_range_type_reference_cycle_and_kind_checks(tiny_spec):

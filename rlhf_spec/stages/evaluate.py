@@ -1,22 +1,30 @@
 """Built-in ``evaluate`` stage: the trained policy against the reference policy on held-out prompts.
 
-Both policies answer each prompt once with the same sampling settings and seed;
-a reward model scores both answers. Reported: each policy's mean reward, the
-win rate of the trained policy (ties count one half) and a KL estimate
-``KL(pi || pi_ref)`` from the trained policy's own samples.
+Both policies answer each prompt ``samples_per_prompt`` (k) times with the same backend, sampling
+settings and seeds (pass p is seeded ``spec.seed + p * seed_stride``, as in ``sample``). Every judge
+(any reward) scores every answer. Reported per judge (:func:`rlhf_spec.stats.compare`): the win rate
+of the policy over all k x k answer pairs of a prompt (ties count one half) with a bootstrap 95%
+interval over prompts and a Wilson interval, both mean rewards and their paired difference with its
+interval, and the length-controlled win rate (AlpacaEval 2's method). The first judge (or
+``primary``) gives the headline figures. Also: ``KL(pi || pi_ref)`` estimated on the policy's own
+answers (k1, k3) and the mean answer length of both policies.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Annotated, Optional
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from ..generation import SamplingParams, chat_prompt_texts, generate_completions, prompt_lengths
-from ..hookspecs import METRICS, PAIRS, POLICY, REWARD_MODEL, DatasetRef, ModelRef, NotInKey, StageImpl, StageResult, hookimpl
-from ..models import default_device
-from ..rewards import RewardFormat, resolve_format, score_pairs
+from ..algorithms.batching import tokenize_completions
+from ..backends import SamplingParams
+from ..errors import Problem
+from ..hookspecs import hookimpl
+from ..records import METRICS, PAIRS, POLICY, BackendSpec, DatasetRef, ModelRef, NotInKey, RewardBatch, RewardSpec, StageImpl, StageResult
+from ..runtime import sampling_seed
+from .sample import prepare_prompts
 
 
 class EvaluateParams(SamplingParams):
@@ -24,149 +32,201 @@ class EvaluateParams(SamplingParams):
 
     policy: Annotated[str, ModelRef(artifacts=(POLICY,))] = Field(..., description="The trained policy (a train stage id) or a /models name.")
     reference: Annotated[str, ModelRef(artifacts=(POLICY,))] = Field(..., description="The reference policy to compare against.")
-    reward_model: Annotated[str, ModelRef(artifacts=(REWARD_MODEL,))] = Field(..., description="Reward model that judges both.")
+    judges: dict[str, RewardSpec] = Field(..., min_length=1, description="Judges by name: each a reward {\"uses\", \"params\"}. A judge other than the training reward shows reward hacking.")
+    primary: Optional[str] = Field(None, description="The judge whose figures are the headline (win_rate, ...); default: the first.")
+    backend: BackendSpec = Field(default_factory=lambda: BackendSpec(uses="transformers"), description="Generation backend for both policies.")
     prompts: Optional[Annotated[str, DatasetRef(columns=("prompt",))]] = Field(
-        None, description="Held-out prompts from /datasets; or give a pairs stage input and its 'test' split is used."
-    )
+        None, description="Held-out prompts from /datasets; or give a pairs input and its 'test' split is used.")
+    samples_per_prompt: int = Field(1, ge=1, le=64, description="Answers per prompt from each policy (k).")
+    seed_stride: int = Field(50, ge=0, description="Pass p is seeded spec.seed + p * seed_stride.")
     limit: Optional[int] = Field(None, ge=1, description="Evaluate at most this many prompts (after max_prompt_tokens).")
     max_prompt_tokens: Optional[int] = Field(None, ge=1, description="Skip prompts longer than this (chat template included).")
-    batch_size: int = Field(8, ge=1, description="Prompts per generate call (part of the key: it fixes batch composition).")
-    reward_format: RewardFormat = Field("auto", description="Reward-model input format (see score).")
-    reward_max_length: int = Field(512, ge=8, description="Reward-model truncation length.")
-    reward_batch_size: Annotated[int, NotInKey()] = Field(32, ge=1, description="Reward-model batch size. Not part of the key.")
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Level of the reported intervals.")
+    bootstrap_resamples: int = Field(4000, ge=100, le=100000, description="Bootstrap resamples over prompts.")
+    logprob_batch_size: int = Field(8, ge=1, description="Answers per forward pass for the KL estimate.")
     examples: Annotated[int, NotInKey()] = Field(8, ge=0, description="Example rows written to examples.md. Not part of the key.")
-    alpaca_eval_outputs: bool = Field(
-        False, description="Also write alpaca_eval/model_outputs.json and reference_outputs.json (AlpacaEval's format) for an API judge."
-    )
+    alpaca_eval_outputs: bool = Field(False, description="Also write alpaca_eval/model_outputs.json and reference_outputs.json (AlpacaEval's format).")
     generator_name: str = Field("rlhf-spec-policy", description="The 'generator' field of the AlpacaEval outputs.")
 
+    @field_validator("judges")
+    @classmethod
+    def _names(cls, v: dict):
+        for k in v:
+            if not k.replace("_", "").replace("-", "").isalnum():
+                raise ValueError(f"judge name {k!r} may use letters, digits, '_' and '-' only")
+        return v
 
-def _sequence_logprobs(model, tok, texts: list[str], completions: list[str], temperature: float, batch_size: int) -> list[float]:
-    """Sum of token logprobs of each completion (plus end-of-turn) after its rendered prompt."""
-    import torch
 
-    from ..losses import sequence_logprobs
+def _check(params: EvaluateParams, spec, inputs) -> list[Problem]:
+    out = []
+    if not params.prompts and not inputs:
+        out.append(Problem("/prompts", "evaluate needs held-out prompts: set params.prompts or give a pairs stage in inputs"))
+    if params.primary is not None and params.primary not in params.judges:
+        from ..errors import did_you_mean
 
-    out: list[float] = []
-    eos = tok.eos_token_id
-    for i in range(0, len(texts), batch_size):
-        seqs, starts = [], []
-        for t, c in zip(texts[i : i + batch_size], completions[i : i + batch_size]):
-            p = tok(t, add_special_tokens=False)["input_ids"]
-            r = tok(c, add_special_tokens=False)["input_ids"] + [eos]
-            seqs.append(p + r)
-            starts.append(len(p))
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        mask = torch.zeros_like(ids, dtype=torch.bool)
-        for j, (s, st) in enumerate(zip(seqs, starts)):
-            ids[j, : len(s)] = torch.tensor(s)
-            attn[j, : len(s)] = 1
-            mask[j, st : len(s)] = True
-        dev = next(model.parameters()).device
-        ids, attn, mask = ids.to(dev), attn.to(dev), mask.to(dev)
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=attn).logits
-            out += sequence_logprobs(logits, ids, mask, temperature=temperature).tolist()
+        out.append(Problem("/primary", f"no judge named '{params.primary}'", did_you_mean(params.primary, params.judges)))
     return out
 
 
+def _prompts(ctx, p: EvaluateParams, tok):
+    if p.prompts:
+        rows = ctx.dataset("prompts")
+    else:
+        rows = ctx.input_dataset(0)
+        rows = rows.select([i for i, s in enumerate(rows["split"]) if s == "test"])
+        if len(rows) == 0:
+            raise ValueError("the pairs input has no 'test' rows; set test_size on the pair stage or give params.prompts")
+    rows, _ = prepare_prompts(tok, rows, p.max_prompt_tokens)
+    if p.limit:
+        rows = rows.select(range(min(p.limit, len(rows))))
+    if len(rows) == 0:
+        raise ValueError("no evaluation prompts left after max_prompt_tokens")
+    return rows
+
+
+def _answers(ctx, name: str, src, rows, p: EvaluateParams) -> tuple[list, list]:
+    """k answers per prompt from one policy: (texts (P, k), token counts (P, k))."""
+    with ctx.timer(name):
+        ctx.progress.note(f"{name} answers")
+        engine = ctx.backend("backend", src)
+        ids = [list(t) for t in rows["token_ids"]]
+        passes = [[c[0] for c in engine.generate(ids, p.sampling(), 1, sampling_seed(ctx.seed, k, p.seed_stride))]
+                  for k in range(p.samples_per_prompt)]
+        ctx.progress.advance(len(rows))
+        del engine
+    texts = [[passes[k][i].text for k in range(len(passes))] for i in range(len(rows))]
+    ntok = [[len(passes[k][i].token_ids) for k in range(len(passes))] for i in range(len(rows))]
+    return texts, ntok
+
+
+def _log_ratios(ctx, rows, pol_texts, p: EvaluateParams) -> list[list[float]]:
+    """log pi(y|x) - log pi_ref(y|x) (nats) of every policy answer, with logits at the sampling temperature."""
+    from ..algorithms.logprobs import batched_completion_logprobs
+
+    temp = p.temperature if p.temperature > 0 else 1.0
+    k = p.samples_per_prompt
+    prompts = [pr for pr in rows["prompt"] for _ in range(k)]
+    answers = [a for per in pol_texts for a in per]
+    lps = []
+    with ctx.timer("kl"):
+        for param in ("policy", "reference"):
+            src = ctx.model(param)
+            tok = src.load_tokenizer(padding_side="right")
+            model = src.load_causal_lm(device=ctx.device)
+            lps.append(batched_completion_logprobs(model, tok.pad_token_id, tokenize_completions(tok, prompts, answers), temp,
+                                                   p.logprob_batch_size))
+            del model
+    flat = [a - b for a, b in zip(*lps)]
+    return [flat[i * k:(i + 1) * k] for i in range(len(rows))]
+
+
+def _judge(ctx, name: str, rows, pol: list, ref: list) -> tuple[list, list]:
+    """Scores (P, k) of both policies' answers by judge ``name``."""
+    k = len(pol[0])
+    with ctx.timer(f"judge_{name}"):
+        reward = ctx.reward(f"judges.{name}")
+        cols = {c: [v for v in rows[c] for _ in range(k)] for c in rows.column_names
+                if c not in ("prompt_id", "prompt", "token_ids", "prompt_tokens", "chosen", "rejected")}
+        prompts = [pr for pr in rows["prompt"] for _ in range(k)]
+        out = [reward.score(RewardBatch(prompts, [a for per in side for a in per], cols)).scores for side in (pol, ref)]
+    return [[out[0][i * k + j] for j in range(k)] for i in range(len(rows))], [[out[1][i * k + j] for j in range(k)] for i in range(len(rows))]
+
+
+def _metrics(p: EvaluateParams, judged: dict, lengths: tuple, log_ratio: list) -> dict:
+    from ..stats import compare
+
+    primary = p.primary or next(iter(p.judges))
+    m: dict = {}
+    for name, (pol, ref) in judged.items():
+        res = compare(pol, ref, lengths[0], lengths[1], confidence=p.confidence, seed=0, n_resamples=p.bootstrap_resamples)
+        m.update({f"{name}.{key}": v for key, v in res.items()})
+        if name == primary:
+            m.update(res)
+    flat = [x for per in log_ratio for x in per]
+    m["kl_k1"] = sum(flat) / len(flat)
+    m["kl_k3"] = sum(max(0.0, math.expm1(-x) + x) for x in flat) / len(flat)
+    m["policy_tokens_mean"], m["reference_tokens_mean"] = m.get("length_mean_policy"), m.get("length_mean_reference")
+    m["primary_judge"] = primary
+    return m
+
+
 def run(ctx) -> StageResult:
-    """Write ``metrics.json``, ``examples.md``, the per-prompt table (``data``) and optionally AlpacaEval outputs."""
+    """Write ``metrics.json``, ``examples.md``, the per-answer table (``data``) and optionally AlpacaEval outputs."""
     import datasets
 
     p: EvaluateParams = ctx.params
-    if p.prompts:
-        rows = ctx.dataset("prompts")
-    elif ctx.inputs:
-        all_rows = ctx.input_dataset(0)
-        rows = all_rows.select([i for i, s in enumerate(all_rows["split"]) if s == "test"])
-        if len(rows) == 0:
-            raise ValueError("the pairs input has no 'test' rows; set test_size on the pair stage or give params.prompts")
-    else:
-        raise ValueError("evaluate needs params.prompts or a pairs input")
-    temp = p.temperature if p.temperature > 0 else 1.0
     pol_src, ref_src = ctx.model("policy"), ctx.model("reference")
-    tok = pol_src.load_tokenizer(padding_side="left")
-    texts = chat_prompt_texts(tok, list(rows["prompt"]))
-    lengths = prompt_lengths(tok, texts)
-    keep = [i for i, n in enumerate(lengths) if p.max_prompt_tokens is None or n <= p.max_prompt_tokens]
-    if p.limit:
-        keep = keep[: p.limit]
-    rows, texts, lengths = rows.select(keep), [texts[i] for i in keep], [lengths[i] for i in keep]
-    if len(rows) == 0:
-        raise ValueError("no evaluation prompts left after max_prompt_tokens")
-    seed = ctx.seed * 1_000_003 + 4242
+    rows = _prompts(ctx, p, pol_src.load_tokenizer(padding_side="left"))
     ctx.progress.start(2 * len(rows))
-
-    with ctx.timer("policy"):
-        ctx.progress.note("policy samples")
-        model = pol_src.load_causal_lm(device=default_device())
-        pol_out, pol_tok = generate_completions(model, tok, texts, p, p.batch_size, seed, True, ctx.progress, lengths)
-        pol_lp = _sequence_logprobs(model, tok, texts, pol_out, temp, p.batch_size)
-        del model
-    with ctx.timer("reference"):
-        ctx.progress.note("reference samples")
-        ref_tok_ = ref_src.load_tokenizer(padding_side="left")
-        model = ref_src.load_causal_lm(device=default_device())
-        ref_out, ref_ntok = generate_completions(model, ref_tok_, texts, p, p.batch_size, seed, True, ctx.progress, lengths)
-        ref_lp_on_pol = _sequence_logprobs(model, ref_tok_, texts, pol_out, temp, p.batch_size)
-        del model
-    with ctx.timer("score"):
-        ctx.progress.note("scoring")
-        rm_src = ctx.model("reward_model")
-        rm_tok = rm_src.load_tokenizer()
-        rm = rm_src.load_sequence_classifier(device=default_device())
-        fmt = resolve_format(p.reward_format, rm_tok, rm_src.path if rm_src.origin == "stage" else None)
-        scores = score_pairs(rm, rm_tok, list(rows["prompt"]) * 2, pol_out + ref_out, fmt, p.reward_max_length, p.reward_batch_size)
-    n = len(rows)
-    r_pol, r_ref = scores[:n], scores[n:]
-    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(r_pol, r_ref))
-    log_ratio = [a - b for a, b in zip(pol_lp, ref_lp_on_pol)]
-    import math
-
-    k3 = [math.expm1(-x) + x for x in log_ratio]
-    metrics = {
-        "prompts": n,
-        "reward_mean_policy": sum(r_pol) / n,
-        "reward_mean_reference": sum(r_ref) / n,
-        "reward_delta": (sum(r_pol) - sum(r_ref)) / n,
-        "win_rate": wins / n,
-        "kl_k1": sum(log_ratio) / n,
-        "kl_k3": sum(k3) / n,
-        "policy_tokens_mean": sum(pol_tok) / n,
-        "reference_tokens_mean": sum(ref_ntok) / n,
-        "reward_format": fmt,
-    }
-    table = datasets.Dataset.from_dict({
-        "prompt_id": list(rows["prompt_id"]), "prompt": list(rows["prompt"]), "policy": pol_out, "reference": ref_out,
-        "policy_reward": r_pol, "reference_reward": r_ref, "log_ratio": log_ratio,
-    })
-    ctx.save_dataset(table)
+    pol, pol_n = _answers(ctx, "policy", pol_src, rows, p)
+    ref, ref_n = _answers(ctx, "reference", ref_src, rows, p)
+    log_ratio = _log_ratios(ctx, rows, pol, p)
+    ctx.progress.note("judging")
+    judged = {name: _judge(ctx, name, rows, pol, ref) for name in p.judges}
+    metrics = _metrics(p, judged, (pol_n, ref_n), log_ratio)
+    table = _table(rows, pol, ref, pol_n, ref_n, log_ratio, judged)
+    ctx.save_dataset(datasets.Dataset.from_dict(table))
     (ctx.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    lines = ["| prompt (last turn) | policy | reward | reference | reward |", "|---|---|---|---|---|"]
-
-    def cell(s: str) -> str:
-        s = " ".join(s.split())
-        return (s[:160] + "...") if len(s) > 160 else s
-
-    for i in range(min(p.examples, n)):
-        last = rows["prompt"][i][-1]["content"]
-        lines.append(f"| {cell(last)} | {cell(pol_out[i])} | {r_pol[i]:.3f} | {cell(ref_out[i])} | {r_ref[i]:.3f} |".replace("\n", " "))
-    (ctx.out_dir / "examples.md").write_text("\n".join(lines) + "\n")
+    (ctx.out_dir / "examples.md").write_text(examples_markdown(metrics, table, p.examples, list(p.judges)))
     if p.alpaca_eval_outputs:
-        d = ctx.out_dir / "alpaca_eval"
-        d.mkdir()
-        for fname, outs, gen in (("model_outputs.json", pol_out, p.generator_name), ("reference_outputs.json", ref_out, "reference")):
-            recs = [{"instruction": pr[-1]["content"], "output": o, "generator": gen, "dataset": "rlhf-spec"}
-                    for pr, o in zip(rows["prompt"], outs)]
-            (d / fname).write_text(json.dumps(recs, indent=2))
-    return StageResult(metrics=metrics, rows=n)
+        _alpaca_eval(ctx.out_dir / "alpaca_eval", rows, pol, ref, p.generator_name)
+    return StageResult(metrics=metrics, rows=len(table["prompt_id"]))
+
+
+def _table(rows, pol, ref, pol_n, ref_n, log_ratio, judged) -> dict:
+    """One row per (prompt, sample): both answers, their lengths, the log-ratio and every judge's scores."""
+    k = len(pol[0])
+    t = {"prompt_id": [], "prompt": [], "sample_index": [], "policy": [], "reference": [], "policy_tokens": [],
+         "reference_tokens": [], "log_ratio": []}
+    for name in judged:
+        t[f"policy_reward/{name}"], t[f"reference_reward/{name}"] = [], []
+    for i, (pid, prompt) in enumerate(zip(rows["prompt_id"], rows["prompt"])):
+        for j in range(k):
+            for col, v in (("prompt_id", pid), ("prompt", prompt), ("sample_index", j), ("policy", pol[i][j]),
+                           ("reference", ref[i][j]), ("policy_tokens", pol_n[i][j]), ("reference_tokens", ref_n[i][j]),
+                           ("log_ratio", log_ratio[i][j])):
+                t[col].append(v)
+            for name, (ps, rs) in judged.items():
+                t[f"policy_reward/{name}"].append(ps[i][j])
+                t[f"reference_reward/{name}"].append(rs[i][j])
+    return t
+
+
+def _cell(s: str, n: int = 160) -> str:
+    s = " ".join(str(s).split()).replace("|", "\\|")
+    return (s[:n] + "...") if len(s) > n else s
+
+
+def examples_markdown(metrics: dict, table: dict, examples: int, judges: list[str]) -> str:
+    """``examples.md``: the headline figures per judge, then the first answers of both policies with their scores."""
+    lines = ["# Evaluation", "", "| judge | win rate | 95% interval | LC win rate | reward policy | reward reference |",
+             "|---|---|---|---|---|---|"]
+    for j in judges:
+        lines.append(f"| {j} | {metrics[f'{j}.win_rate']:.3f} | [{metrics[f'{j}.win_rate_ci_low']:.3f}, "
+                     f"{metrics[f'{j}.win_rate_ci_high']:.3f}] | {metrics[f'{j}.lc_win_rate']:.3f} | "
+                     f"{metrics[f'{j}.reward_mean_policy']:.3f} | {metrics[f'{j}.reward_mean_reference']:.3f} |")
+    lines += ["", f"KL(policy || reference): k1 {metrics['kl_k1']:.3f}, k3 {metrics['kl_k3']:.3f} nats per answer; "
+              f"mean length {metrics['length_mean_policy']:.1f} vs {metrics['length_mean_reference']:.1f} tokens.", ""]
+    head = "| prompt (last turn) | policy | " + " | ".join(judges) + " | reference | " + " | ".join(judges) + " |"
+    lines += [head, "|" + "---|" * (3 + 2 * len(judges))]
+    for i in range(min(examples, len(table["prompt_id"]))):
+        ps = " | ".join(f"{table[f'policy_reward/{j}'][i]:.3f}" for j in judges)
+        rs = " | ".join(f"{table[f'reference_reward/{j}'][i]:.3f}" for j in judges)
+        lines.append(f"| {_cell(table['prompt'][i][-1]['content'])} | {_cell(table['policy'][i])} | {ps} | "
+                     f"{_cell(table['reference'][i])} | {rs} |")
+    return "\n".join(lines) + "\n"
+
+
+def _alpaca_eval(d, rows, pol, ref, generator: str) -> None:
+    d.mkdir()
+    for fname, outs, gen in (("model_outputs.json", pol, generator), ("reference_outputs.json", ref, "reference")):
+        recs = [{"instruction": pr[-1]["content"], "output": o[0], "generator": gen, "dataset": "rlhf-spec"}
+                for pr, o in zip(rows["prompt"], outs)]
+        (d / fname).write_text(json.dumps(recs, indent=2))
 
 
 @hookimpl
 def rlhf_spec_register_stages(register):
-    register(StageImpl(kind="evaluate", name="reward-winrate", params=EvaluateParams, run=run, version="2",
-                       inputs=(PAIRS,), min_inputs=0, max_inputs=1, output=METRICS,
-                       description="reward win rate, mean rewards and KL of the policy against the reference"))
+    register(StageImpl(kind="evaluate", name="reward-winrate", params=EvaluateParams, run=run, version="3",
+                       inputs=(PAIRS,), min_inputs=0, max_inputs=1, output=METRICS, check=_check,
+                       description="win rates with intervals (per judge), length-controlled win rate, rewards and KL of the policy vs the reference"))

@@ -6,7 +6,8 @@ from typing import Annotated, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..hookspecs import POLICY, SAMPLES, SCORED, ModelRef, StageImpl, StageResult, hookimpl
+from ..hookspecs import hookimpl
+from ..records import POLICY, SAMPLES, SCORED, ModelRef, StageImpl, StageResult
 
 
 class FilterParams(BaseModel):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 from typing import Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..hookspecs import PAIRS, SCORED, StageImpl, StageResult, hookimpl
+from ..hookspecs import hookimpl
+from ..records import PAIRS, SCORED, StageImpl, StageResult
 
 
 class PairParams(BaseModel):
@@ -20,6 +21,13 @@ class PairParams(BaseModel):
         0, ge=0, description="Prompts held out as split 'test': a count (int), or a share in [0, 1) (float). REBEL holds out 1000."
     )
     split_seed: int = Field(0, ge=0, description="Seed of the prompt-level split (the REBEL script's split is unseeded).")
+
+    @field_validator("test_size")
+    @classmethod
+    def _share_below_one(cls, v):
+        if isinstance(v, float) and not v < 1.0:
+            raise ValueError(f"a share of prompts must be below 1 (got {v}); give a whole number for a count")
+        return v
 
 
 def split_rank(pid: str, seed: int) -> str:

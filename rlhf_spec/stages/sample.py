@@ -1,4 +1,9 @@
-"""Built-in ``sample`` stage: the policy writes n completions per prompt (transformers ``generate``)."""
+"""Built-in ``sample`` stage: the policy writes n completions per prompt, with any generation backend.
+
+Seeds (docs/spec.md, "Seeds"): pass ``p`` of ``n`` gives every prompt one completion and is sampled
+with seed ``spec.seed + p * seed_stride``, the seed every backend receives for every request of the
+pass; with the REBEL tutorial's stride of 50 that is its ``seed=p*50``.
+"""
 
 from __future__ import annotations
 
@@ -6,40 +11,71 @@ from typing import Annotated, Optional
 
 from pydantic import Field
 
-from ..generation import SamplingParams, chat_prompt_texts, generate_completions, prompt_lengths
-from ..hookspecs import POLICY, SAMPLES, DatasetRef, ModelRef, StageImpl, StageResult, hookimpl
-from ..models import default_device
-from ..results import samples_result
+from ..backends import SamplingParams, prompt_token_ids
+from ..hookspecs import hookimpl
+from ..records import POLICY, SAMPLES, BackendSpec, DatasetRef, ModelRef, StageImpl, StageResult
+from ..runtime import sampling_seed
+from .score import component_resources
+
+#: Columns of a ``samples`` dataset, in order; other prompt columns (``reference``, ...) follow them.
+SAMPLE_COLUMNS = ("prompt_id", "prompt", "sample_index", "completion", "completion_tokens", "prompt_tokens")
+_NOT_CARRIED = {"prompt_id", "prompt", "chosen", "rejected", "token_ids"}
 
 
 class SampleParams(SamplingParams):
-    """Params of ``sample``/``transformers``.
+    """Params of ``sample``/``generate``."""
 
-    Pass ``p`` (0-based) of ``n`` draws one completion per prompt and is seeded
-    ``p * seed_stride`` plus the spec seed, as the REBEL tutorial seeds its vLLM
-    passes (``seed=p*50``).
-    """
-
-    policy: Annotated[str, ModelRef(artifacts=(POLICY,))] = Field(
-        ..., description="The policy: a /models name or the id of a train stage."
-    )
+    policy: Annotated[str, ModelRef(artifacts=(POLICY,))] = Field(..., description="The policy: a /models name or the id of a train stage.")
     prompts: Annotated[str, DatasetRef(columns=("prompt",))] = Field(..., description="A /datasets name with prompts.")
     n: int = Field(4, ge=1, le=1024, description="Completions per prompt (one per pass).")
-    seed_stride: int = Field(50, ge=0, description="Pass p is seeded p * seed_stride (+ the spec seed).")
-    batch_size: int = Field(8, ge=1, le=4096, description="Prompts per generate call. Changes batch composition, so it is part of the key.")
+    seed_stride: int = Field(50, ge=0, description="Pass p is seeded spec.seed + p * seed_stride (REBEL: 50).")
+    backend: BackendSpec = Field(default_factory=lambda: BackendSpec(uses="transformers"),
+                                 description="The generation backend: {\"uses\": name, \"params\": {...}}.")
     num_shards: int = Field(8, ge=1, le=100000, description="Content-defined shards committed one by one, so a killed run resumes.")
-    sort_by_length: bool = Field(True, description="Batch prompts longest first to cut padding.")
     max_prompt_tokens: Optional[int] = Field(
-        None, ge=1, description="Skip prompts longer than this (chat template and generation prompt included) before sampling."
-    )
+        None, ge=1, description="Skip prompts longer than this (chat template and generation prompt included) before sampling.")
+
+
+def prepare_prompts(tokenizer, rows, max_prompt_tokens: Optional[int]):
+    """Rows with ``token_ids`` (chat template applied) and ``prompt_tokens``, longer prompts dropped.
+
+    Returns:
+        (rows, number skipped as too long).
+    """
+    ids = prompt_token_ids(tokenizer, list(rows["prompt"]))
+    keep = [i for i, t in enumerate(ids) if max_prompt_tokens is None or len(t) <= max_prompt_tokens]
+    rows = rows.select(keep).add_column("token_ids", [ids[i] for i in keep])
+    return rows.add_column("prompt_tokens", [len(ids[i]) for i in keep]), len(ids) - len(keep)
+
+
+def samples_of(rows, completions_per_pass: list[list], passes: list[int]) -> dict:
+    """Sample rows (columns :data:`SAMPLE_COLUMNS` plus carried prompt columns) from per-pass completions.
+
+    Args:
+        rows: the prompts (with ``prompt_tokens``).
+        completions_per_pass: for each pass, one :class:`~rlhf_spec.records.Completion` per prompt.
+        passes: the pass index of each entry of ``completions_per_pass``.
+    """
+    carried = [c for c in rows.column_names if c not in _NOT_CARRIED and c not in SAMPLE_COLUMNS]
+    out = {c: [] for c in list(SAMPLE_COLUMNS) + carried}
+    for pas, comps in zip(passes, completions_per_pass):
+        for col in ("prompt_id", "prompt", "prompt_tokens", *carried):
+            out[col] += list(rows[col])
+        out["sample_index"] += [pas] * len(rows)
+        out["completion"] += [c.text for c in comps]
+        out["completion_tokens"] += [len(c.token_ids) for c in comps]
+    return out
 
 
 def run(ctx) -> StageResult:
     """Sample ``n`` completions for every prompt, shard by shard.
 
     Output rows: ``prompt_id`` (str), ``prompt`` (messages), ``sample_index`` (int, the pass),
-    ``completion`` (str), ``completion_tokens`` (int), ``prompt_tokens`` (int).
+    ``completion`` (str), ``completion_tokens`` (int, generated tokens with the end-of-turn token),
+    ``prompt_tokens`` (int), then the prompts' other columns (``reference``, ...).
     """
+    import datasets
+
     p: SampleParams = ctx.params
     with ctx.timer("load_data"):
         prompts = ctx.dataset("prompts")
@@ -47,43 +83,40 @@ def run(ctx) -> StageResult:
         ctx.progress.note("loading policy")
         src = ctx.model("policy")
         tok = src.load_tokenizer(padding_side="left")
-        model = src.load_causal_lm(device=default_device())
-    texts = chat_prompt_texts(tok, list(prompts["prompt"]))
-    lengths = prompt_lengths(tok, texts)
-    keep = [i for i, n in enumerate(lengths) if p.max_prompt_tokens is None or n <= p.max_prompt_tokens]
-    skipped = len(prompts) - len(keep)
-    prompts = prompts.select(keep)
-    prompts = prompts.add_column("prompt_tokens", [lengths[i] for i in keep])
-    prompts = prompts.add_column("text", [texts[i] for i in keep])
+        engine = ctx.backend("backend", src)
+    prompts, skipped = prepare_prompts(tok, prompts, p.max_prompt_tokens)
     ctx.progress.note("sampling")
-    total_tokens = [0]
+    sampling = p.sampling()
 
     def process(rows, shard: int):
-        import datasets
-
-        out = {"prompt_id": [], "prompt": [], "sample_index": [], "completion": [], "completion_tokens": [], "prompt_tokens": []}
-        for pas in range(p.n):
-            seed = ctx.seed * 1_000_003 + pas * p.seed_stride + shard * 7919 * 1_000_033
-            comps, ntok = generate_completions(model, tok, list(rows["text"]), p, p.batch_size, seed, p.sort_by_length,
-                                               progress=None, lengths=list(rows["prompt_tokens"]))
-            total_tokens[0] += sum(ntok)
-            out["prompt_id"] += list(rows["prompt_id"])
-            out["prompt"] += list(rows["prompt"])
-            out["sample_index"] += [pas] * len(rows)
-            out["completion"] += comps
-            out["completion_tokens"] += ntok
-            out["prompt_tokens"] += list(rows["prompt_tokens"])
+        ids = [list(t) for t in rows["token_ids"]]
+        per_pass = [[c[0] for c in engine.generate(ids, sampling, 1, sampling_seed(ctx.seed, pas, p.seed_stride))]
+                    for pas in range(p.n)]
+        out = samples_of(rows, per_pass, list(range(p.n)))
+        ctx.count("generated_tokens_now", sum(out["completion_tokens"]))
         ctx.progress.advance(len(rows))
         return datasets.Dataset.from_dict(out)
 
     with ctx.timer("generate"):
         result = ctx.run_shards(prompts, process, p.num_shards)
-    return samples_result(ctx, len(prompts), skipped, result, total_tokens[0])
+    return samples_result(ctx, len(prompts), skipped, result)
+
+
+def samples_result(ctx, prompts: int, skipped: int, result) -> StageResult:
+    """Save ``result`` (a samples dataset) and return the sample metrics: prompts, prompts skipped as
+    too long, samples, and generation throughput in tokens/s (None when everything was resumed)."""
+    ctx.save_dataset(result)
+    secs, now = ctx.output.timings.get("generate", 0.0), ctx.output.counters.pop("generated_tokens_now", 0)
+    return StageResult(metrics={"prompts": prompts, "prompts_skipped_too_long": skipped, "samples": len(result),
+                                "generated_tokens": int(sum(result["completion_tokens"])) if len(result) else 0,
+                                "tokens_per_second": round(now / secs, 2) if secs > 0 and now else None},
+                       rows=len(result))
 
 
 @hookimpl
 def rlhf_spec_register_stages(register):
-    register(StageImpl(kind="sample", name="transformers", params=SampleParams, run=run, version="2",
+    register(StageImpl(kind="sample", name="generate", params=SampleParams, run=run, version="3",
                        inputs=(), min_inputs=0, max_inputs=0, output=SAMPLES,
-                       description="n completions per prompt with transformers generate (CPU or GPU)",
-                       resources=lambda p: {"processes": 1, "gpus": "0-1"}))
+                       description="n completions per prompt from the policy, with any generation backend",
+                       resources=lambda p: {"processes": 1, "gpus": "0-1", "samples_per_prompt": p.n, "backend": p.backend.uses,
+                                            **component_resources(p.backend)}))

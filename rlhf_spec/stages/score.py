@@ -1,59 +1,83 @@
-"""Built-in ``score`` stage: a Hugging Face sequence-classification reward model rates every completion."""
+"""Built-in ``score`` stage: any reward rates every completion, shard by shard.
+
+The output keeps the samples' columns and adds ``reward`` (float) and, for a reward with components
+(a combination, ArmoRM's objectives), one ``reward/<component>`` column per component.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+import math
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..hookspecs import REWARD_MODEL, SAMPLES, SCORED, ModelRef, NotInKey, StageImpl, StageResult, hookimpl
-from ..models import default_device
-from ..results import scored_result
-from ..rewards import RewardFormat, resolve_format, score_pairs
+from ..hookspecs import hookimpl
+from ..records import SAMPLES, SCORED, RewardBatch, RewardSpec, StageImpl, StageResult
+
+_STANDARD = {"prompt_id", "prompt", "sample_index", "completion", "completion_tokens", "prompt_tokens"}
 
 
 class ScoreParams(BaseModel):
-    """Params of ``score``/``transformers``."""
+    """Params of ``score``/``reward``."""
 
     model_config = ConfigDict(extra="forbid")
 
-    reward_model: Annotated[str, ModelRef(artifacts=(REWARD_MODEL,))] = Field(
-        ..., description="A /models name (AutoModelForSequenceClassification, first logit) or a reward-model train stage id."
-    )
-    format: RewardFormat = Field(
-        "auto", description="How (prompt, response) is shown to the model: chat template, sentence pair, or transcript. 'auto' uses the trained model's own format, else chat if the tokenizer has a template."
-    )
-    max_length: int = Field(512, ge=8, le=131072, description="Truncate inputs to this many tokens (prompt side first).")
-    batch_size: Annotated[int, NotInKey()] = Field(32, ge=1, le=8192, description="Sequences per forward pass. Not part of the cache key.")
-    bucket_by_length: Annotated[bool, NotInKey()] = Field(True, description="Sort by length before batching to cut padding. Not part of the key.")
+    reward: RewardSpec = Field(..., description="The reward: {\"uses\": name, \"params\": {...}} (see 'rlhf-spec plugins').")
     num_shards: int = Field(8, ge=1, le=100000, description="Content-defined shards committed one by one, so a killed run resumes.")
 
 
+def reward_batch(rows) -> RewardBatch:
+    """The :class:`~rlhf_spec.records.RewardBatch` of sample rows: prompts, completions and every
+    other column (``reference``, ...) under ``columns``."""
+    extra = {c: list(rows[c]) for c in rows.column_names if c not in _STANDARD and not c.startswith("reward")}
+    return RewardBatch(prompts=list(rows["prompt"]), completions=list(rows["completion"]), columns=extra)
+
+
+def _stats(name: str, values: list[float]) -> dict:
+    n = max(1, len(values))
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / n)
+    return {f"{name}_mean": mean, f"{name}_std": std, f"{name}_min": min(values, default=0.0), f"{name}_max": max(values, default=0.0)}
+
+
 def run(ctx) -> StageResult:
-    """Add a float ``reward`` column to the input samples."""
-    p: ScoreParams = ctx.params
+    """Add ``reward`` (and ``reward/<component>``) columns to the input samples.
+
+    Metrics: ``scored``; mean, std, min and max of the reward and of every component; the reward's
+    event counts (``unparseable``, ``correct``, ...) summed over shards.
+    """
     rows = ctx.input_dataset(0)
-    with ctx.timer("load_reward_model"):
-        ctx.progress.note("loading reward model")
-        src = ctx.model("reward_model")
-        tok = src.load_tokenizer()
-        model = src.load_sequence_classifier(device=default_device())
-    fmt = resolve_format(p.format, tok, src.path if src.origin == "stage" else None)
+    with ctx.timer("load_reward"):
+        ctx.progress.note("loading reward")
+        reward = ctx.reward("reward")
     ctx.progress.note("scoring")
 
     def process(shard_rows, shard: int):
-        scores = score_pairs(model, tok, shard_rows["prompt"], shard_rows["completion"], fmt, p.max_length, p.batch_size,
-                             bucket=p.bucket_by_length, progress=ctx.progress)
-        return shard_rows.add_column("reward", scores)
+        out = reward.score(reward_batch(shard_rows))
+        shard_rows = shard_rows.add_column("reward", [float(x) for x in out.scores])
+        for name, values in out.components.items():
+            shard_rows = shard_rows.add_column(f"reward/{name}", [float(x) for x in values])
+        ctx.progress.advance(len(shard_rows))
+        return shard_rows, dict(out.counts)
 
     with ctx.timer("score"):
-        out = ctx.run_shards(rows, process, p.num_shards)
-    return scored_result(ctx, out, format=fmt)
+        out = ctx.run_shards(rows, process, ctx.params.num_shards)
+    ctx.save_dataset(out)
+    metrics = {"scored": len(out), **_stats("reward", list(out["reward"]) if len(out) else [])}
+    for col in out.column_names:
+        if col.startswith("reward/"):
+            metrics.update(_stats(col, list(out[col])))
+    return StageResult(metrics=metrics, rows=len(out))
 
 
 @hookimpl
 def rlhf_spec_register_stages(register):
-    register(StageImpl(kind="score", name="transformers", params=ScoreParams, run=run, version="1",
+    register(StageImpl(kind="score", name="reward", params=ScoreParams, run=run, version="2",
                        inputs=(SAMPLES,), min_inputs=1, max_inputs=1, output=SCORED,
-                       description="reward from a sequence-classification model, length-bucketed batches",
-                       resources=lambda p: {"processes": 1, "gpus": "0-1"}))
+                       description="rate every completion with a reward (and keep its components as columns)",
+                       resources=lambda p: {"processes": 1, "gpus": "0-1", "reward": p.reward.uses, **component_resources(p.reward)}))
+
+
+def component_resources(spec) -> dict:
+    """The ``resources`` a reward or backend spec declares for its params (empty when it declares none)."""
+    impl = spec.impl
+    return dict(impl.resources(spec.parsed)) if impl.resources else {}

@@ -1,4 +1,4 @@
-"""The ``score``/``armorm`` stage: rewards from RLHFlow/ArmoRM-Llama3-8B-v0.1 (or a model shaped like it).
+"""The ``armorm`` reward: RLHFlow/ArmoRM-Llama3-8B-v0.1 (or a model shaped like it), with its objectives as components.
 
 ArmoRM (Wang et al. 2024, "Interpretable Preferences via Multi-Objective Reward Modeling and
 Mixture-of-Experts", arXiv:2406.12845) is a Llama-3-8B sequence classifier whose custom code
@@ -7,7 +7,7 @@ objective rewards, one float per sequence. REBEL's ``rank.py`` (Gao et al. 2024,
 reads ``output.score`` for each (user prompt, assistant reply) chat, in bf16, truncated at 4096
 tokens, one sequence per forward pass.
 
-This stage computes the same quantity in batches: sequences are sorted by length, cut into batches
+This reward computes the same quantity in batches: sequences are sorted by length, cut into batches
 of at most ``batch_size`` sequences and ``max_batch_tokens`` padded tokens, and right-padded to the
 longest sequence of their batch only (dynamic padding). ArmoRM finds each sequence's last token as
 the position before the first ``config.pad_token_id``, so the batch is padded with exactly that id;
@@ -20,17 +20,26 @@ from typing import Annotated, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from rlhf_spec.hookspecs import REWARD_MODEL, SAMPLES, SCORED, ModelRef, NotInKey, StageImpl, StageResult, hookimpl
-from rlhf_spec.rewards import length_batches
-from rlhf_spec.results import scored_result
+from rlhf_spec import (
+    REWARD_MODEL, ModelRef, NotInKey, Problem, RewardBatch, RewardImpl, RewardOutput, hookimpl, length_batches, pad_batch,
+)
+
+#: The 19 objectives of ArmoRM-Llama3-8B-v0.1, in the order of its ``rewards`` output (its model card).
+OBJECTIVES = (
+    "helpsteer-helpfulness", "helpsteer-correctness", "helpsteer-coherence", "helpsteer-complexity", "helpsteer-verbosity",
+    "ultrafeedback-overall_score", "ultrafeedback-instruction_following", "ultrafeedback-truthfulness",
+    "ultrafeedback-honesty", "ultrafeedback-helpfulness", "beavertails-is_safe", "prometheus-score",
+    "argilla-overall_quality", "argilla-judge_lm", "code-complexity", "code-style", "code-explanation",
+    "code-instruction-following", "code-readability",
+)
 
 
 class ArmoRMParams(BaseModel):
-    """Params of ``score``/``armorm``."""
+    """Params of the ``armorm`` reward."""
 
     model_config = ConfigDict(extra="forbid")
 
-    reward_model: Annotated[str, ModelRef(artifacts=(REWARD_MODEL,))] = Field(
+    model: Annotated[str, ModelRef(artifacts=(REWARD_MODEL,))] = Field(
         ..., description="A /models name (e.g. hub RLHFlow/ArmoRM-Llama3-8B-v0.1 with trust_remote_code: true) or a stage id."
     )
     dtype: Literal["bfloat16", "float16", "float32", "model"] = Field(
@@ -44,34 +53,35 @@ class ArmoRMParams(BaseModel):
     max_batch_tokens: Annotated[int, NotInKey()] = Field(
         32768, ge=8, description="Most padded tokens (sequences x longest length) per forward pass. Not part of the key."
     )
-    num_shards: int = Field(8, ge=1, le=100000, description="Content-defined shards committed one by one, so a killed run resumes.")
+    components: bool = Field(True, description="Also report each objective's reward (output.rewards) as a component.")
 
 
 def check(params: ArmoRMParams, spec) -> list:
     """Static check run by ``rlhf-spec validate``: the /models entry must allow remote code.
 
     Returns:
-        a list of :class:`rlhf_spec.errors.Problem` with pointers relative to the stage's params
-        (empty when the reward model is a stage output or the entry sets ``trust_remote_code``).
+        a list of :class:`rlhf_spec.Problem` with pointers relative to the reward's params
+        (empty when the model is a stage output or the entry sets ``trust_remote_code``).
     """
-    from rlhf_spec.errors import Problem
-
-    name = params.reward_model
+    name = params.model
     model = spec.models.get(name)
     if model is None or model.trust_remote_code:
         return []
-    return [Problem("/reward_model", f"ArmoRM needs remote code; set /models/{name}/trust_remote_code to true",
+    return [Problem("/model", f"ArmoRM needs remote code; set /models/{name}/trust_remote_code to true",
                     "its modeling code ships with the checkpoint; the flag allows it for this model only")]
 
 
 def _torch_dtype(p: ArmoRMParams, src):
-    from rlhf_spec.models import default_dtype
+    import torch
 
-    return default_dtype(src.dtype if p.dtype == "model" else p.dtype)
+    name = src.dtype if p.dtype == "model" else p.dtype
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def load_armorm(src, p: ArmoRMParams, device=None):
-    """Load the reward model and its tokenizer from a :class:`rlhf_spec.models.ModelSource`.
+    """Load the reward model and its tokenizer from a :class:`rlhf_spec.ModelSource`.
 
     The model is loaded with ``AutoModelForSequenceClassification`` and the source's own
     ``trust_remote_code`` (from the spec's /models entry only); no ``num_labels`` is passed, so the
@@ -123,15 +133,15 @@ def encode_chats(tokenizer, prompts: list[list[dict]], responses: list[str], max
 
 
 def score_forward(model, input_ids, attention_mask):
-    """Rewards of one right-padded batch: ``model(...).score`` as float32.
+    """Rewards of one right-padded batch: ``(score (B,), rewards (B, objectives) or None)`` as float32.
 
     Args:
         input_ids: (B, T) int64 tensor, right-padded with ``model.config.pad_token_id``.
         attention_mask: (B, T) 0/1 tensor, 1 on real tokens.
 
     Returns:
-        (B,) float32 tensor of rewards (ArmoRM: preference score, arbitrary units; a (B, 1) score
-        is flattened).
+        ``score``: ArmoRM's gated preference score (arbitrary units; a (B, 1) score is flattened);
+        ``rewards``: the per-objective rewards when the output has them.
 
     Raises:
         AttributeError: if the model's output has no ``score`` (not an ArmoRM-style model).
@@ -143,67 +153,66 @@ def score_forward(model, input_ids, attention_mask):
     score = out.score
     if score.dim() == 2:
         score = score[:, 0]
-    return score.float()
+    rewards = getattr(out, "rewards", None)
+    return score.float(), (rewards.float() if rewards is not None else None)
 
 
 def score_sequences(model, seqs: list[list[int]], pad_id: Optional[int], batch_size: int, max_batch_tokens: int,
-                    progress=None) -> list[float]:
-    """Score token sequences in length-bucketed, dynamically padded batches; returns floats in input order.
+                    progress=None) -> tuple[list[float], list[list[float]]]:
+    """Score token sequences in length-bucketed, dynamically padded batches.
 
     Sequences that contain ``pad_id`` (where ArmoRM would stop reading early) and all sequences when
     ``pad_id`` is ``None`` are scored one per forward pass, unpadded.
-    """
-    import torch
 
+    Returns:
+        (scores, per-objective rewards), both in input order (the second empty lists when the model
+        reports no objectives).
+    """
     device = next(model.parameters()).device
-    scores = [0.0] * len(seqs)
+    scores, objectives = [0.0] * len(seqs), [[] for _ in seqs]
     alone = [i for i, s in enumerate(seqs) if pad_id is None or pad_id in s]
-    alone_set = set(alone)
-    rest = [i for i in range(len(seqs)) if i not in alone_set]
+    rest = [i for i in range(len(seqs)) if i not in set(alone)]
     batches = [[rest[j] for j in b] for b in length_batches([len(seqs[i]) for i in rest], batch_size, max_batch_tokens)]
-    batches += [[i] for i in alone]
-    for idx in batches:
-        width = max(len(seqs[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad_id if pad_id is not None else 0, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
+    for idx in batches + [[i] for i in alone]:
+        batch = pad_batch([seqs[i] for i in idx], pad_id if pad_id is not None else 0, device=device)
+        vals, objs = score_forward(model, batch["input_ids"], batch["attention_mask"])
         for r, i in enumerate(idx):
-            ids[r, : len(seqs[i])] = torch.tensor(seqs[i], dtype=torch.long)
-            mask[r, : len(seqs[i])] = 1
-        vals = score_forward(model, ids.to(device), mask.to(device)).tolist()
-        for i, v in zip(idx, vals):
-            scores[i] = float(v)
+            scores[i] = float(vals[r])
+            objectives[i] = objs[r].tolist() if objs is not None else []
         if progress is not None:
             progress.advance(len(idx))
-    return scores
+    return scores, objectives
 
 
-def run(ctx) -> StageResult:
-    """Add a float ``reward`` column (ArmoRM ``score``) to the input samples, shard by shard."""
-    import torch
+class ArmoRMReward:
+    """A loaded ArmoRM: ``score`` gives ``output.score`` per chat, and each objective as a component."""
 
-    p: ArmoRMParams = ctx.params
-    rows = ctx.input_dataset(0)
-    src = ctx.model("reward_model")
-    with ctx.timer("load_reward_model"):
-        ctx.progress.note("loading ArmoRM")
-        model, tok = load_armorm(src, p, device="cuda" if torch.cuda.is_available() else None)
-    pad_id = getattr(model.config, "pad_token_id", None)
-    ctx.progress.note("scoring")
+    def __init__(self, model, tokenizer, params: ArmoRMParams):
+        self.model, self.tokenizer, self.p = model, tokenizer, params
+        self.pad_id = getattr(model.config, "pad_token_id", None)
 
-    def process(shard_rows, shard: int):
-        seqs = encode_chats(tok, list(shard_rows["prompt"]), list(shard_rows["completion"]), p.max_length, p.truncation_side)
-        scores = score_sequences(model, seqs, pad_id, p.batch_size, p.max_batch_tokens)
-        ctx.progress.advance(len(shard_rows))
-        return shard_rows.add_column("reward", scores)
+    def score(self, batch: RewardBatch) -> RewardOutput:
+        seqs = encode_chats(self.tokenizer, batch.prompts, batch.completions, self.p.max_length, self.p.truncation_side)
+        scores, objs = score_sequences(self.model, seqs, self.pad_id, self.p.batch_size, self.p.max_batch_tokens)
+        components = {}
+        if self.p.components and objs and objs[0]:
+            names = OBJECTIVES if len(objs[0]) == len(OBJECTIVES) else tuple(f"objective_{j}" for j in range(len(objs[0])))
+            components = {n: [o[j] for o in objs] for j, n in enumerate(names)}
+        return RewardOutput(scores=scores, components=components)
 
-    with ctx.timer("score"):
-        out = ctx.run_shards(rows, process, p.num_shards)
-    return scored_result(ctx, out)
+
+def load(params: ArmoRMParams, ctx) -> ArmoRMReward:
+    """Load ArmoRM (the ``model`` reference) on the stage's device.
+
+    Raises:
+        OSError / ValueError from transformers, e.g. when remote code is not allowed for the model.
+    """
+    model, tok = load_armorm(ctx.model("model"), params, device=ctx.device)
+    return ArmoRMReward(model, tok, params)
 
 
 @hookimpl
-def rlhf_spec_register_stages(register):
-    register(StageImpl(kind="score", name="armorm", params=ArmoRMParams, run=run, version="1",
-                       inputs=(SAMPLES,), min_inputs=1, max_inputs=1, output=SCORED,
-                       description="ArmoRM reward (output.score) on chats, length-bucketed dynamic-padding batches",
-                       check=check, resources=lambda p: {"processes": 1, "gpus": 1}))
+def rlhf_spec_register_rewards(register):
+    register(RewardImpl(name="armorm", params=ArmoRMParams, load=load, version="2", components=OBJECTIVES, check=check,
+                        resources=lambda p: {"gpus": 1},
+                        description="ArmoRM reward (output.score) on chats, with its 19 objectives as components"))

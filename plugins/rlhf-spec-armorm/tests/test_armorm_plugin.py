@@ -1,4 +1,4 @@
-"""The ArmoRM score plugin on CPU, with a tiny real model shaped like ArmoRM.
+"""The ArmoRM reward plugin on CPU, with a tiny real model shaped like ArmoRM.
 
 The tiny model is built like ArmoRM: a ``LlamaPreTrainedModel`` with a 2-layer ``LlamaModel``, a
 multi-objective linear head and a softmax gate, saved with its own modeling file and an ``auto_map``,
@@ -119,19 +119,21 @@ def tiny(tmp_path_factory) -> dict:
 
 
 def spec_dict(tiny: dict, trust: bool = True, **params) -> dict:
-    p = {"reward_model": "armo", "dtype": "float32", "batch_size": 4, "num_shards": 2}
+    p = {"model": "armo", "dtype": "float32", "batch_size": 4}
     p.update(params)
     armo = {"path": str(tiny["armo"])}
     if trust:
         armo["trust_remote_code"] = True
     return {
-        "name": "armorm-tiny", "seed": 0, "requires": ["rlhf-spec-armorm>=0.1"],
+        "name": "armorm-tiny", "seed": 0, "requires": ["rlhf-spec-armorm>=0.2"],
         "models": {"policy": {"path": str(tiny["policy"])}, "armo": armo},
         "datasets": {"prompts": {"path": str(tiny["prompts"])}},
         "stages": [
-            {"id": "sample", "kind": "sample", "uses": "transformers",
-             "params": {"policy": "policy", "prompts": "prompts", "n": 2, "max_new_tokens": 12, "batch_size": 8, "num_shards": 2}},
-            {"id": "score", "kind": "score", "uses": "armorm", "inputs": ["sample"], "params": p},
+            {"id": "sample", "kind": "sample", "uses": "generate",
+             "params": {"policy": "policy", "prompts": "prompts", "n": 2, "max_new_tokens": 12, "num_shards": 2,
+                        "backend": {"uses": "transformers", "params": {"batch_size": 8}}}},
+            {"id": "score", "kind": "score", "uses": "reward", "inputs": ["sample"],
+             "params": {"reward": {"uses": "armorm", "params": p}, "num_shards": 2}},
         ],
     }
 
@@ -143,9 +145,18 @@ def write(tmp: Path, spec: dict) -> Path:
 
 
 def _source(tiny, trust=True):
-    from rlhf_spec.models import ModelSource
+    from rlhf_spec import ModelSource
 
     return ModelSource(name="armo", origin="spec", path=str(tiny["armo"]), trust_remote_code=trust)
+
+
+def _single(model, seq):
+    import torch
+
+    from rlhf_spec_armorm.plugin import score_forward
+
+    score, rewards = score_forward(model, torch.tensor([seq]), torch.ones(1, len(seq), dtype=torch.long))
+    return float(score[0]), rewards[0].tolist()
 
 
 def test_entry_point_and_plugins_listing(tmp_path):
@@ -154,15 +165,14 @@ def test_entry_point_and_plugins_listing(tmp_path):
     assert eps[0].dist.metadata["Name"] == "rlhf-spec-armorm"
     r = cli("plugins", "--json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    rows = [s for s in json.loads(r.stdout)["stages"] if (s["kind"], s["name"]) == ("score", "armorm")]
+    rows = [s for s in json.loads(r.stdout)["implementations"] if (s["surface"], s["name"]) == ("reward", "armorm")]
     assert len(rows) == 1 and rows[0]["distribution"] == "rlhf-spec-armorm"
-    assert rows[0]["inputs"] == ["samples"] and rows[0]["output"] == "scored"
 
 
 def test_validation_requires_trust_remote_code_on_the_model_entry(tiny, tmp_path):
     r = cli("validate", str(write(tmp_path, spec_dict(tiny, trust=False))), cwd=tmp_path)
     assert r.returncode == 2, r.stdout + r.stderr
-    assert ("/stages/1/params/reward_model: ArmoRM needs remote code; set /models/armo/trust_remote_code to true"
+    assert ("/stages/1/params/reward/params/model: ArmoRM needs remote code; set /models/armo/trust_remote_code to true"
             in r.stderr), r.stderr
     r = cli("validate", str(write(tmp_path, spec_dict(tiny, trust=True))), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -172,7 +182,7 @@ def test_the_model_really_needs_remote_code(tiny):
     """The tiny model is a real remote-code checkpoint: without the flag transformers refuses it."""
     from rlhf_spec_armorm.plugin import ArmoRMParams, load_armorm
 
-    p = ArmoRMParams(reward_model="armo", dtype="float32")
+    p = ArmoRMParams(model="armo", dtype="float32")
     with pytest.raises((ValueError, OSError)):
         load_armorm(_source(tiny, trust=False), p)
     model, tok = load_armorm(_source(tiny, trust=True), p)
@@ -180,46 +190,30 @@ def test_the_model_really_needs_remote_code(tiny):
 
 
 def test_bucketed_batches_equal_one_at_a_time(tiny):
-    import torch
+    from rlhf_spec import length_batches
+    from rlhf_spec_armorm.plugin import ArmoRMParams, encode_chats, load_armorm, score_sequences
 
-    from rlhf_spec_armorm.plugin import ArmoRMParams, encode_chats, length_batches, load_armorm, score_forward, score_sequences
-
-    model, tok = load_armorm(_source(tiny), ArmoRMParams(reward_model="armo", dtype="float32"))
+    model, tok = load_armorm(_source(tiny), ArmoRMParams(model="armo", dtype="float32"))
     pad = model.config.pad_token_id
     seqs = encode_chats(tok, [p for p, _ in CHATS], [r for _, r in CHATS], max_length=4096)
     lengths = [len(s) for s in seqs]
     assert len(set(lengths)) >= 6, lengths
-    batches = length_batches(lengths, 4, 10_000)
-    assert sorted(i for b in batches for i in b) == list(range(len(seqs)))
-    assert any(len({lengths[i] for i in b}) > 1 for b in batches), "no batch needs padding; the test would prove nothing"
-    batched = score_sequences(model, seqs, pad, batch_size=4, max_batch_tokens=10_000)
-    single = [float(score_forward(model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))[0]) for s in seqs]
-    assert max(abs(a - b) for a, b in zip(batched, single)) < 1e-5, (batched, single)
-    assert max(single) - min(single) > 1e-2, "rewards are all alike; the comparison would prove nothing"
+    assert any(len({lengths[i] for i in b}) > 1 for b in length_batches(lengths, 4, 10_000)), "no batch needs padding"
+    batched, objectives = score_sequences(model, seqs, pad, batch_size=4, max_batch_tokens=10_000)
+    single = [_single(model, s) for s in seqs]
+    assert max(abs(a - b[0]) for a, b in zip(batched, single)) < 1e-5, (batched, single)
+    assert max(abs(x - y) for o, b in zip(objectives, single) for x, y in zip(o, b[1])) < 1e-5
+    assert max(b[0] for b in single) - min(b[0] for b in single) > 1e-2, "rewards are all alike; the comparison would prove nothing"
     # padding with anything but the model's pad id moves ArmoRM's read position, and the scores change
     wrong = next(t for t in range(len(tok)) if t != pad and all(t not in s for s in seqs))
-    shifted = score_sequences(model, seqs, wrong, batch_size=4, max_batch_tokens=10_000)
-    assert max(abs(a - b) for a, b in zip(shifted, single)) > 1e-4
-
-
-def test_length_batches_respect_both_limits():
-    from rlhf_spec_armorm.plugin import length_batches
-
-    lengths = [5, 300, 17, 17, 90, 1, 44, 300, 2, 61, 8, 1000]
-    batches = length_batches(lengths, batch_size=3, max_batch_tokens=400)
-    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
-    for b in batches:
-        width = max(lengths[i] for i in b)
-        assert len(b) <= 3
-        assert width * len(b) <= 400 or len(b) == 1
-        assert [lengths[i] for i in b] == sorted((lengths[i] for i in b), reverse=True)
-    assert [1000] == [lengths[i] for i in batches[0]]  # longer than the token budget: alone
+    shifted, _ = score_sequences(model, seqs, wrong, batch_size=4, max_batch_tokens=10_000)
+    assert max(abs(a - b[0]) for a, b in zip(shifted, single)) > 1e-4
 
 
 def test_truncation_keeps_the_configured_end(tiny):
     from rlhf_spec_armorm.plugin import ArmoRMParams, encode_chats, load_armorm
 
-    _, tok = load_armorm(_source(tiny), ArmoRMParams(reward_model="armo", dtype="float32"))
+    _, tok = load_armorm(_source(tiny), ArmoRMParams(model="armo", dtype="float32"))
     full = encode_chats(tok, [CHATS[6][0]], [CHATS[6][1]], max_length=4096)[0]
     right = encode_chats(tok, [CHATS[6][0]], [CHATS[6][1]], max_length=16)[0]
     left = encode_chats(tok, [CHATS[6][0]], [CHATS[6][1]], max_length=16, truncation_side="left")[0]
@@ -227,28 +221,31 @@ def test_truncation_keeps_the_configured_end(tiny):
 
 
 def test_score_stage_end_to_end(tiny, tmp_path):
-    """sample (built-in, tiny policy) -> score (this plugin) through the runner; rewards match direct scoring."""
+    """sample (built-in) -> score with this reward through the runner; the reward and every objective
+    column match direct scoring, one chat at a time."""
     import datasets
-    import torch
 
-    from rlhf_spec_armorm.plugin import ArmoRMParams, encode_chats, load_armorm, score_forward
+    from rlhf_spec_armorm.plugin import ArmoRMParams, encode_chats, load_armorm
 
     r = cli("run", str(write(tmp_path, spec_dict(tiny))), "--cache-dir", str(tmp_path / "cache"),
             "--report", str(tmp_path / "r.json"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr + r.stdout[-2000:]
     stages = {s["id"]: s for s in json.loads((tmp_path / "r.json").read_text())["stages"]}
     scored = datasets.load_from_disk(str(Path(stages["score"]["output"]) / "data"))
-    assert len(scored) == 2 * len(CHATS) and "reward" in scored.column_names
-    model, tok = load_armorm(_source(tiny), ArmoRMParams(reward_model="armo", dtype="float32"))
+    assert len(scored) == 2 * len(CHATS)
+    assert [c for c in scored.column_names if c.startswith("reward")] == ["reward"] + [f"reward/objective_{j}" for j in range(4)]
+    model, tok = load_armorm(_source(tiny), ArmoRMParams(model="armo", dtype="float32"))
     seqs = encode_chats(tok, list(scored["prompt"]), list(scored["completion"]), max_length=4096)
-    direct = [float(score_forward(model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))[0]) for s in seqs]
-    assert max(abs(a - b) for a, b in zip(direct, scored["reward"])) < 1e-5
-    assert stages["score"]["metrics"]["scored"] == len(scored)
+    direct = [_single(model, s) for s in seqs]
+    assert max(abs(a[0] - b) for a, b in zip(direct, scored["reward"])) < 1e-5
+    assert max(abs(a[1][2] - b) for a, b in zip(direct, scored["reward/objective_2"])) < 1e-5
+    m = stages["score"]["metrics"]
+    assert m["scored"] == len(scored) and abs(m["reward/objective_0_mean"] - sum(scored["reward/objective_0"]) / len(scored)) < 1e-9
 
 
-def test_stage_contract(tiny):
+def test_reward_contract(tiny):
     from rlhf_spec.plugins import load_registry
-    from rlhf_spec.testing import check_stage_contract
+    from rlhf_spec.testing import check_contract
 
-    impl = load_registry().impls[("score", "armorm")]
-    check_stage_contract(impl, {"reward_model": "armo", "max_length": 4096, "batch_size": 16}, spec_for_key=spec_dict(tiny))
+    impl = load_registry().rewards["armorm"]
+    check_contract(impl, {"model": "armo", "max_length": 4096, "batch_size": 16}, spec_for_key=spec_dict(tiny))

@@ -1,71 +1,48 @@
-"""The ``sample``/``vllm`` stage: n completions per prompt with vLLM on one or more GPUs.
+"""The ``vllm`` generation backend: n completions per prompt with vLLM on one or more GPUs.
 
-It is a drop-in replacement for the built-in ``sample``/``transformers`` stage: same model and
-dataset references, same output columns, same seeding scheme. vLLM is imported inside :func:`run`
-only, so ``rlhf-spec validate``, ``plan``, ``plugins`` and ``schema`` work where vLLM is not installed.
+It is a drop-in replacement for the built-in ``transformers`` backend wherever a spec names a backend
+(``sample``, ``evaluate``, online training): the same prompt token ids in, the same completions out,
+and the same seeding scheme (docs/spec.md, "Seeds"): every request of a call is sampled with the
+call's seed through ``SamplingParams(seed=...)``, as REBEL's ``generate.py`` seeds each pass p with
+``p * 50``. vLLM is imported inside :func:`load` only, so ``rlhf-spec validate``, ``plan``,
+``plugins`` and ``schema`` work where vLLM is not installed.
 
 Source of the defaults: the REBEL repository's ``src/ultrafeedback_largebatch/generate.py`` and the
 REBEL tutorial (Gao et al. 2024, "REBEL: Reinforcement Learning via Regressing Relative Rewards",
-arXiv:2404.16767): 5 passes of ``SamplingParams(temperature=0.8, top_p=0.9, max_tokens=2048,
-seed=p*50)``, tensor parallelism 8.
+arXiv:2404.16767): ``SamplingParams(temperature=0.8, top_p=0.9, max_tokens=2048, seed=p*50)``,
+tensor parallelism 8.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Annotated, Literal, Optional
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from rlhf_spec.generation import SamplingParams as _Sampling
-from rlhf_spec.hookspecs import POLICY, SAMPLES, DatasetRef, ModelRef, NotInKey, StageImpl, StageResult, hookimpl
-from rlhf_spec.results import samples_result
+from rlhf_spec import BackendImpl, Completion, NotInKey, hookimpl
 
 INSTALL_HINT = (
-    "the 'vllm' sample stage needs vLLM, which is not installed in this environment; "
+    "the 'vllm' backend needs vLLM, which is not installed in this environment; "
     "install it with `pip install rlhf-spec-vllm[vllm]` (or `pip install vllm`). "
-    "vLLM runs on a CUDA GPU; on a CPU-only machine use \"uses\": \"transformers\" for the sample stage"
+    "vLLM runs on a CUDA GPU; on a CPU-only machine use {\"uses\": \"transformers\"} as the backend"
 )
 
-#: Output columns, in order; the same as the built-in ``sample``/``transformers`` stage writes.
-OUTPUT_COLUMNS = ("prompt_id", "prompt", "sample_index", "completion", "completion_tokens", "prompt_tokens")
 
+class VllmParams(BaseModel):
+    """Params of the ``vllm`` backend."""
 
-class VllmSampleParams(_Sampling):
-    """Params of ``sample``/``vllm``.
+    model_config = ConfigDict(extra="forbid")
 
-    ``temperature``, ``top_p`` and ``max_new_tokens`` (vLLM's ``max_tokens``) come from
-    :class:`rlhf_spec.generation.SamplingParams`, with the same bounds as the built-in stage.
-    """
-
-    policy: Annotated[str, ModelRef(artifacts=(POLICY,))] = Field(
-        ..., description="The policy: a /models name or the id of a train stage (a save_pretrained folder)."
-    )
-    prompts: Annotated[str, DatasetRef(columns=("prompt",))] = Field(..., description="A /datasets name with prompts.")
-    n: int = Field(5, ge=1, le=1024, description="Completions per prompt (REBEL: 5).")
-    mode: Literal["passes", "n_per_request"] = Field(
-        "passes",
-        description="'passes': n passes over the prompts, one completion each, pass p seeded p * seed_stride plus the "
-        "spec seed (REBEL's generate.py, and the built-in sample stage). 'n_per_request': one request per prompt with "
-        "SamplingParams(n=n), seeded with the spec seed.",
-    )
-    seed_stride: int = Field(50, ge=0, description="Pass p is seeded p * seed_stride (+ the spec seed); REBEL: 50.")
     tensor_parallel_size: int = Field(
         1, ge=1, le=1024, description="GPUs the model is split over (vLLM tensor_parallel_size; REBEL tutorial: 8). "
-        "Part of the key: it changes floating-point reduction order, hence samples."
-    )
+        "Part of the key: it changes floating-point reduction order, hence samples.")
     gpu_memory_utilization: Annotated[float, NotInKey()] = Field(
-        0.9, gt=0.0, le=1.0, description="Share of each GPU's memory vLLM may take (weights and KV cache). Not part of the key."
-    )
+        0.9, gt=0.0, le=1.0, description="Share of each GPU's memory vLLM may take (weights and KV cache). Not part of the key.")
     dtype: Optional[Literal["auto", "bfloat16", "float16", "float32"]] = Field(
-        None, description="vLLM weights dtype; default: the policy's /models dtype ('auto' lets vLLM pick from the config)."
-    )
+        None, description="vLLM weights dtype; default: the policy's /models dtype ('auto' lets vLLM pick from the config).")
     max_model_len: Optional[int] = Field(
-        None, ge=16, description="vLLM context length (prompt + completion); default: the model's own. Lower it to save KV-cache memory."
-    )
-    max_prompt_tokens: Optional[int] = Field(
-        None, ge=1, description="Skip prompts longer than this (chat template and generation prompt included) before sampling."
-    )
-    num_shards: int = Field(8, ge=1, le=100000, description="Content-defined shards committed one by one, so a killed run resumes.")
+        None, ge=16, description="vLLM context length (prompt + completion); default: the model's own. Lower it to save KV-cache memory.")
 
 
 def import_vllm():
@@ -84,16 +61,14 @@ def import_vllm():
     return LLM, SamplingParams
 
 
-def engine_kwargs(src, p: VllmSampleParams, seed: int) -> dict:
-    """Keyword arguments of ``vllm.LLM`` for model source ``src`` (a :class:`rlhf_spec.models.ModelSource`).
+def engine_kwargs(src, p: VllmParams) -> dict:
+    """Keyword arguments of ``vllm.LLM`` for model source ``src`` (a :class:`rlhf_spec.ModelSource`).
 
     A local GGUF policy is given to vLLM as the ``.gguf`` file with its folder as the tokenizer; a hub
     model with its resolved revision; a stage output (a trained policy) as its folder.
     """
-    import os
-
     kw: dict = {"tensor_parallel_size": p.tensor_parallel_size, "gpu_memory_utilization": p.gpu_memory_utilization,
-                "dtype": p.dtype or src.dtype or "auto", "seed": seed, "trust_remote_code": bool(src.trust_remote_code)}
+                "dtype": p.dtype or src.dtype or "auto", "trust_remote_code": bool(src.trust_remote_code)}
     if src.path:
         if src.gguf_file:
             kw["model"] = os.path.join(src.path, src.gguf_file)
@@ -106,87 +81,56 @@ def engine_kwargs(src, p: VllmSampleParams, seed: int) -> dict:
             kw["revision"] = src.revision
     if src.tokenizer and "tokenizer" not in kw:
         kw["tokenizer"] = src.tokenizer
+        if src.tokenizer_revision:
+            kw["tokenizer_revision"] = src.tokenizer_revision
     if p.max_model_len:
         kw["max_model_len"] = p.max_model_len
     return kw
 
 
-def run(ctx) -> StageResult:
-    """Sample ``n`` completions for every prompt with vLLM, shard by shard.
+class VllmEngine:
+    """A vLLM ``LLM`` generating from prompt token ids (see :meth:`generate`).
 
-    Prompts are rendered with the policy tokenizer's chat template (generation prompt added) and
-    given to vLLM as token ids without extra special tokens, so a template that already starts with
-    BOS (Llama 3) does not get a second one.
+    Args:
+        llm: a ``vllm.LLM`` (or an object with the same ``generate`` contract).
+        sampling_cls: ``vllm.SamplingParams`` (or the same contract).
+        eos_ids: token ids that end a completion (for ``finish_reason``).
+    """
 
-    Output rows (one per prompt and pass): ``prompt_id`` (str), ``prompt`` (messages), ``sample_index``
-    (int, the pass or the output index), ``completion`` (str, special tokens removed, whitespace
-    stripped), ``completion_tokens`` (int, generated tokens including a final end-of-turn token),
-    ``prompt_tokens`` (int).
+    def __init__(self, llm, sampling_cls, eos_ids=()):
+        self.llm, self.sampling_cls, self.eos_ids = llm, sampling_cls, set(eos_ids)
+
+    def generate(self, prompt_token_ids: list[list[int]], sampling, n: int, seed: int) -> list[list[Completion]]:
+        """``n`` completions per prompt: one vLLM call with ``SamplingParams(n, temperature, top_p,
+        max_tokens, seed)``; returns P lists of ``n`` :class:`rlhf_spec.Completion`.
+
+        Completion texts have special tokens removed and whitespace stripped; token ids include the
+        end-of-turn token when one was produced.
+        """
+        sp = self.sampling_cls(n=n, temperature=sampling.temperature, top_p=sampling.top_p,
+                               max_tokens=sampling.max_new_tokens, seed=seed)
+        results = self.llm.generate([{"prompt_token_ids": list(t)} for t in prompt_token_ids], sp, use_tqdm=False)
+        out = []
+        for res in results:
+            out.append([Completion(token_ids=list(c.token_ids), text=c.text.strip(),
+                                   finish_reason="stop" if getattr(c, "finish_reason", "stop") == "stop" else "length")
+                        for c in res.outputs])
+        return out
+
+
+def load(policy, params: VllmParams, ctx) -> VllmEngine:
+    """Start a vLLM engine for ``policy``.
 
     Raises:
-        RuntimeError: vLLM is not installed (with the install command), or the tokenizer has no chat template.
+        RuntimeError: vLLM is not installed (with the install command).
     """
     LLM, VSamplingParams = import_vllm()
-    import datasets
-
-    from rlhf_spec.generation import chat_prompt_texts, prompt_lengths
-
-    p: VllmSampleParams = ctx.params
-    with ctx.timer("load_data"):
-        prompts = ctx.dataset("prompts")
-    src = ctx.model("policy")
-    tok = src.load_tokenizer()
-    texts = chat_prompt_texts(tok, list(prompts["prompt"]))
-    ids = tok(texts, add_special_tokens=False)["input_ids"]
-    lengths = prompt_lengths(tok, texts)
-    keep = [i for i, n in enumerate(lengths) if p.max_prompt_tokens is None or n <= p.max_prompt_tokens]
-    skipped = len(prompts) - len(keep)
-    prompts = prompts.select(keep).add_column("prompt_tokens", [lengths[i] for i in keep])
-    prompts = prompts.add_column("token_ids", [ids[i] for i in keep])
-    with ctx.timer("load_policy"):
-        ctx.progress.note("starting vLLM")
-        llm = LLM(**engine_kwargs(src, p, ctx.seed))
-    ctx.progress.note("sampling")
-    total_tokens = [0]
-
-    def sampling(seed: int, n: int):
-        return VSamplingParams(n=n, temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_new_tokens, seed=seed)
-
-    def process(rows, shard: int):
-        out = {c: [] for c in OUTPUT_COLUMNS}
-        pids, msgs, plens = list(rows["prompt_id"]), list(rows["prompt"]), list(rows["prompt_tokens"])
-        reqs = [{"prompt_token_ids": list(t)} for t in rows["token_ids"]]
-        if p.mode == "passes":
-            plan = [(pas, sampling(ctx.seed + pas * p.seed_stride, 1)) for pas in range(p.n)]
-        else:
-            plan = [(None, sampling(ctx.seed, p.n))]
-        for pas, sp in plan:
-            results = llm.generate(reqs, sp, use_tqdm=False)
-            for k, res in enumerate(results):
-                for j, comp in enumerate(res.outputs):
-                    out["prompt_id"].append(pids[k])
-                    out["prompt"].append(msgs[k])
-                    out["sample_index"].append(pas if pas is not None else j)
-                    out["completion"].append(comp.text.strip())
-                    out["completion_tokens"].append(len(comp.token_ids))
-                    out["prompt_tokens"].append(plens[k])
-                    total_tokens[0] += len(comp.token_ids)
-        ctx.progress.advance(len(rows))
-        return datasets.Dataset.from_dict(out)
-
-    with ctx.timer("generate"):
-        result = ctx.run_shards(prompts, process, p.num_shards)
-    return samples_result(ctx, len(prompts), skipped, result, total_tokens[0])
-
-
-def resources(p: VllmSampleParams) -> dict:
-    """What ``rlhf-spec plan`` shows: one process holding ``tensor_parallel_size`` GPUs, and n samples per prompt."""
-    return {"processes": 1, "gpus": p.tensor_parallel_size, "samples_per_prompt": p.n}
+    tok = policy.load_tokenizer()
+    eos = tok.eos_token_id if isinstance(tok.eos_token_id, list) else [tok.eos_token_id]
+    return VllmEngine(LLM(**engine_kwargs(policy, params)), VSamplingParams, eos)
 
 
 @hookimpl
-def rlhf_spec_register_stages(register):
-    register(StageImpl(kind="sample", name="vllm", params=VllmSampleParams, run=run, version="1",
-                       inputs=(), min_inputs=0, max_inputs=0, output=SAMPLES,
-                       description="n completions per prompt with vLLM (tensor parallel GPUs)",
-                       resources=resources))
+def rlhf_spec_register_backends(register):
+    register(BackendImpl(name="vllm", params=VllmParams, load=load, version="2", resources=lambda p: {"gpus": p.tensor_parallel_size},
+                         description="vLLM on one or more GPUs (tensor parallel), seeded per request"))

@@ -1,4 +1,4 @@
-"""Reward-model inputs and batched scoring with a sequence-classification model.
+"""The ``classifier`` reward: a Hugging Face sequence-classification model (a trained reward model).
 
 A reward model reads (prompt, response) as one of three formats:
 
@@ -14,9 +14,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
-from .data import render_transcript
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..algorithms.batching import length_batches, pad_batch
+from ..data import render_transcript
+from ..hookspecs import hookimpl
+from ..records import REWARD_MODEL, ModelRef, NotInKey, RewardBatch, RewardImpl, RewardOutput
 
 RewardFormat = Literal["auto", "chat", "pair", "transcript"]
 META_FILE = "rlhf_spec_reward.json"
@@ -73,23 +78,12 @@ def encode_for_reward(tokenizer, prompts: list[list[dict]], responses: list[str]
     return out
 
 
-def collate(tokenizer, items: list[dict], pad_id: Optional[int] = None):
-    """Right-pad a list of encoded items into a batch of tensors (input_ids, attention_mask, ...)."""
-    import torch
-
-    width = max(len(it["input_ids"]) for it in items)
+def collate(tokenizer, items: list[dict], pad_id: Optional[int] = None, device=None) -> dict:
+    """Right-pad encoded reward inputs (``input_ids``, optional ``token_type_ids``) into one batch
+    (see :func:`rlhf_spec.algorithms.batching.pad_batch`); ``pad_id`` defaults to the tokenizer's."""
     pad = pad_id if pad_id is not None else (tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
-    batch = {"input_ids": torch.full((len(items), width), pad, dtype=torch.long),
-             "attention_mask": torch.zeros((len(items), width), dtype=torch.long)}
-    if "token_type_ids" in items[0]:
-        batch["token_type_ids"] = torch.zeros((len(items), width), dtype=torch.long)
-    for i, it in enumerate(items):
-        n = len(it["input_ids"])
-        batch["input_ids"][i, :n] = torch.tensor(it["input_ids"])
-        batch["attention_mask"][i, :n] = 1
-        if "token_type_ids" in it:
-            batch["token_type_ids"][i, :n] = torch.tensor(it["token_type_ids"])
-    return batch
+    types = [it["token_type_ids"] for it in items] if "token_type_ids" in items[0] else None
+    return pad_batch([it["input_ids"] for it in items], pad, token_type_ids=types, device=device)
 
 
 def reward_forward(model, batch):
@@ -107,28 +101,6 @@ def reward_forward(model, batch):
 # buckets of 64 rows x 256 tokens scored MiniLM pairs about a third slower than buckets of at most
 # 1024 tokens (docs/benchmarks.md). On GPUs no cap applies: there wider batches are faster.
 CPU_BATCH_TOKENS = 1024
-
-
-def length_batches(lengths: list[int], batch_size: int, max_batch_tokens: Optional[int] = None) -> list[list[int]]:
-    """Batches of indices, longest first, each with at most ``batch_size`` rows and, when
-    ``max_batch_tokens`` is set, at most that many padded tokens (rows x longest row).
-
-    A sequence longer than ``max_batch_tokens`` gets a batch of its own. Ties keep input order.
-
-    Returns:
-        lists of indices into ``lengths``; every index appears exactly once.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    batches: list[list[int]] = []
-    cur: list[int] = []
-    for i in order:
-        if cur and (len(cur) >= batch_size or (max_batch_tokens and lengths[cur[0]] * (len(cur) + 1) > max_batch_tokens)):
-            batches.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        batches.append(cur)
-    return batches
 
 
 def score_pairs(model, tokenizer, prompts, responses, fmt: str, max_length: int, batch_size: int,
@@ -157,10 +129,58 @@ def score_pairs(model, tokenizer, prompts, responses, fmt: str, max_length: int,
     scores = [0.0] * len(items)
     with torch.no_grad():
         for idx in batches:
-            batch = {k: v.to(device) for k, v in collate(tokenizer, [items[i] for i in idx], pad_id=getattr(model.config, "pad_token_id", None)).items()}
+            batch = collate(tokenizer, [items[i] for i in idx], pad_id=getattr(model.config, "pad_token_id", None), device=device)
             vals = reward_forward(model, batch).tolist()
             for i, v in zip(idx, vals):
                 scores[i] = float(v)
             if progress is not None:
                 progress.advance(len(idx))
     return scores
+
+
+class ClassifierParams(BaseModel):
+    """Params of the ``classifier`` reward: the first logit of a sequence-classification model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Annotated[str, ModelRef(artifacts=(REWARD_MODEL,))] = Field(
+        ..., description="A /models name (AutoModelForSequenceClassification, first logit) or a reward-model train stage id."
+    )
+    format: RewardFormat = Field(
+        "auto", description="How (prompt, response) is shown to the model: chat template, sentence pair, or transcript. 'auto' uses the trained model's own format, else chat if the tokenizer has a template."
+    )
+    max_length: int = Field(512, ge=8, le=131072, description="Truncate inputs to this many tokens (prompt side first).")
+    batch_size: Annotated[int, NotInKey()] = Field(32, ge=1, le=8192, description="Sequences per forward pass. Not part of the cache key.")
+    bucket_by_length: Annotated[bool, NotInKey()] = Field(True, description="Sort by length before batching to cut padding. Not part of the key.")
+
+
+class ClassifierReward:
+    """A loaded sequence-classification reward model (see :func:`score_pairs`)."""
+
+    def __init__(self, model, tokenizer, fmt: str, params: ClassifierParams):
+        self.model, self.tokenizer, self.format, self.p = model, tokenizer, fmt, params
+
+    def score(self, batch: RewardBatch) -> RewardOutput:
+        """One float per completion: the model's first logit (reward units of the model)."""
+        scores = score_pairs(self.model, self.tokenizer, batch.prompts, batch.completions, self.format, self.p.max_length,
+                             self.p.batch_size, bucket=self.p.bucket_by_length)
+        return RewardOutput(scores=scores)
+
+
+def load(params: ClassifierParams, ctx) -> ClassifierReward:
+    """Load the model and tokenizer named by ``params.model`` onto the stage's device.
+
+    Raises:
+        OSError / ValueError from transformers when the files are missing or unreadable.
+    """
+    src = ctx.model("model")
+    tok = src.load_tokenizer()
+    model = src.load_sequence_classifier(device=ctx.device)
+    fmt = resolve_format(params.format, tok, src.path if src.origin == "stage" else None)
+    return ClassifierReward(model, tok, fmt, params)
+
+
+@hookimpl
+def rlhf_spec_register_rewards(register):
+    register(RewardImpl(name="classifier", params=ClassifierParams, load=load, version="1",
+                        description="first logit of a sequence-classification reward model (e.g. a trained Bradley-Terry model)"))

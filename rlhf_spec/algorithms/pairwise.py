@@ -1,0 +1,612 @@
+"""Losses on pairs of responses to one prompt: REBEL, DPO (with cDPO label smoothing), IPO, SimPO,
+ORPO and the Bradley-Terry reward-model loss. One ``nn.Module`` per loss, with the paper and
+equation beside it.
+
+Arguments follow one naming scheme: ``policy_chosen_logps`` / ``policy_rejected_logps`` (B,) sequence
+logprobs under the policy, ``reference_chosen_logps`` / ``reference_rejected_logps`` under the reference
+policy, ``chosen_rewards`` / ``rejected_rewards`` (B,) scalar rewards.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .ops import _compute_dtype, _require_batch_vectors
+
+__all__ = [
+    "REBELLoss",
+    "rebel_stats",
+    "DPOLoss",
+    "PairwiseRewardLoss",
+    "pairwise_accuracy",
+    "IPOLoss",
+    "SimPOLoss",
+    "ORPOLoss",
+    "log1mexp",
+]
+
+
+# ---------------------------------------------------------------------------
+# REBEL
+# ---------------------------------------------------------------------------
+
+
+def _rebel_terms(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(log-ratio margin (B,), reward margin (B,)) after validating shapes."""
+    _require_batch_vectors(
+        policy_chosen_logps=policy_chosen_logps,
+        policy_rejected_logps=policy_rejected_logps,
+        reference_chosen_logps=reference_chosen_logps,
+        reference_rejected_logps=reference_rejected_logps,
+        chosen_rewards=chosen_rewards,
+        rejected_rewards=rejected_rewards,
+    )
+    logratio_margin = (policy_chosen_logps - reference_chosen_logps) - (
+        policy_rejected_logps - reference_rejected_logps
+    )
+    reward_margin = chosen_rewards - rejected_rewards
+    return logratio_margin, reward_margin
+
+
+class REBELLoss(nn.Module):
+    """REBEL least-squares regression of log-ratio margins onto reward margins.
+
+    For a pair of responses (chosen ``y``, rejected ``y'``) to one prompt ``x``::
+
+        h    = [log pi(y|x) - log pi_t(y|x)] - [log pi(y'|x) - log pi_t(y'|x)]
+        loss = mean_over_pairs( (h - eta * (r(x, y) - r(x, y'))) ** 2 )
+
+    where ``pi`` is the policy being trained and ``pi_t`` the "reference" policy
+    of the REBEL iteration. Note: in REBEL the reference is the policy snapshot
+    ``pi_theta_t`` the ratio is taken against (the policy that generated the
+    pair in the online algorithm; the initial policy in the REBEL code's
+    offline large-batch variant), not necessarily the SFT model. "chosen" only
+    labels the first response of the pair; the loss does not require
+    ``r(y) > r(y')``.
+
+    This is the form of the REBEL reference code (``(ratio - eta * (r_c -
+    r_r)) ** 2``; its UltraFeedback/ArmoRM large-batch script uses
+    ``eta = 1e6``). The paper writes the same objective as
+    ``((1/eta) * h - (r(y) - r(y')))**2``, which equals this loss divided by
+    ``eta**2``: same minimiser, gradients scaled by ``1/eta**2``. So ``eta`` here
+    multiplies the reward (larger eta = larger step towards the reward margin).
+
+    Args:
+        eta: positive float; scale of the reward margin in log-ratio units
+            (nats per reward unit).
+
+    Raises:
+        ValueError: if ``eta`` is not a finite positive number.
+
+    Source: Gao et al. 2024, "REBEL: Reinforcement Learning via Regressing
+    Relative Rewards" (arXiv:2404.16767, NeurIPS 2024), Eq. (1) / Algorithm 1
+    (the per-iteration least-squares problem).
+    """
+
+    def __init__(self, eta: float):
+        super().__init__()
+        if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta > 0):
+            raise ValueError(f"eta must be a finite positive number, got {eta!r}")
+        self.eta = float(eta)
+
+    def forward(
+        self,
+        policy_chosen_logps: torch.Tensor,
+        policy_rejected_logps: torch.Tensor,
+        reference_chosen_logps: torch.Tensor,
+        reference_rejected_logps: torch.Tensor,
+        chosen_rewards: torch.Tensor,
+        rejected_rewards: torch.Tensor,
+    ) -> torch.Tensor:
+        """Compute the REBEL loss.
+
+        Args:
+            policy_chosen_logps: (B,) float, sequence logprob (nats) of the
+                chosen response under the policy (requires grad in training).
+            policy_rejected_logps: (B,) float, same for the rejected response.
+            reference_chosen_logps: (B,) float, sequence logprob of the chosen
+                response under the reference policy ``pi_theta_t`` (no grad).
+            reference_rejected_logps: (B,) float, same for the rejected response.
+            chosen_rewards: (B,) float, reward of the chosen response.
+            rejected_rewards: (B,) float, reward of the rejected response.
+
+        Returns:
+            0-dim float tensor: ``mean((h - eta * (Rc - Rr)) ** 2)``.
+
+        Raises:
+            ValueError: if the six inputs are not all 1-D with the same length.
+        """
+        logratio_margin, reward_margin = _rebel_terms(
+            policy_chosen_logps,
+            policy_rejected_logps,
+            reference_chosen_logps,
+            reference_rejected_logps,
+            chosen_rewards,
+            rejected_rewards,
+        )
+        return ((logratio_margin - self.eta * reward_margin) ** 2).mean()
+
+
+@torch.no_grad()
+def rebel_stats(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    eta: float,
+) -> Dict[str, torch.Tensor]:
+    """Detached logging statistics for one REBEL batch.
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+        reference_rejected_logps, chosen_rewards, rejected_rewards: (B,) float
+            tensors, exactly as for :meth:`REBELLoss.forward`.
+        eta: positive float, as for :class:`REBELLoss`.
+
+    Returns:
+        Dict of detached 0-dim tensors:
+        ``loss`` (the :class:`REBELLoss` value),
+        ``reward_margin`` (mean of ``Rc - Rr``, reward units),
+        ``logratio_margin`` (mean of ``(pc - rc) - (pr - rr)``, nats),
+        ``target_margin`` (``eta * mean(Rc - Rr)``, nats: what the log-ratio
+        margin is regressed onto).
+
+    Raises:
+        ValueError: if the inputs are not all 1-D of one length, or ``eta`` is
+            not a finite positive number.
+
+    Source: quantities of the REBEL objective, Gao et al. 2024
+    (arXiv:2404.16767), Eq. (1).
+    """
+    loss = REBELLoss(eta)(
+        policy_chosen_logps,
+        policy_rejected_logps,
+        reference_chosen_logps,
+        reference_rejected_logps,
+        chosen_rewards,
+        rejected_rewards,
+    )
+    logratio_margin, reward_margin = _rebel_terms(
+        policy_chosen_logps,
+        policy_rejected_logps,
+        reference_chosen_logps,
+        reference_rejected_logps,
+        chosen_rewards,
+        rejected_rewards,
+    )
+    return {
+        "loss": loss.detach(),
+        "reward_margin": reward_margin.mean().detach(),
+        "logratio_margin": logratio_margin.mean().detach(),
+        "target_margin": (float(eta) * reward_margin.mean()).detach(),
+    }
+
+
+# ---------------------------------------------------------------------------
+# DPO
+# ---------------------------------------------------------------------------
+
+
+class DPOLoss(nn.Module):
+    """Direct Preference Optimization loss, with optional conservative smoothing.
+
+    With ``h = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]``::
+
+        loss = mean( -(1 - ls) * log sigmoid(beta * h) - ls * log sigmoid(-beta * h) )
+
+    ``ls = 0`` is the DPO loss; ``ls > 0`` assumes each preference label is
+    flipped with probability ``ls`` (conservative DPO, "cDPO").
+
+    Args:
+        beta: positive float, strength of the implicit KL constraint to the
+            reference policy (inverse temperature of the implicit reward).
+        label_smoothing: float in [0, 0.5], assumed label-flip probability.
+
+    Raises:
+        ValueError: if ``beta <= 0`` or ``label_smoothing`` is outside [0, 0.5].
+
+    Source: Rafailov et al. 2023, "Direct Preference Optimization: Your Language
+    Model is Secretly a Reward Model", Eq. (7); label smoothing per Mitchell
+    2023, "A note on DPO with noisy preferences & relationship to IPO" (cDPO).
+    """
+
+    def __init__(self, beta: float, label_smoothing: float = 0.0):
+        super().__init__()
+        if not (math.isfinite(beta) and beta > 0):
+            raise ValueError(f"beta must be a finite positive number, got {beta!r}")
+        if not (0.0 <= label_smoothing <= 0.5):
+            raise ValueError(f"label_smoothing must be in [0, 0.5], got {label_smoothing!r}")
+        self.beta = float(beta)
+        self.label_smoothing = float(label_smoothing)
+
+    def forward(
+        self,
+        policy_chosen_logps: torch.Tensor,
+        policy_rejected_logps: torch.Tensor,
+        reference_chosen_logps: torch.Tensor,
+        reference_rejected_logps: torch.Tensor,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Compute the DPO loss and the implicit rewards.
+
+        Args:
+            policy_chosen_logps: (B,) float, sequence logprob (nats) of the
+                chosen response under the policy.
+            policy_rejected_logps: (B,) float, same for the rejected response.
+            reference_chosen_logps: (B,) float, chosen response under the frozen
+                reference policy.
+            reference_rejected_logps: (B,) float, rejected response under the
+                reference policy.
+
+        Returns:
+            ``(loss, chosen_rewards, rejected_rewards)``: ``loss`` is a 0-dim
+            float tensor; ``chosen_rewards = beta * (pc - rc)`` and
+            ``rejected_rewards = beta * (pr - rr)`` are detached (B,) tensors
+            (the DPO implicit rewards, in nats).
+
+        Raises:
+            ValueError: if the four inputs are not all 1-D with the same length.
+        """
+        _require_batch_vectors(
+            policy_chosen_logps=policy_chosen_logps,
+            policy_rejected_logps=policy_rejected_logps,
+            reference_chosen_logps=reference_chosen_logps,
+            reference_rejected_logps=reference_rejected_logps,
+        )
+        chosen_logratio = policy_chosen_logps - reference_chosen_logps
+        rejected_logratio = policy_rejected_logps - reference_rejected_logps
+        logits = self.beta * (chosen_logratio - rejected_logratio)
+        ls = self.label_smoothing
+        losses = -(1.0 - ls) * F.logsigmoid(logits) - ls * F.logsigmoid(-logits)
+        chosen_rewards = (self.beta * chosen_logratio).detach()
+        rejected_rewards = (self.beta * rejected_logratio).detach()
+        return losses.mean(), chosen_rewards, rejected_rewards
+
+
+# ---------------------------------------------------------------------------
+# reward-model training
+# ---------------------------------------------------------------------------
+
+
+class PairwiseRewardLoss(nn.Module):
+    """Bradley-Terry pairwise loss for training a reward model.
+
+    ``loss = mean( -log sigmoid(r_chosen - r_rejected - m) )`` with an optional
+    per-pair margin ``m`` (0 when not given). Under the Bradley-Terry model
+    ``P(chosen > rejected) = sigmoid(r_chosen - r_rejected)``, so this is the
+    negative log-likelihood of the human preference labels.
+
+    Source: Bradley & Terry 1952, "Rank Analysis of Incomplete Block Designs";
+    Ouyang et al. 2022, "Training language models to follow instructions with
+    human feedback" (InstructGPT), Eq. (1); margin ``m(r)`` from Touvron et al.
+    2023, "Llama 2: Open Foundation and Fine-Tuned Chat Models", Eq. (2).
+    """
+
+    def forward(
+        self,
+        chosen_rewards: torch.Tensor,
+        rejected_rewards: torch.Tensor,
+        margin: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Compute the Bradley-Terry loss.
+
+        Args:
+            chosen_rewards: (B,) float, reward-model score of the chosen response.
+            rejected_rewards: (B,) float, score of the rejected response.
+            margin: optional (B,) float, required score gap per pair (same units
+                as the rewards; e.g. larger for "significantly better" labels).
+
+        Returns:
+            0-dim float tensor (mean negative log-likelihood, nats).
+
+        Raises:
+            ValueError: if the inputs are not all 1-D with the same length.
+        """
+        if margin is None:
+            _require_batch_vectors(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
+            gap = chosen_rewards - rejected_rewards
+        else:
+            _require_batch_vectors(
+                chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards, margin=margin
+            )
+            gap = chosen_rewards - rejected_rewards - margin
+        return -F.logsigmoid(gap).mean()
+
+
+def pairwise_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> float:
+    """Share of pairs the reward ranks correctly (``r_chosen > r_rejected``).
+
+    Ties (``r_chosen == r_rejected``) count as half correct.
+
+    Args:
+        chosen_rewards: (B,) float scores of the chosen responses.
+        rejected_rewards: (B,) float scores of the rejected responses.
+
+    Returns:
+        Python float in [0, 1].
+
+    Raises:
+        ValueError: if the inputs are not 1-D of one length, or are empty.
+
+    Source: the preference accuracy reported for reward models, e.g. Ouyang et
+    al. 2022 (InstructGPT) and Touvron et al. 2023 (Llama 2); the half-credit
+    for ties is this project's convention.
+    """
+    n = _require_batch_vectors(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
+    if n == 0:
+        raise ValueError("pairwise_accuracy needs at least one pair, got B=0")
+    chosen = chosen_rewards.detach()
+    rejected = rejected_rewards.detach()
+    score = (chosen > rejected).double() + 0.5 * (chosen == rejected).double()
+    return float(score.mean().item())
+
+
+
+
+# ---------------------------------------------------------------------------
+# IPO, SimPO, ORPO
+# ---------------------------------------------------------------------------
+
+def _require_positive(name: str, value: float) -> float:
+    """Return ``float(value)``; ValueError unless it is a finite number > 0."""
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+    return float(value)
+
+
+class IPOLoss(nn.Module):
+    """Identity Preference Optimisation: regress the log-ratio margin onto a constant.
+
+    With ``h = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]``::
+
+        loss = mean( (h - 1 / (2 * beta)) ** 2 )
+
+    The loss is minimised (value 0, gradient 0) at ``h = 1/(2*beta)``: unlike DPO, the margin is
+    pulled towards a finite target instead of being pushed to infinity, so a small ``beta`` (the
+    paper's ``tau``) allows a large margin and a large ``beta`` keeps the policy near the reference.
+
+    The inputs are whatever sequence logprobs the caller passes: the sum over response tokens
+    (as in the paper, where ``pi(y|x)`` is the probability of the whole response) or the mean per
+    token (as some implementations do for IPO). The choice changes the scale of ``h`` and hence
+    the meaningful range of ``beta``; this class does not pick one.
+
+    Args:
+        beta: positive float, regularisation strength ``tau`` (in 1/nats: the target margin is
+            ``1/(2*beta)`` nats).
+
+    Raises:
+        ValueError: if ``beta`` is not a finite positive number.
+
+    Source: Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
+    Preferences" (arXiv:2310.12036), Eq. (17), the sampled IPO loss.
+    """
+
+    def __init__(self, beta: float):
+        super().__init__()
+        self.beta = _require_positive("beta", beta)
+
+    def forward(
+        self,
+        policy_chosen_logps: torch.Tensor,
+        policy_rejected_logps: torch.Tensor,
+        reference_chosen_logps: torch.Tensor,
+        reference_rejected_logps: torch.Tensor,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Compute the IPO loss and the implicit rewards.
+
+        Args:
+            policy_chosen_logps: (B,) float, logprob (nats, summed or per-token mean) of the
+                chosen response under the policy.
+            policy_rejected_logps: (B,) float, same for the rejected response.
+            reference_chosen_logps: (B,) float, chosen response under the reference policy.
+            reference_rejected_logps: (B,) float, rejected response under the reference policy.
+
+        Returns:
+            ``(loss, chosen_rewards, rejected_rewards)``: 0-dim loss (squared nats) and the
+            detached (B,) implicit rewards ``beta * (policy - reference)`` of each response
+            (dimensionless, as in :class:`DPOLoss`).
+
+        Raises:
+            ValueError: if the four inputs are not all 1-D with the same length.
+        """
+        _require_batch_vectors(
+            policy_chosen_logps=policy_chosen_logps,
+            policy_rejected_logps=policy_rejected_logps,
+            reference_chosen_logps=reference_chosen_logps,
+            reference_rejected_logps=reference_rejected_logps,
+        )
+        chosen_logratio = policy_chosen_logps - reference_chosen_logps
+        rejected_logratio = policy_rejected_logps - reference_rejected_logps
+        margin = chosen_logratio - rejected_logratio
+        loss = (margin - 1.0 / (2.0 * self.beta)).square().mean()
+        chosen_rewards = (self.beta * chosen_logratio).detach()
+        rejected_rewards = (self.beta * rejected_logratio).detach()
+        return loss, chosen_rewards, rejected_rewards
+
+
+class SimPOLoss(nn.Module):
+    """Simple Preference Optimisation: reference-free, length-normalised reward with a margin.
+
+    With the summed policy logprobs ``log pi(y|x)`` and response lengths ``|y|`` in tokens::
+
+        r(y)   = beta / |y| * log pi(y|x)                   (the SimPO reward)
+        z      = r(y_w) - r(y_l) - gamma
+        loss   = mean( -(1 - ls) * log sigmoid(z) - ls * log sigmoid(-z) )
+
+    ``ls = 0`` is the paper's loss; ``ls > 0`` is the same label smoothing as :class:`DPOLoss`
+    (each label assumed flipped with probability ``ls``). ``gamma`` is the target reward margin
+    in reward units, as in the paper (some implementations instead take ``gamma / beta``).
+    Because the reward uses the mean per-token logprob, a response twice as long with the same
+    per-token logprob has the same reward.
+
+    Args:
+        beta: positive float, reward scale (reward units per nat of mean per-token logprob).
+        gamma: float >= 0, target reward margin (reward units).
+        label_smoothing: float in [0, 0.5], assumed label-flip probability.
+
+    Raises:
+        ValueError: if ``beta <= 0``, ``gamma < 0`` or not finite, or ``label_smoothing`` is
+            outside [0, 0.5].
+
+    Source: Meng, Xia & Chen 2024, "SimPO: Simple Preference Optimization with a Reference-Free
+    Reward" (arXiv:2405.14734), Eq. (6).
+    """
+
+    def __init__(self, beta: float, gamma: float, label_smoothing: float = 0.0):
+        super().__init__()
+        self.beta = _require_positive("beta", beta)
+        if not (math.isfinite(gamma) and gamma >= 0):
+            raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
+        if not (0.0 <= label_smoothing <= 0.5):
+            raise ValueError(f"label_smoothing must be in [0, 0.5], got {label_smoothing!r}")
+        self.gamma = float(gamma)
+        self.label_smoothing = float(label_smoothing)
+
+    def forward(
+        self,
+        policy_chosen_logps: torch.Tensor,
+        policy_rejected_logps: torch.Tensor,
+        chosen_lengths: torch.Tensor,
+        rejected_lengths: torch.Tensor,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Compute the SimPO loss and the length-normalised rewards.
+
+        Args:
+            policy_chosen_logps: (B,) float, summed logprob (nats) of the chosen response.
+            policy_rejected_logps: (B,) float, summed logprob of the rejected response.
+            chosen_lengths: (B,) int or float, number of response tokens of the chosen response.
+            rejected_lengths: (B,) int or float, same for the rejected response.
+
+        Returns:
+            ``(loss, chosen_rewards, rejected_rewards)``: 0-dim loss (nats) and the detached (B,)
+            rewards ``beta * logp / length``.
+
+        Raises:
+            ValueError: if the inputs are not all 1-D of one length, or a length is <= 0.
+        """
+        _require_batch_vectors(
+            policy_chosen_logps=policy_chosen_logps,
+            policy_rejected_logps=policy_rejected_logps,
+            chosen_lengths=chosen_lengths,
+            rejected_lengths=rejected_lengths,
+        )
+        if bool((chosen_lengths <= 0).any()) or bool((rejected_lengths <= 0).any()):
+            raise ValueError("chosen_lengths and rejected_lengths must all be > 0 (tokens)")
+        dtype = torch.promote_types(policy_chosen_logps.dtype, policy_rejected_logps.dtype)
+        chosen = self.beta * policy_chosen_logps / chosen_lengths.to(dtype)
+        rejected = self.beta * policy_rejected_logps / rejected_lengths.to(dtype)
+        z = chosen - rejected - self.gamma
+        ls = self.label_smoothing
+        losses = -(1.0 - ls) * F.logsigmoid(z) - ls * F.logsigmoid(-z)
+        return losses.mean(), chosen.detach(), rejected.detach()
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 - exp(x))`` for ``x <= 0``, accurate over the whole range.
+
+    Uses ``log(-expm1(x))`` for ``x > -log 2`` and ``log1p(-exp(x))`` otherwise (each form is
+    accurate on its side). ``x`` is first capped at ``-tiny`` (the smallest normal number of its
+    dtype), so ``x = 0`` or a round-off positive value gives a large finite result (about -87.3
+    in float32, -708.4 in float64) instead of ``-inf``; the gradient is 0 where the cap applies.
+
+    Args:
+        x: float tensor of any shape, log-probabilities (nats), expected <= 0.
+
+    Returns:
+        tensor like ``x`` (nats): the log of the complementary probability.
+
+    Raises:
+        Nothing (values > 0 are capped, not rejected: they only arise from round-off).
+
+    Source: Maechler 2012, "Accurately Computing log(1 - exp(-|a|)) Assessed by the Rmpfr
+    package" (CRAN vignette), the ``log1mexp`` definition with the switch point ``log 2``.
+    """
+    x = x.clamp_max(-torch.finfo(x.dtype).tiny)
+    near_zero = x > -math.log(2.0)
+    # each branch is evaluated on a safe input so that neither produces NaN gradients
+    small = torch.log(-torch.expm1(torch.where(near_zero, x, torch.full_like(x, -1.0))))
+    large = torch.log1p(-torch.exp(torch.where(near_zero, torch.full_like(x, -1.0), x)))
+    return torch.where(near_zero, small, large)
+
+
+class ORPOLoss(nn.Module):
+    """Odds-Ratio Preference Optimisation: SFT loss plus a log-odds-ratio penalty.
+
+    With ``l(y) = (1/|y|) * sum_t log pi(y_t | x, y_<t)`` the mean per-token logprob (so
+    ``P(y|x) = exp(l(y))``) and ``log odds(y) = l(y) - log(1 - exp(l(y)))``::
+
+        L_OR = -log sigmoid( log odds(y_w) - log odds(y_l) )
+        loss = mean(nll_chosen) + lam * mean(L_OR)
+
+    where ``nll_chosen`` is the SFT negative log-likelihood of the chosen response supplied by the
+    caller (normally ``-l(y_w)``). No reference model is used. ``log(1 - exp(l))`` is computed with
+    :func:`log1mexp`, which stays finite for ``l`` near 0 (``P`` near 1).
+
+    Args:
+        lam: positive float, weight ``lambda`` of the odds-ratio term.
+
+    Raises:
+        ValueError: if ``lam`` is not a finite positive number.
+
+    Source: Hong, Lee & Thorne 2024, "ORPO: Monolithic Preference Optimization without Reference
+    Model" (arXiv:2403.07691), Eq. (6) (total loss) and Eq. (7) (odds-ratio loss).
+    """
+
+    def __init__(self, lam: float):
+        super().__init__()
+        self.lam = _require_positive("lam", lam)
+
+    def forward(
+        self,
+        policy_chosen_logps: torch.Tensor,
+        policy_rejected_logps: torch.Tensor,
+        chosen_nll: torch.Tensor,
+    ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Compute the ORPO loss.
+
+        Args:
+            policy_chosen_logps: (B,) float, MEAN per-token logprob (nats per token, <= 0) of the
+                chosen response under the policy.
+            policy_rejected_logps: (B,) float, mean per-token logprob of the rejected response.
+            chosen_nll: (B,) float, SFT negative log-likelihood of the chosen response (nats per
+                token; usually ``-policy_chosen_logps``).
+
+        Returns:
+            ``(loss, stats)``: 0-dim loss (nats) and a dict of detached 0-dim tensors: ``nll``
+            (mean of ``chosen_nll``), ``odds_ratio_loss`` (mean ``L_OR``, before ``lam``),
+            ``log_odds_ratio`` (mean of ``log odds(y_w) - log odds(y_l)``, nats).
+
+        Raises:
+            ValueError: if the three inputs are not all 1-D with the same length.
+        """
+        _require_batch_vectors(
+            policy_chosen_logps=policy_chosen_logps,
+            policy_rejected_logps=policy_rejected_logps,
+            chosen_nll=chosen_nll,
+        )
+        dtype = _compute_dtype(torch.promote_types(policy_chosen_logps.dtype, policy_rejected_logps.dtype))
+        chosen = policy_chosen_logps.to(dtype)
+        rejected = policy_rejected_logps.to(dtype)
+        log_odds_ratio = (chosen - log1mexp(chosen)) - (rejected - log1mexp(rejected))
+        odds_ratio_loss = -F.logsigmoid(log_odds_ratio)
+        nll = chosen_nll.to(dtype).mean()
+        loss = nll + self.lam * odds_ratio_loss.mean()
+        stats = {
+            "nll": nll.detach(),
+            "odds_ratio_loss": odds_ratio_loss.mean().detach(),
+            "log_odds_ratio": log_odds_ratio.mean().detach(),
+        }
+        return loss, stats

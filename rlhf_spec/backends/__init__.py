@@ -1,0 +1,45 @@
+"""Generation backends: the sampling settings every backend honours and the chat-prompt helpers.
+
+The built-in backend is ``transformers`` (:mod:`rlhf_spec.backends.transformers`); vLLM ships as the
+``rlhf-spec-vllm`` plugin package. A stage names its backend with ``{"uses": ..., "params": ...}``.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class SamplingParams(BaseModel):
+    """Sampling settings shared by ``sample``, ``evaluate`` and online training, for every backend.
+
+    Defaults follow the REBEL tutorial (temperature 0.8, top_p 0.9). Nucleus sampling only: no
+    top-k cut-off, as REBEL's vLLM sampler.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(0.8, ge=0.0, le=10.0, description="Softmax temperature; 0 means greedy decoding.")
+    top_p: float = Field(0.9, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    max_new_tokens: int = Field(256, ge=1, le=32768, description="Most tokens generated per completion.")
+
+    def sampling(self) -> "SamplingParams":
+        """These settings alone (a stage's params model may subclass this one)."""
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens)
+
+
+def chat_prompt_texts(tokenizer, prompts: list[list[dict]]) -> list[str]:
+    """Render chat messages with the tokenizer's chat template and the generation prompt.
+
+    Raises:
+        ValueError: if the tokenizer has no chat template.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the policy's tokenizer has no chat template; use a chat model or set one")
+    return [tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in prompts]
+
+
+def prompt_token_ids(tokenizer, prompts: list[list[dict]]) -> list[list[int]]:
+    """Token ids of chat prompts (template and generation prompt, no extra special tokens), as
+    backends take them. A template that starts with BOS (Llama 3) does not get a second one."""
+    texts = chat_prompt_texts(tokenizer, prompts)
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]

@@ -1,0 +1,120 @@
+"""The built-in ``transformers`` generation backend: batched ``model.generate`` on CPU or one GPU.
+
+Prompts arrive as token ids. They are left-padded into batches of ``batch_size`` requests (sorted
+longest first when ``sort_by_length``, so a batch pads to similar lengths). Each batch is seeded with
+``derive_seed(seed, crc32 of its prompt tokens)``, so a completion depends only on the call's seed and
+the batch it was generated in, never on what ran before in the process.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..hookspecs import hookimpl
+from ..records import BackendImpl, Completion
+from ..runtime import derive_seed
+from . import SamplingParams
+
+
+class TransformersParams(BaseModel):
+    """Params of the ``transformers`` backend."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(8, ge=1, le=4096, description="Requests per generate call. It fixes batch composition (and so the random stream), so it is part of the key.")
+    sort_by_length: bool = Field(True, description="Batch prompts longest first to cut padding.")
+    dtype: Literal["model", "float32", "bfloat16", "float16"] = Field(
+        "model", description="Weights dtype for generation; 'model' uses the /models entry's dtype.")
+
+
+def _stop_ids(tokenizer) -> set:
+    eos = tokenizer.eos_token_id
+    return {tokenizer.pad_token_id, *(eos if isinstance(eos, list) else [eos])}
+
+
+class TransformersEngine:
+    """A causal LM and its tokenizer, generating with ``model.generate`` (see the module docstring).
+
+    Args:
+        model: a causal LM in eval mode (its device is used).
+        tokenizer: its tokenizer (pad and EOS ids).
+        params: :class:`TransformersParams`.
+    """
+
+    def __init__(self, model, tokenizer, params: TransformersParams):
+        self.model, self.tokenizer, self.p = model, tokenizer, params
+        self.stop = _stop_ids(tokenizer)
+
+    def _config(self, sampling: SamplingParams):
+        from transformers import GenerationConfig
+
+        greedy = sampling.temperature <= 0
+        return GenerationConfig(
+            do_sample=not greedy, temperature=None if greedy else sampling.temperature,
+            top_p=None if greedy else sampling.top_p,
+            top_k=0,  # nucleus sampling only (None would mean transformers' default top-k of 50)
+            max_new_tokens=sampling.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id)
+
+    def _completion(self, row: list[int]) -> Completion:
+        k = 0
+        while k < len(row) and row[k] not in self.stop:
+            k += 1
+        stopped = k < len(row)
+        ids = row[: k + 1] if stopped else row
+        text = self.tokenizer.decode(row[:k], skip_special_tokens=True).strip()
+        return Completion(token_ids=ids, text=text, finish_reason="stop" if stopped else "length")
+
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams, n: int, seed: int) -> list[list[Completion]]:
+        """``n`` completions for each of P prompts (token-id lists); returns P lists of ``n``.
+
+        Raises:
+            torch.OutOfMemoryError / MemoryError: lower ``batch_size`` or ``max_new_tokens``.
+        """
+        import torch
+
+        requests = [i for i in range(len(prompt_token_ids)) for _ in range(n)]
+        order = list(range(len(requests)))
+        if self.p.sort_by_length:
+            order.sort(key=lambda r: -len(prompt_token_ids[requests[r]]))
+        cfg, device = self._config(sampling), next(self.model.parameters()).device
+        out: list[list[Completion]] = [[] for _ in prompt_token_ids]
+        done: dict[int, Completion] = {}
+        pad = self.tokenizer.pad_token_id
+        for start in range(0, len(order), self.p.batch_size):
+            idx = order[start : start + self.p.batch_size]
+            seqs = [prompt_token_ids[requests[r]] for r in idx]
+            width = max(len(s) for s in seqs)
+            ids = torch.tensor([[pad] * (width - len(s)) + list(s) for s in seqs], device=device)
+            mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
+            torch.manual_seed(derive_seed(seed, zlib.crc32(repr(seqs).encode())))
+            with torch.no_grad():
+                gen = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)
+            for r, row in zip(idx, gen[:, width:].tolist()):
+                done[r] = self._completion(row)
+        for r in range(len(requests)):
+            out[requests[r]].append(done[r])
+        return out
+
+
+def load(policy, params: TransformersParams, ctx) -> TransformersEngine:
+    """Load ``policy`` (a :class:`~rlhf_spec.models.ModelSource`) and its tokenizer onto the stage's device.
+
+    Raises:
+        OSError / ValueError from transformers when the files are missing or unreadable.
+    """
+    from ..runtime import torch_dtype
+
+    tok = policy.load_tokenizer(padding_side="left")
+    dtype = None if params.dtype == "model" else torch_dtype(params.dtype)
+    model = policy.load_causal_lm(dtype=dtype, device=ctx.device)
+    return TransformersEngine(model, tok, params)
+
+
+@hookimpl
+def rlhf_spec_register_backends(register):
+    register(BackendImpl(name="transformers", params=TransformersParams, load=load, version="1",
+                         description="batched transformers generate on CPU or one GPU"))

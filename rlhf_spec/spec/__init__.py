@@ -1,0 +1,39 @@
+"""The spec: pydantic models, strict loading and ``--set``, validation before compute, and the JSON Schema.
+
+A spec is one JSON document::
+
+    {"$schema": "../schemas/rlhf-spec.schema.json",
+     "name": "quickstart-cpu", "seed": 0,
+     "models":   {"policy": {"path": "models/SmolLM2-135M-Instruct", "gguf_file": "..."}},
+     "datasets": {"prompts": {"path": "data/hh-rlhf/harmless-base_test.jsonl.gz", "adapter": "hh-rlhf"}},
+     "stages": [{"id": "sample", "kind": "sample", "uses": "generate",
+                 "params": {"policy": "policy", "prompts": "prompts", "n": 4,
+                            "backend": {"uses": "transformers", "params": {"batch_size": 16}}}}, ...]}
+
+Every problem is reported with its JSON pointer (``/stages/2/params/temperature``), and unknown
+keys and names come with a "did you mean".
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from ..graph import Pipeline, Stage  # noqa: F401
+from ..refs import field_markers  # noqa: F401
+from .load import apply_overrides, load_json, strict_loads  # noqa: F401
+from .models import CacheSpec, DatasetSpec, ModelSpec, Spec, StageSpec  # noqa: F401
+from .problems import pointer, problems_from_validation  # noqa: F401
+from .schema import json_schema  # noqa: F401
+from .validate import validate  # noqa: F401
+
+
+def load_pipeline(path: str | os.PathLike, registry, overrides: Optional[list[str]] = None, check_files: bool = True) -> Pipeline:
+    """Read, override and validate a spec file.
+
+    Raises:
+        SpecError: on any problem (exit code 2).
+        UsageError: on a malformed ``--set``.
+    """
+    data = apply_overrides(load_json(path), overrides)
+    return validate(data, registry, source=str(path), check_files=check_files)

@@ -1,0 +1,477 @@
+"""Statistics the ``evaluate`` stage reports when it compares a policy with a reference policy.
+
+Setting: ``P`` held-out prompts; the policy and the reference each answer every
+prompt ``k >= 1`` times (the same ``k`` for both). A judge (a reward model or any
+scalar scorer) gives every answer a score, so one judge yields two ``(P, k)``
+score arrays. With several judges, call these functions once per judge.
+Answer lengths are ``(P, k)`` arrays in tokens.
+
+Everything here is a pure function of plain lists / numpy arrays (no torch):
+
+* :func:`win_rate` -- share of (policy, reference) answer pairs the policy wins, ties 1/2;
+* :func:`bootstrap_mean_ci` -- bootstrap interval of a mean over prompts (Efron 1979, via
+  :func:`scipy.stats.bootstrap`), used for the win rate and the reward difference;
+* :func:`wilson_interval` -- Wilson (1927) score interval, accepting fractional wins;
+* :func:`reward_difference` -- paired mean reward difference with its bootstrap interval;
+* :func:`length_controlled_win_rate` -- AlpacaEval 2 style length-controlled win rate
+  (Dubois et al. 2024, arXiv:2404.04475);
+* :func:`compare` -- all of the above as one JSON-able dict.
+
+Intervals are resampled over *prompts* (the independent unit): answers to the same
+prompt are correlated, so resampling answers would make intervals too narrow.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import numpy as np
+from scipy import optimize, special, stats
+
+__all__ = [
+    "WinRate",
+    "RewardDifference",
+    "LengthControlledWinRate",
+    "win_rate",
+    "bootstrap_mean_ci",
+    "wilson_interval",
+    "reward_difference",
+    "length_controlled_win_rate",
+    "compare",
+]
+
+DEFAULT_RESAMPLES = 4000  # bootstrap resamples for means (Monte Carlo error of the 2.5% quantile is small)
+LC_RESAMPLES = 1000  # every LC resample refits a logistic regression, so fewer
+LC_PENALTY = 1e-6  # L2 penalty (mean log-loss scale), used only when the unpenalised MLE does not exist
+_MAX_COEF = 15.0  # |coefficient| beyond this means the unpenalised fit ran off to infinity (separation)
+_MAX_LOGIT = 30.0  # intercept clip for constant preferences: sigmoid(30) = 1 - 9e-14
+_MAX_CELLS = 4_000_000  # cap on resamples x prompts held in memory at once by the bootstrap
+
+
+class WinRate(NamedTuple):
+    """Overall win rate (a float in [0, 1]) and the per-prompt win values, shape ``(P,)``."""
+
+    value: float
+    per_prompt: np.ndarray
+
+
+class RewardDifference(NamedTuple):
+    """Mean reward of each side, their paired difference and its bootstrap interval (reward units)."""
+
+    mean_policy: float
+    mean_reference: float
+    delta: float
+    ci_low: float
+    ci_high: float
+    per_prompt: np.ndarray
+
+
+class LengthControlledWinRate(NamedTuple):
+    """Result of :func:`length_controlled_win_rate` (see there for the meaning of each field)."""
+
+    win_rate: float
+    intercept: float
+    length_coef: float
+    length_scale: float
+    penalty: float
+    ci_low: Optional[float] = None
+    ci_high: Optional[float] = None
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def _as_2d(x, name: str) -> np.ndarray:
+    """``x`` as a finite float array of shape ``(P, k)``; a 1-D ``(P,)`` input means ``k = 1``."""
+    a = np.asarray(x, dtype=float)
+    if a.ndim == 1:
+        a = a[:, None]
+    if a.ndim != 2:
+        raise ValueError(f"{name} must have shape (P,) or (P, k), got shape {a.shape}")
+    if a.shape[0] == 0 or a.shape[1] == 0:
+        raise ValueError(f"{name} is empty (shape {a.shape}); need at least one prompt and one sample")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return a
+
+
+def _check_pair(a, b, name_a: str, name_b: str) -> tuple[np.ndarray, np.ndarray]:
+    """Both arrays as ``(P, k)``; ValueError when the prompt counts or the ``k`` differ."""
+    a, b = _as_2d(a, name_a), _as_2d(b, name_b)
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"{name_a} has {a.shape[0]} prompts but {name_b} has {b.shape[0]}")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"{name_a} has k={a.shape[1]} samples per prompt but {name_b} has k={b.shape[1]}")
+    return a, b
+
+
+def _check_confidence(confidence: float) -> None:
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+
+
+def _pair_preferences(policy: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """``(P, k, k)`` array: 1 where policy answer a beats reference answer b, 1/2 on ties, else 0."""
+    diff = policy[:, :, None] - reference[:, None, :]
+    return (diff > 0) + 0.5 * (diff == 0)
+
+
+# ----------------------------------------------------------------------------- win rate
+
+
+def win_rate(policy_scores, reference_scores) -> WinRate:
+    """Win rate of the policy over the reference, ties counting one half.
+
+    For prompt ``i`` with policy scores ``p_i1..p_ik`` and reference scores
+    ``r_i1..r_ik`` the per-prompt win value compares *all* ``k x k`` cross pairs::
+
+        w_i = (1 / k^2) * sum_a sum_b [ 1(p_ia > r_ib) + 0.5 * 1(p_ia == r_ib) ]
+
+    and the win rate is ``W = (1 / P) * sum_i w_i``.
+
+    Why all cross pairs rather than ``k`` matched pairs (``p_ia`` vs ``r_ia``): the
+    samples of one side are exchangeable (drawn independently, the index ``a`` means
+    nothing), so both estimate the same quantity ``Pr(p > r) + 0.5 Pr(p = r)`` per
+    prompt, but the cross-pair average is a two-sample U-statistic (Mann-Whitney),
+    which has the lowest variance among unbiased estimators using these samples;
+    matched pairs throw away ``k^2 - k`` comparisons. For ``k = 1`` both coincide.
+
+    Args:
+        policy_scores: ``(P, k)`` or ``(P,)`` (``k = 1``) judge scores of the policy answers.
+        reference_scores: same shape, judge scores of the reference answers.
+
+    Returns:
+        ``WinRate(value, per_prompt)``: ``value`` in [0, 1] and ``per_prompt`` of shape ``(P,)``.
+
+    Raises:
+        ValueError: empty input, NaN/inf scores, shapes other than ``(P,)``/``(P, k)``,
+            different numbers of prompts, or different ``k`` for the two sides.
+
+    Source: Mann & Whitney (1947) U statistic / the AUC ``Pr(X > Y) + 0.5 Pr(X = Y)``;
+    ties-as-half follows AlpacaEval's win rate (Dubois et al. 2024).
+    """
+    p, r = _check_pair(policy_scores, reference_scores, "policy_scores", "reference_scores")
+    per_prompt = _pair_preferences(p, r).mean(axis=(1, 2))
+    return WinRate(float(per_prompt.mean()), per_prompt)
+
+
+# ----------------------------------------------------------------------------- intervals
+
+
+def bootstrap_mean_ci(
+    values, confidence: float = 0.95, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0, method: str = "BCa"
+) -> tuple[float, float]:
+    """Bootstrap confidence interval of the mean of per-prompt values.
+
+    Resamples the ``P`` prompts with replacement ``n_resamples`` times, recomputes
+    ``mean(values[resample])`` each time, and turns that distribution into an
+    interval with :func:`scipy.stats.bootstrap`. Default ``method="BCa"``
+    (bias-corrected and accelerated): it is second-order accurate and adapts to the
+    skew a bounded statistic (a win rate near 0 or 1) has, where the plain
+    percentile interval is only first-order accurate; ``"percentile"`` and
+    ``"basic"`` are accepted too. The seed makes the interval reproducible.
+    Degenerate inputs (one prompt, or all values equal) have a bootstrap
+    distribution that is a single point, so ``(mean, mean)`` is returned.
+
+    Args:
+        values: ``(P,)`` per-prompt values (win values in [0, 1], reward differences, ...).
+        confidence: two-sided confidence level in (0, 1).
+        n_resamples: bootstrap resamples (>= 1); 4000 by default.
+        seed: seed of the ``numpy.random.default_rng`` that draws the resamples.
+        method: ``"BCa"``, ``"percentile"`` or ``"basic"``.
+
+    Returns:
+        ``(low, high)`` in the units of ``values``.
+
+    Raises:
+        ValueError: empty ``values``, not 1-D, NaN/inf, bad confidence or ``n_resamples``.
+
+    Source: Efron (1979) "Bootstrap methods: another look at the jackknife"; BCa:
+    Efron (1987) JASA 82:171; Efron & Tibshirani (1993) ch. 14.
+    """
+    v = np.asarray(values, dtype=float)
+    if v.ndim != 1 or v.size == 0:
+        raise ValueError(f"values must be a non-empty 1-D array, got shape {v.shape}")
+    if not np.all(np.isfinite(v)):
+        raise ValueError("values contain NaN or infinite values")
+    _check_confidence(confidence)
+    if n_resamples < 1:
+        raise ValueError(f"n_resamples must be >= 1, got {n_resamples}")
+    if v.size < 2 or np.ptp(v) == 0.0:
+        m = float(v.mean())
+        return m, m
+    res = stats.bootstrap(
+        (v,), np.mean, n_resamples=n_resamples, confidence_level=confidence, method=method,
+        vectorized=True, batch=max(1, min(n_resamples, _MAX_CELLS // v.size)), rng=np.random.default_rng(seed),
+    )
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def wilson_interval(wins: float, n: float, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for a proportion, accepting fractional wins.
+
+    With ``p = wins / n`` and ``z = Phi^-1(1 - (1 - confidence) / 2)``::
+
+        centre = (p + z^2 / (2n)) / (1 + z^2 / n)
+        half   = z / (1 + z^2 / n) * sqrt(p (1 - p) / n + z^2 / (4 n^2))
+        interval = [centre - half, centre + half]   (clipped to [0, 1])
+
+    The formula is implemented directly (``scipy.stats.binomtest`` wants integer
+    counts). Applied to win rates, each prompt is treated as one Bernoulli trial
+    with ``wins = sum_i w_i``; this is only approximate when ties or ``k > 1`` make
+    the per-prompt values fractional (their variance is then below ``p(1 - p)``, so
+    the interval is conservative); the bootstrap interval has no such assumption.
+
+    Args:
+        wins: number of successes, ``0 <= wins <= n`` (fractional allowed; ties count 1/2).
+        n: number of trials (prompts), ``> 0``.
+        confidence: two-sided confidence level in (0, 1).
+
+    Returns:
+        ``(low, high)`` proportions in [0, 1].
+
+    Raises:
+        ValueError: ``n <= 0``, ``wins`` outside ``[0, n]``, NaN, or bad confidence.
+
+    Source: Wilson (1927) "Probable inference, the law of succession, and
+    statistical inference", JASA 22:209; Agresti & Coull (1998).
+    """
+    _check_confidence(confidence)
+    if not (math.isfinite(n) and n > 0):
+        raise ValueError(f"n must be a positive number of trials, got {n}")
+    if not (math.isfinite(wins) and 0.0 <= wins <= n):
+        raise ValueError(f"wins must be in [0, n={n}], got {wins}")
+    p = wins / n
+    z = float(stats.norm.ppf(1.0 - (1.0 - confidence) / 2.0))
+    z2n = z * z / n
+    centre = (p + z2n / 2.0) / (1.0 + z2n)
+    half = z / (1.0 + z2n) * math.sqrt(p * (1.0 - p) / n + z2n / (4.0 * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def reward_difference(
+    policy_scores, reference_scores, confidence: float = 0.95, n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0, method: str = "BCa",
+) -> RewardDifference:
+    """Paired mean reward difference (policy minus reference) with a bootstrap interval.
+
+    Per prompt ``d_i = mean_a p_ia - mean_b r_ib`` (each side averaged over its
+    ``k`` samples; the pairing is by prompt), and ``delta = (1 / P) sum_i d_i``,
+    which equals ``mean(policy) - mean(reference)`` because ``k`` is the same for
+    every prompt. The interval is :func:`bootstrap_mean_ci` of the ``d_i``, i.e. a
+    bootstrap over prompts that keeps each prompt's pair together.
+
+    Args:
+        policy_scores, reference_scores: ``(P, k)`` or ``(P,)`` judge scores (reward units).
+        confidence, n_resamples, seed, method: as in :func:`bootstrap_mean_ci`.
+
+    Returns:
+        ``RewardDifference(mean_policy, mean_reference, delta, ci_low, ci_high, per_prompt)``
+        in reward units; ``per_prompt`` is ``(P,)``.
+
+    Raises:
+        ValueError: as :func:`win_rate` (shapes, empty input, ``k`` mismatch) and
+            :func:`bootstrap_mean_ci` (confidence, resamples).
+
+    Source: paired-sample mean difference; bootstrap per Efron (1979).
+    """
+    p, r = _check_pair(policy_scores, reference_scores, "policy_scores", "reference_scores")
+    d = p.mean(axis=1) - r.mean(axis=1)
+    lo, hi = bootstrap_mean_ci(d, confidence, n_resamples, seed, method)
+    return RewardDifference(float(p.mean()), float(r.mean()), float(d.mean()), lo, hi, d)
+
+
+# ----------------------------------------------------------------------------- length control
+
+
+def _fit_logistic(t: np.ndarray, y: np.ndarray, penalty: float, x0=None) -> tuple[np.ndarray, bool]:
+    """Minimise mean Bernoulli log-loss with fractional targets ``y`` on ``[1, t]`` (+ L2 penalty)."""
+    n, tt = len(y), t * t
+    cache: dict = {}
+
+    def probs(b):  # sigmoid(eta) and the loss terms, reused by the Hessian at the same point
+        if cache.get("b") is None or not np.array_equal(cache["b"], b):
+            eta = b[0] + b[1] * t
+            soft = np.logaddexp(0.0, eta)
+            cache.update(b=b.copy(), q=np.exp(eta - soft), loss=float(np.mean(soft - y * eta)))
+        return cache["q"], cache["loss"]
+
+    def fun(b):
+        q, loss = probs(b)
+        g = q - y
+        return loss + 0.5 * penalty * (b @ b), np.array([g.sum(), g @ t]) / n + penalty * b
+
+    def hess(b):
+        w = probs(b)[0]
+        w = w * (1.0 - w)
+        h01 = w @ t
+        return np.array([[w.sum(), h01], [h01, w @ tt]]) / n + penalty * np.eye(2)
+
+    if x0 is None:
+        x0 = np.array([special.logit(float(np.clip(y.mean(), 1e-6, 1 - 1e-6))), 0.0])
+    res = optimize.minimize(fun, x0, jac=True, hess=hess, method="trust-exact", options={"gtol": 1e-9})
+    ok = bool(res.success) and bool(np.all(np.isfinite(res.x))) and float(np.max(np.abs(res.x))) < _MAX_COEF
+    return res.x, ok
+
+
+def _lc_fit(y: np.ndarray, dlen: np.ndarray, x0=None) -> tuple[float, float, float, float]:
+    """``(intercept, length_coef, length_scale, penalty)`` of the LC model on flat arrays."""
+    scale = float(np.std(dlen, ddof=1)) if dlen.size > 1 else 0.0
+    if not scale > 0.0 or np.ptp(y) == 0.0:
+        # length term identically 0, or constant preference: the intercept-only MLE is
+        # logit(mean y) in closed form (clipped so that constant 0/1 stays finite).
+        with np.errstate(divide="ignore"):
+            b0 = float(np.clip(special.logit(y.mean()), -_MAX_LOGIT, _MAX_LOGIT))
+        return b0, 0.0, scale, 0.0
+    t = np.tanh(dlen / scale)
+    coef, ok = _fit_logistic(t, y, 0.0, x0)
+    penalty = 0.0
+    if not ok:  # separable data: the MLE is at infinity; a tiny ridge makes it finite
+        penalty = LC_PENALTY
+        coef, _ = _fit_logistic(t, y, penalty)
+    return float(coef[0]), float(coef[1]), scale, penalty
+
+
+def length_controlled_win_rate(
+    preferences, policy_lengths, reference_lengths, ci: bool = False, confidence: float = 0.95,
+    n_resamples: int = LC_RESAMPLES, seed: int = 0,
+) -> LengthControlledWinRate:
+    """Length-controlled win rate: the predicted preference at zero length difference.
+
+    Fits a logistic regression of the preference ``y`` (1 policy better, 0 reference
+    better, 0.5 tie; any value in [0, 1]) on an intercept and a squashed length
+    difference, maximising the Bernoulli log-likelihood with fractional targets::
+
+        Pr(policy preferred) = sigmoid(theta_0 + theta_1 * tanh(dlen / s)),
+        dlen = len_policy - len_reference,   s = std(dlen)  (sample std, ddof=1)
+        LC = sigmoid(theta_0)
+
+    This is AlpacaEval 2's length-controlled GLM (Dubois et al. 2024, section on the GLM) with its
+    instruction-difficulty term dropped: that term needs several models rated on
+    the same instructions, and here there is one model pair. The fit uses
+    ``scipy.optimize.minimize`` (trust-exact, exact Hessian), unpenalised. Only if
+    the unpenalised MLE does not exist (the data are separable, detected by a failed
+    fit or ``|theta| >= 15``) it is refitted with an L2 penalty ``(LC_PENALTY / 2) |theta|^2``
+    on the mean log-loss (``penalty`` reports which). Degenerate inputs: if all length
+    differences are equal (``s = 0``), or all preferences are equal, the slope is 0 and
+    ``theta_0 = logit(mean y)``, so LC equals the plain mean preference (the intercept is
+    clipped to +-30 so that a constant 0 or 1 stays finite).
+
+    Inputs are ``(N,)`` (one observation per prompt, as in AlpacaEval) or ``(P, m)``:
+    ``m`` observations per prompt, e.g. the ``k x k`` answer pairs of :func:`compare`.
+    With ``ci=True`` a percentile bootstrap over rows (prompts), each resample refitting
+    the model (BCa would need ``P`` extra jackknife refits), gives ``(ci_low, ci_high)``.
+
+    Args:
+        preferences: ``(P,)`` or ``(P, m)`` preferences in [0, 1].
+        policy_lengths, reference_lengths: same shape, answer lengths in tokens (>= 0).
+        ci, confidence, n_resamples, seed: bootstrap switch and settings.
+
+    Returns:
+        ``LengthControlledWinRate(win_rate, intercept, length_coef, length_scale, penalty,
+        ci_low, ci_high)``; ``length_scale`` is ``s`` in tokens; the CI fields are ``None``
+        unless ``ci``.
+
+    Raises:
+        ValueError: empty input, mismatched shapes, NaN/inf, preferences outside [0, 1],
+            negative lengths, bad confidence.
+
+    Source: Dubois, Galambosi, Liang, Hashimoto (2024), "Length-Controlled AlpacaEval",
+    arXiv:2404.04475; bootstrap per Efron (1979).
+    """
+    y, d = _check_lc_inputs(preferences, policy_lengths, reference_lengths)
+    _check_confidence(confidence)
+    b0, b1, scale, penalty = _lc_fit(y.ravel(), d.ravel())
+    lc = float(special.expit(b0))
+    if not ci:
+        return LengthControlledWinRate(lc, b0, b1, scale, penalty)
+    start = np.array([b0, b1]) if penalty == 0.0 and b1 != 0.0 else None  # warm start: fewer Newton steps
+    lo, hi = _lc_bootstrap(y, d, start, lc, confidence, n_resamples, seed)
+    return LengthControlledWinRate(lc, b0, b1, scale, penalty, lo, hi)
+
+
+def _check_lc_inputs(preferences, policy_lengths, reference_lengths) -> tuple[np.ndarray, np.ndarray]:
+    """Preferences ``(P, m)`` in [0, 1] and length differences ``(P, m)``; ValueError otherwise."""
+    y = _as_2d(preferences, "preferences")
+    lp, lr = _check_pair(policy_lengths, reference_lengths, "policy_lengths", "reference_lengths")
+    if lp.shape != y.shape:
+        raise ValueError(f"lengths have shape {lp.shape} but preferences have shape {y.shape}")
+    if np.any((y < 0) | (y > 1)):
+        raise ValueError("preferences must lie in [0, 1]")
+    if np.any(lp < 0) or np.any(lr < 0):
+        raise ValueError("lengths must be >= 0")
+    return y, lp - lr
+
+
+def _lc_bootstrap(y, d, start, lc, confidence, n_resamples, seed) -> tuple[float, float]:
+    """Percentile bootstrap of the LC win rate over rows (prompts) of ``y`` and ``d``."""
+    if y.shape[0] < 2:
+        return lc, lc
+
+    def stat(idx):
+        idx = np.asarray(idx, dtype=int)
+        return special.expit(_lc_fit(y[idx].ravel(), d[idx].ravel(), start)[0])
+
+    res = stats.bootstrap(
+        (np.arange(y.shape[0]),), stat, n_resamples=n_resamples, confidence_level=confidence,
+        method="percentile", vectorized=False, rng=np.random.default_rng(seed),
+    )
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+# ----------------------------------------------------------------------------- all together
+
+
+def compare(
+    policy_scores, reference_scores, policy_lengths, reference_lengths, confidence: float = 0.95, seed: int = 0,
+    n_resamples: int = DEFAULT_RESAMPLES, lc_ci: bool = True, lc_resamples: int = LC_RESAMPLES,
+) -> dict:
+    """All comparison statistics for one judge, as a JSON-able dict of Python floats/ints.
+
+    Keys: ``win_rate`` (:func:`win_rate`, all ``k x k`` pairs, ties 1/2) with
+    ``win_rate_ci_low/high`` (BCa bootstrap over prompts, :func:`bootstrap_mean_ci`) and
+    ``win_rate_wilson_low/high`` (:func:`wilson_interval` with ``wins = sum_i w_i``,
+    ``n = P``); ``reward_mean_policy``, ``reward_mean_reference``, ``reward_delta``,
+    ``reward_delta_ci_low/high`` (:func:`reward_difference`); ``lc_win_rate``,
+    ``lc_intercept``, ``lc_length_coef``, ``lc_win_rate_ci_low/high`` (
+    :func:`length_controlled_win_rate` fitted on all ``P k^2`` answer pairs, each with
+    its own length difference, bootstrapped over prompts; ``None`` when ``lc_ci`` is
+    false); ``prompts`` (P), ``samples_per_prompt`` (k), ``length_mean_policy``,
+    ``length_mean_reference`` (tokens), ``confidence``.
+
+    Args:
+        policy_scores, reference_scores: ``(P, k)`` or ``(P,)`` scores from one judge.
+        policy_lengths, reference_lengths: same shape, answer lengths in tokens.
+        confidence: two-sided level of every interval; seed: bootstrap seed.
+        n_resamples: resamples of the mean intervals; lc_ci / lc_resamples: LC interval.
+
+    Raises:
+        ValueError: mismatched shapes, empty input, ``k`` mismatch, NaN/inf, negative lengths.
+
+    Sources: see the functions above (Efron 1979/1987, Wilson 1927, Dubois et al. 2024).
+    """
+    p, r = _check_pair(policy_scores, reference_scores, "policy_scores", "reference_scores")
+    lp, lr = _check_pair(policy_lengths, reference_lengths, "policy_lengths", "reference_lengths")
+    if lp.shape != p.shape:
+        raise ValueError(f"lengths have shape {lp.shape} but scores have shape {p.shape}")
+    P, k = p.shape
+    wr = win_rate(p, r)
+    lo, hi = bootstrap_mean_ci(wr.per_prompt, confidence, n_resamples, seed)
+    wlo, whi = wilson_interval(float(wr.per_prompt.sum()), P, confidence)
+    rd = reward_difference(p, r, confidence, n_resamples, seed)
+    prefs = _pair_preferences(p, r).reshape(P, k * k)
+    pair_lp = np.broadcast_to(lp[:, :, None], (P, k, k)).reshape(P, k * k)
+    pair_lr = np.broadcast_to(lr[:, None, :], (P, k, k)).reshape(P, k * k)
+    lc = length_controlled_win_rate(prefs, pair_lp, pair_lr, lc_ci, confidence, lc_resamples, seed)
+    return {
+        "win_rate": wr.value, "win_rate_ci_low": lo, "win_rate_ci_high": hi,
+        "win_rate_wilson_low": wlo, "win_rate_wilson_high": whi,
+        "reward_mean_policy": rd.mean_policy, "reward_mean_reference": rd.mean_reference,
+        "reward_delta": rd.delta, "reward_delta_ci_low": rd.ci_low, "reward_delta_ci_high": rd.ci_high,
+        "lc_win_rate": lc.win_rate, "lc_intercept": lc.intercept, "lc_length_coef": lc.length_coef,
+        "lc_win_rate_ci_low": lc.ci_low, "lc_win_rate_ci_high": lc.ci_high,
+        "prompts": int(P), "samples_per_prompt": int(k),
+        "length_mean_policy": float(lp.mean()), "length_mean_reference": float(lr.mean()),
+        "confidence": float(confidence),
+    }
