@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv assets quickstart smoke test test-fast bench schema clean
+.PHONY: venv assets browser quickstart smoke test test-fast bench schema clean
 
 venv: $(STAMP)
 
@@ -22,17 +22,22 @@ $(STAMP): pyproject.toml plugins/rlhf-spec-vllm/pyproject.toml plugins/rlhf-spec
 assets: venv
 	$(PY) scripts/fetch_assets.py
 
+# The HTML report's test opens it in Chromium from the OS packages (installed when missing).
+browser:
+	sh scripts/install_browser.sh
+
 quickstart: assets
 	$(VENV)/bin/rlhf-spec run specs/quickstart_cpu.json --report reports/quickstart.json
+	$(VENV)/bin/rlhf-spec report reports/quickstart.json -o reports/quickstart.html
 
 smoke: assets
 	$(VENV)/bin/rlhf-spec run specs/smoke_cpu.json --report reports/smoke.json
 
-test: assets
-	$(PY) -m pytest -q -p no:cacheprovider tests plugins/rlhf-spec-vllm/tests plugins/rlhf-spec-armorm/tests
+test: assets browser
+	$(PY) -m pytest -q -p no:cacheprovider tests plugins/rlhf-spec-vllm/tests plugins/rlhf-spec-armorm/tests plugins/rlhf-spec-example/tests
 
 test-fast: assets
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests plugins/rlhf-spec-vllm/tests plugins/rlhf-spec-armorm/tests plugins/rlhf-spec-example/tests
 
 bench: assets
 	$(PY) bench/run_all.py

@@ -239,6 +239,12 @@ def _cache_parser(sub) -> None:
     sp.set_defaults(fn=cmd_cache)
 
 
+def cmd_report(args) -> int:
+    from .report_html import cmd_report as _cmd_report
+
+    return _cmd_report(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``rlhf-spec`` argument parser. ``--debug`` and ``--cache-dir`` mean the same before or after a command."""
     p = argparse.ArgumentParser(prog="rlhf-spec", description="Run an RLHF pipeline from one declarative JSON spec.")
@@ -278,6 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(sp, cache_dir=False)
     sp.set_defaults(fn=cmd_schema)
     _cache_parser(sub)
+    sp = sub.add_parser("report", help="write a self-contained HTML report of a run (plots, win rates, examples)")
+    sp.add_argument("source", metavar="RUN_OR_REPORT",
+                    help="run report JSON (rlhf-spec run --report PATH) or cache run record (<cache>/runs/*.json)")
+    sp.add_argument("-o", "--output", metavar="OUT.html", help="where to write the HTML (default: SOURCE with .html)")
+    _common(sp, cache_dir=False)
+    sp.set_defaults(fn=cmd_report)
     return p
 
 

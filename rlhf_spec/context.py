@@ -60,14 +60,13 @@ class InputArtifact:
     path: str
 
     def load_dataset(self):
-        """The upstream ``datasets.Dataset`` (samples, scored, pairs, tables).
+        """The upstream ``datasets.Dataset`` (samples, scored, pairs, tables); empty ones included.
 
         Transform caching is switched off, so ``select``/``map`` never write into the immutable entry.
         """
-        import datasets
+        from .data import load_rows
 
-        datasets.disable_caching()
-        return datasets.load_from_disk(str(Path(self.path) / DATA_DIR))
+        return load_rows(Path(self.path) / DATA_DIR)
 
     @property
     def model_dir(self) -> Path:
@@ -238,10 +237,10 @@ class StageContext:
         return self.output.out_dir / MODEL_DIR
 
     def save_dataset(self, ds) -> Path:
-        """Write the stage's dataset output (``save_to_disk`` under ``out_dir/data``)."""
-        path = self.out_dir / DATA_DIR
-        ds.save_to_disk(str(path))
-        return path
+        """Write the stage's dataset output (``save_to_disk`` under ``out_dir/data``; an empty one too)."""
+        from .data import save_rows
+
+        return save_rows(ds, self.out_dir / DATA_DIR)
 
     @contextlib.contextmanager
     def timer(self, name: str):

@@ -242,3 +242,39 @@ def load_spec_dataset(ds, base: Path):
         if ds.limit and len(keep) >= ds.limit:
             break
     return norm.select(keep)
+
+
+EMPTY_MARKER = "empty_dataset.json"
+
+
+def save_rows(ds, path: Path) -> Path:
+    """``ds.save_to_disk(path)``, also for a dataset with no rows (which ``datasets`` cannot load back:
+    its features are written to ``empty_dataset.json`` instead).
+
+    Raises:
+        OSError: if the folder cannot be written.
+    """
+    path = Path(path)
+    if len(ds) == 0:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / EMPTY_MARKER).write_text(json.dumps(ds.features.to_dict()))
+        return path
+    ds.save_to_disk(str(path))
+    return path
+
+
+def load_rows(path: Path):
+    """The ``datasets.Dataset`` that :func:`save_rows` wrote to ``path`` (transform caching off, so
+    ``select``/``map`` never write into an immutable cache entry).
+
+    Raises:
+        FileNotFoundError: if nothing was saved there.
+    """
+    import datasets
+
+    datasets.disable_caching()
+    path = Path(path)
+    if (path / EMPTY_MARKER).is_file():
+        features = datasets.Features.from_dict(json.loads((path / EMPTY_MARKER).read_text()))
+        return datasets.Dataset.from_dict({k: [] for k in features}, features=features)
+    return datasets.load_from_disk(str(path))

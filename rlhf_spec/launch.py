@@ -105,9 +105,12 @@ def launch_stage(ctx: StageContext) -> StageResult:
     env = dict(os.environ, **{WORKER_ENV: "1"})
     env.setdefault("OMP_NUM_THREADS", "1")
     ctx.progress.note(f"{p.num_processes} processes")
-    proc = subprocess.run(launch_command(p.num_processes, cfg, job_path, free_port()), env=env, cwd=str(ctx.base_dir))
-    if proc.returncode != 0:
-        raise RuntimeError(f"{p.num_processes}-process run of stage '{ctx.stage_id}' exited with code {proc.returncode}")
+    code = _run_filtered(launch_command(p.num_processes, cfg, job_path, free_port()), env, ctx.base_dir,
+                         ctx.partial_dir / "launch.log")
+    if code != 0:
+        raise RuntimeError(f"{p.num_processes}-process run of stage '{ctx.stage_id}' exited with code {code}: "
+                           f"{worker_errors((ctx.partial_dir / 'launch.log').read_text(errors='replace'))} "
+                           f"(all output in {ctx.partial_dir / 'launch.log'})")
     data = json.loads(result_path.read_text())
     for name, secs in data.get("timings", {}).items():
         ctx.output.timings[name] = ctx.output.timings.get(name, 0.0) + secs
@@ -115,6 +118,38 @@ def launch_stage(ctx: StageContext) -> StageResult:
         ctx.count(name, n)
     ctx.output.used_keys.extend(k for k in data.get("used_keys", []) if k not in ctx.output.used_keys)
     return StageResult(metrics=data.get("metrics", {}), rows=data.get("rows"), output_type=data.get("output_type"))
+
+
+def worker_errors(log: str) -> str:
+    """The exceptions the workers raised, from their output (``[rank1]: RuntimeError: ...`` lines, or a
+    bare ``...Error: ...`` line), one per distinct message; the last lines when there are none."""
+    import re
+
+    found = []
+    for line in log.splitlines():
+        m = re.match(r"^(?:\[rank(\d+)\]: )?([A-Za-z_.]*(?:Error|Exception|Interrupt|Diverged)): (.*)$", line.strip())
+        if m and not m.group(2).startswith("torch.distributed.elastic"):
+            text = f"rank {m.group(1)}: {m.group(2)}: {m.group(3)}" if m.group(1) else f"{m.group(2)}: {m.group(3)}"
+            if text not in found:
+                found.append(text)
+    return "; ".join(found[:4]) if found else "\n".join(log.splitlines()[-20:])
+
+
+def _run_filtered(cmd: list[str], env: dict, cwd: Path, log_path: Path) -> int:
+    """Run the launcher, write all its output (and the workers') to ``log_path`` and pass the lines
+    that are not library noise (:func:`rlhf_spec.runtime.is_noise`) on to stdout. Returns the exit code."""
+    from .runtime import is_noise
+
+    with open(log_path, "w", encoding="utf-8") as log:
+        proc = subprocess.Popen(cmd, env=env, cwd=str(cwd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                errors="replace", bufsize=1)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            if not is_noise(line):
+                sys.stdout.write(line)
+                sys.stdout.flush()
+        return proc.wait()
 
 
 def main(argv=None) -> int:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator, get_args
 
-from pydantic import BaseModel
-from pydantic_core import to_jsonable_python
+from pydantic import BaseModel, TypeAdapter
 
 from .records import ComponentSpec, DatasetRef, ModelRef, NotInKey
 
@@ -143,7 +142,12 @@ def _key_value(value: Any) -> Any:
         return [_key_value(v) for v in value]
     if isinstance(value, dict):
         return {str(k): _key_value(v) for k, v in value.items()}
-    return to_jsonable_python(value)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return _JSON.dump_python(value, mode="json")
+
+
+_JSON = TypeAdapter(Any)
 
 
 def find_fields(params: BaseModel, names: tuple[str, ...], path: str = "") -> list[str]:

@@ -286,7 +286,8 @@ def stage_error(st: Stage, exc: BaseException) -> StageFailed:
                                                                  "per_device_train_batch_size", "max_new_tokens", "max_length"))]
         hint = f"; lower {' or '.join(fields)} at {st.ptr}/params" if fields else ""
         return StageFailed(f"{where} ran out of memory{hint}")
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+    if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or any(
+            t in str(exc) for t in ("No space left on device", "StorageFull", "code: 28")):  # also when a library wraps it
         return StageFailed(f"{where}: out of disk space; free space or use --cache-dir on a larger disk (cached entries are intact)")
     return StageFailed(f"{where} failed: {name}: {exc}")
 

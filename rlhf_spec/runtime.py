@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+import warnings
 
 WORKER_ENV = "RLHF_SPEC_WORKER"
 
@@ -94,6 +96,20 @@ _NOISE = {
 }
 
 
+#: Lines of worker output that say nothing the user can act on; the full output stays in the stage's
+#: ``partial/<key>/launch.log``. (DeepSpeed prints its CPU communication op build with a bare print,
+#: and calls torch.distributed functions that torch has deprecated.)
+NOISE_LINES = re.compile(
+    r"Setting accelerator to CPU|Removed shared tensor|DeepSpeed \S+ built successfully"
+    r"|FutureWarning: `torch\.distributed\.|^\s*return func\(\*args, \*\*kwargs\)\s*$"
+)
+
+
+def is_noise(line: str) -> bool:
+    """True for a line of library output that :data:`NOISE_LINES` leaves out of the user's terminal."""
+    return bool(NOISE_LINES.search(line))
+
+
 def quiet_libraries() -> None:
     """Silence the progress bars and the noise of datasets, transformers, accelerate and DeepSpeed;
     rlhf-spec draws its own progress. Warnings that matter still show."""
@@ -102,6 +118,7 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TQDM_DISABLE", "1")  # e.g. transformers' GGUF dequantisation bar
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     for name, needles in _NOISE.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) for f in logger.filters):
@@ -134,7 +151,9 @@ def commit_hook(kind: str, detail: str = "") -> None:
     Two environment variables make crashes reproducible for tests of resume: with
     ``RLHF_SPEC_COMMIT_LOG=path`` a line ``<pid> <n> <kind> <detail>`` is appended per commit point,
     and with ``RLHF_SPEC_KILL_AT_COMMIT=N`` the process kills itself with SIGKILL right after its
-    N-th commit point, as a power cut or the OOM killer would.
+    N-th commit point, as a power cut or the OOM killer would (``N:INT`` sends SIGINT instead, as
+    Ctrl-C in the terminal would; ``after:KIND:PREFIX`` kills right after the commit point of that kind
+    whose detail starts with PREFIX, e.g. ``after:entry:3fa9`` after the entry whose key starts 3fa9).
     """
     _commits[0] += 1
     log = os.environ.get(COMMIT_LOG_ENV)
@@ -143,8 +162,10 @@ def commit_hook(kind: str, detail: str = "") -> None:
             f.write(f"{os.getpid()} {_commits[0]} {kind} {detail}\n")
             f.flush()
             os.fsync(f.fileno())
-    kill_at = os.environ.get(KILL_AT_COMMIT_ENV)
-    if kill_at and _commits[0] >= int(kill_at):
+    at = os.environ.get(KILL_AT_COMMIT_ENV)
+    if at:
         import signal
 
-        os.kill(os.getpid(), signal.SIGKILL)
+        n, _, sig = at.partition(":")
+        if (n == "after" and f"{kind}:{detail}".startswith(sig)) or (n.isdigit() and _commits[0] == int(n)):
+            os.kill(os.getpid(), signal.SIGINT if sig.upper() == "INT" else signal.SIGKILL)

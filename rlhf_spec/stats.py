@@ -475,3 +475,43 @@ def compare(
         "length_mean_policy": float(lp.mean()), "length_mean_reference": float(lr.mean()),
         "confidence": float(confidence),
     }
+
+
+def compare_preferences(preferences, policy_lengths, reference_lengths, confidence: float = 0.95, seed: int = 0,
+                        n_resamples: int = DEFAULT_RESAMPLES, lc_resamples: int = LC_RESAMPLES) -> dict:
+    """The statistics of :func:`compare` for a pairwise judge, which gives P(policy answer preferred)
+    for matched pairs (policy answer j against reference answer j of a prompt) instead of scores.
+
+    The win rate is the mean over prompts of each prompt's mean preference (a probability counts as
+    a fractional win); its intervals and the length-controlled win rate are computed as in
+    :func:`compare`. There are no reward means (``None``).
+
+    Args:
+        preferences: ``(P, k)`` probabilities in [0, 1].
+        policy_lengths, reference_lengths: ``(P, k)`` answer lengths in tokens.
+
+    Raises:
+        ValueError: mismatched shapes, empty input, values outside [0, 1], NaN/inf.
+    """
+    y = _as_2d(preferences, "preferences")
+    lp, lr = _check_pair(policy_lengths, reference_lengths, "policy_lengths", "reference_lengths")
+    if lp.shape != y.shape:
+        raise ValueError(f"lengths have shape {lp.shape} but preferences have shape {y.shape}")
+    if ((y < 0) | (y > 1)).any():
+        raise ValueError("preferences must be probabilities in [0, 1]")
+    P, k = y.shape
+    per_prompt = y.mean(axis=1)
+    lo, hi = bootstrap_mean_ci(per_prompt, confidence, n_resamples, seed)
+    wlo, whi = wilson_interval(float(per_prompt.sum()), P, confidence)
+    lc = length_controlled_win_rate(y, lp, lr, True, confidence, lc_resamples, seed)
+    return {
+        "win_rate": float(per_prompt.mean()), "win_rate_ci_low": lo, "win_rate_ci_high": hi,
+        "win_rate_wilson_low": wlo, "win_rate_wilson_high": whi,
+        "reward_mean_policy": None, "reward_mean_reference": None, "reward_delta": None,
+        "reward_delta_ci_low": None, "reward_delta_ci_high": None,
+        "lc_win_rate": lc.win_rate, "lc_intercept": lc.intercept, "lc_length_coef": lc.length_coef,
+        "lc_win_rate_ci_low": lc.ci_low, "lc_win_rate_ci_high": lc.ci_high,
+        "prompts": int(P), "samples_per_prompt": int(k),
+        "length_mean_policy": float(lp.mean()), "length_mean_reference": float(lr.mean()),
+        "confidence": float(confidence),
+    }

@@ -29,6 +29,13 @@ def hh_file() -> Path:
 
 
 @pytest.fixture(scope="session")
+def real_cache(tmp_path_factory) -> Path:
+    """One cache folder for the tests that run the real small models, so SmolLM2's GGUF file is
+    dequantised once per session (into its converted/ folder) rather than once per test."""
+    return tmp_path_factory.mktemp("real_models_cache")
+
+
+@pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory, hh_file) -> dict:
     """Tiny random-initialised policy (Llama) and reward backbone (BERT) with in-process tokenizers."""
     from rlhf_spec.testing import hh_rows, make_tiny_policy, make_tiny_reward_model

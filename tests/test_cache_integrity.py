@@ -442,10 +442,10 @@ def test_run_breaks_a_stale_lease_by_itself(mini_run, own_cache, tmp_path, capsy
     lock = own_cache / "locks" / f"{keys['pair']}.lease"
     lock.parent.mkdir(exist_ok=True)
     lock.write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname(), "token": "dead", "since": "x"}))
-    t0 = time.time()
     code, rep = run_inprocess(mini_run.spec_path, own_cache, tmp_path / "r.json")
     assert code == 0 and statuses(rep)["pair"] == "ran"
-    assert time.time() - t0 < 30
+    # the runner says when it waits for another run's lease; it broke this one at once instead
+    assert "is computing it; waiting" not in capsys.readouterr().out
     assert not lock.exists()
 
 

@@ -102,8 +102,13 @@ def _assert_same_training(ref: dict, other: dict, start: dict) -> None:
     assert diff < 1e-5, f"weights differ by {diff} (training moved them by {moved})"
 
 
-def test_torchrun_two_processes_match_one_process(setup):
+NOISE = ("Setting accelerator to CPU", "Removed shared tensor")
+
+
+def test_torchrun_two_processes_match_one_process(setup, capfd):
     two = _train(setup["tmp"], setup["pairs"], setup["policy"], "torchrun", processes=2, accum=2)
+    out = capfd.readouterr()
+    assert not [n for n in NOISE if n in out.out + out.err], out.out[-2000:] + out.err[-2000:]
     assert setup["ref"]["metrics"]["processes"] == 1
     assert two["metrics"]["processes"] == 2
     assert two["metrics"]["distributed_type"] == "MULTI_CPU"
@@ -112,7 +117,7 @@ def test_torchrun_two_processes_match_one_process(setup):
 
 
 @pytest.mark.slow
-def test_deepspeed_zero3_two_processes_match_one_process(setup):
+def test_deepspeed_zero3_two_processes_match_one_process(setup, capfd):
     """The repository's ZeRO-3 accelerate config, run on CPU (DeepSpeed's CPU accelerator, gloo).
 
     DeepSpeed compiles a small shared-memory communication op with the C++ compiler on first use
@@ -129,6 +134,8 @@ def test_deepspeed_zero3_two_processes_match_one_process(setup):
     cpu_cfg = setup["tmp"] / "zero3_cpu.yaml"
     cpu_cfg.write_text(yaml.safe_dump(cfg))
     two = _train(setup["tmp"], setup["pairs"], setup["policy"], "zero3", processes=2, accum=2, accelerate_config=str(cpu_cfg))
+    out = capfd.readouterr()
+    assert not [n for n in NOISE if n in out.out + out.err], "library noise reached the terminal: " + out.out[-2000:] + out.err[-2000:]
     assert two["metrics"]["processes"] == 2
     assert two["metrics"]["distributed_type"] == "DEEPSPEED"
     assert two["metrics"]["zero_stage"] == 3

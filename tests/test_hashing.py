@@ -47,10 +47,17 @@ def test_hash_state_memo_and_change_detection(tmp_path):
     st = HashState(tmp_path / "state")
     d1 = st.file_digest(f)
     assert d1 == sha256_file(f)
-    # a fresh memo object reads the stored digest (same stat) without rehashing
+    # a fresh memo object serves the stored digest without reading the file: change the bytes in place but
+    # keep size, mtime and inode, and the memo still answers the old digest (a rehash would not)
+    st0 = f.stat()
+    with open(f, "r+b") as fh:
+        fh.write(b"c")
+    os.utime(f, ns=(st0.st_atime_ns, st0.st_mtime_ns))
+    assert sha256_file(f) != d1
     assert HashState(tmp_path / "state").file_digest(f) == d1
+    # a changed stat (mtime here) is noticed: the file is hashed again
     f.write_bytes(b"b" * 1000)
-    os.utime(f, ns=(1, 1))  # a different mtime
+    os.utime(f, ns=(1, 1))
     assert HashState(tmp_path / "state").file_digest(f) == sha256_file(f) != d1
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, cli
+from test_pipeline_tiny import assert_metrics_match_the_table
 
 SPEC = "specs/rebel_llama3.json"
 DOC = ROOT / "docs" / "rebel_llama3.md"
@@ -18,8 +19,8 @@ OFFLINE = {"HF_HUB_OFFLINE": "1"}
 ITER1 = ["sample_iter1", "score_iter1", "filter_iter1", "pair_iter1", "train_iter1"]
 
 # Iteration 1 and its evaluation on this machine: the same spec, every change made with --set.
-# The vLLM and ArmoRM stages need GPUs, so sampling and scoring switch to the built-in
-# implementations (the sample and score params are replaced whole, since they differ by stage).
+# vLLM and ArmoRM need GPUs, so sampling switches to the built-in transformers backend and scoring and
+# judging to the classifier reward on MiniLM; everything else is the spec's own.
 SMOKE_SET = [
     'models.policy={"path": "models/SmolLM2-135M-Instruct", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}',
     'models.minilm={"path": "models/all-MiniLM-L6-v2"}',
@@ -27,28 +28,30 @@ SMOKE_SET = [
     '"hash_range": [0.0, 0.5], "limit": 4}',
     'datasets.alpaca_eval={"path": "data/alpaca_eval/gpt4__model_outputs.json", "prompt_column": "instruction", '
     '"hash_range": [0.5, 1.0], "limit": 2}',
-    "stages.sample_iter1.uses=transformers",
-    'stages.sample_iter1.params={"policy": "policy", "prompts": "prompts", "n": 2, "temperature": 0.8, "top_p": 0.9, '
-    '"max_new_tokens": 8, "seed_stride": 50, "batch_size": 4, "num_shards": 2}',
-    "stages.score_iter1.uses=transformers",
-    'stages.score_iter1.params={"reward_model": "minilm", "format": "pair", "max_length": 128, "num_shards": 2}',
+    'stages.sample_iter1.params.backend={"uses": "transformers", "params": {"batch_size": 4}}',
+    "stages.sample_iter1.params.n=2",
+    "stages.sample_iter1.params.max_new_tokens=8",
+    "stages.sample_iter1.params.num_shards=2",
+    'stages.score_iter1.params.reward={"uses": "classifier", "params": {"model": "minilm", "format": "pair", "max_length": 128}}',
+    "stages.score_iter1.params.num_shards=2",
     "stages.pair_iter1.params.test_size=1",
     "stages.train_iter1.params.num_processes=1",
     "stages.train_iter1.params.accelerate_config=null",
     "stages.train_iter1.params.mixed_precision=no",
     "stages.train_iter1.params.gradient_accumulation_steps=2",
     "stages.train_iter1.params.total_episodes=4",
-    "stages.evaluate_iter1.params.reward_model=minilm",
-    "stages.evaluate_iter1.params.reward_format=pair",
-    "stages.evaluate_iter1.params.reward_max_length=128",
+    'stages.evaluate_iter1.params.judges={"minilm": {"uses": "classifier", "params": {"model": "minilm", "format": "pair", '
+    '"max_length": 128}}}',
     "stages.evaluate_iter1.params.max_new_tokens=8",
-    "stages.evaluate_iter1.params.batch_size=2",
+    "stages.evaluate_iter1.params.backend.params.batch_size=2",
+    "stages.evaluate_iter1.params.bootstrap_resamples=200",
 ]
 # The same for iteration 2's sampling, to plan it on top of a finished iteration 1.
 SMOKE_SET_ITER2 = [
-    "stages.sample_iter2.uses=transformers",
-    'stages.sample_iter2.params={"policy": "train_iter1", "prompts": "prompts", "n": 2, "max_new_tokens": 8, '
-    '"batch_size": 4, "num_shards": 2}',
+    'stages.sample_iter2.params.backend={"uses": "transformers", "params": {"batch_size": 4}}',
+    "stages.sample_iter2.params.n=2",
+    "stages.sample_iter2.params.max_new_tokens=8",
+    "stages.sample_iter2.params.num_shards=2",
 ]
 
 
@@ -60,7 +63,10 @@ def _sets(items: list[str]) -> list[str]:
 
 
 def _spec() -> dict:
-    return json.loads((ROOT / SPEC).read_text())
+    """The spec with its repeat block expanded into the 18 stages it stands for."""
+    from rlhf_spec.spec.repeat import expand
+
+    return expand(json.loads((ROOT / SPEC).read_text()))[0]
 
 
 def test_validates_with_both_plugins():
@@ -69,6 +75,8 @@ def test_validates_with_both_plugins():
     assert "valid (18 stages" in r.stdout
     spec = _spec()
     assert spec["$schema"] == "../schemas/rlhf-spec.schema.json"
+    text = (ROOT / SPEC).read_text()
+    assert '"repeat"' in text and len(text.splitlines()) < 409 / 2  # the hand-written 3 x 6 stages took 409 lines
     assert {r.split(">")[0] for r in spec["requires"]} == {"rlhf-spec-vllm", "rlhf-spec-armorm"}
 
 
@@ -170,12 +178,12 @@ def test_every_spec_value_is_in_the_doc_table_with_the_same_value():
 
 
 @pytest.mark.slow
-def test_shrunk_iteration_1_runs_here(tmp_path):
+def test_shrunk_iteration_1_runs_here(tmp_path, real_cache):
     for p in ("models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf", "models/all-MiniLM-L6-v2/model.safetensors",
               "data/alpaca_eval/gpt4__model_outputs.json"):
         if not (ROOT / p).exists():
             pytest.fail(f"{p} missing: run `make assets` (scripts/fetch_assets.py)")
-    cache, report = tmp_path / "cache", tmp_path / "iter1.json"
+    cache, report = real_cache, tmp_path / "iter1.json"
     r = cli("run", SPEC, "--until", "evaluate_iter1", "--cache-dir", str(cache), "--report", str(report),
             *_sets(SMOKE_SET), cwd=ROOT, env=OFFLINE)
     assert r.returncode == 0, r.stderr + r.stdout[-3000:]
@@ -188,7 +196,8 @@ def test_shrunk_iteration_1_runs_here(tmp_path):
     train = stages["train_iter1"]["metrics"]
     assert train["updates"] == 2 and train["processes"] == 1 and train["train_pairs"] >= 1
     ev = stages["evaluate_iter1"]["metrics"]
-    assert ev["prompts"] == 2 and 0.0 <= ev["win_rate"] <= 1.0
+    assert ev["prompts"] == 2 and ev["primary_judge"] == "minilm"
+    assert_metrics_match_the_table(stages["evaluate_iter1"])
     outputs = json.loads((Path(stages["evaluate_iter1"]["output"]) / "alpaca_eval" / "model_outputs.json").read_text())
     assert len(outputs) == 2 and {o["generator"] for o in outputs} == {"rebel-llama3-armo-iter1"}
 

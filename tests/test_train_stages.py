@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from safetensors.torch import load_file
 
 from conftest import cli, write_spec
@@ -13,6 +14,7 @@ def _stages(report_path):
     return {s["id"]: s for s in json.loads(report_path.read_text())["stages"]}
 
 
+@pytest.mark.slow
 def test_dpo_and_lora_until(tmp_path, tiny_spec):
     rebel = tiny_spec["stages"][5]
     rebel["uses"] = "dpo"
@@ -26,13 +28,11 @@ def test_dpo_and_lora_until(tmp_path, tiny_spec):
     assert "evaluate" not in st and st["rebel"]["status"] == "ran"
     m = st["rebel"]["metrics"]
     assert m["updates"] >= 1 and "train_implicit_accuracy_last10" in m
-    out = tmp_path / "out_dpo"
     # the trained weights differ from the starting policy
     trained = load_file(str(next((cache / "entries").glob(f"*/{st['rebel']['key']}")) / "model" / "model.safetensors"))
     start = load_file(str(tiny_spec_model(tiny_spec) / "model.safetensors"))
     changed = [k for k in start if k in trained and not (trained[k] == start[k]).all()]
     assert changed, "DPO updated no weight"
-    assert not out.exists()
 
     # LoRA: adapters merged on save, so the saved model has the base model's parameter names
     rebel["uses"] = "rebel"
@@ -62,6 +62,7 @@ def tiny_spec_model(spec):
     return Path(spec["models"]["policy"]["path"])
 
 
+@pytest.mark.slow
 def test_reward_model_margin_changes_key_and_loss(tmp_path, tiny_spec):
     spec = write_spec(tmp_path, tiny_spec)
     cache = tmp_path / "cache"

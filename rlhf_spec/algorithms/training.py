@@ -405,7 +405,8 @@ class Trainer:
         out.update({f"eval_{k}": v for k, v in eval_metrics.items()})
         if resumed_from is not None:
             out["resumed_from_update"] = resumed_from
-        self.accelerator.end_training()
+        for tracker in self.accelerator.trackers:  # not end_training(): it would end the process group before saving
+            tracker.finish()
         return out
 
     def unwrapped(self):

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+from ..data import load_rows, save_rows
 from ..runtime import commit_hook
 from .fs import commit_tree, file_records, verify_files
 
@@ -35,7 +36,7 @@ def _commit_shard(sdir: Path, journal: Path, s: int, out, counts: dict) -> Path:
     tmp = sdir / f".{s:05d}.{os.getpid()}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    out.save_to_disk(str(tmp))
+    save_rows(out, tmp)
     files = file_records(tmp)
     commit_tree(tmp, final, replace=True)
     with open(journal, "a", encoding="utf-8") as f:
@@ -92,5 +93,8 @@ def run_shards(partial_dir: Path, rows, process: Callable[[Any, int], Any], num_
         for k, v in (rec.get("counts") or {}).items():
             counts[k] = counts.get(k, 0) + int(v)
         outs.append(final)
-    parts = [datasets.load_from_disk(str(p)) for p in outs]
-    return (datasets.concatenate_datasets(parts) if parts else rows.select([])), reused, computed, counts
+    parts = [load_rows(p) for p in outs]
+    full = [p for p in parts if len(p)]
+    if full:
+        return datasets.concatenate_datasets(full), reused, computed, counts
+    return (parts[0] if parts else rows.select([])), reused, computed, counts

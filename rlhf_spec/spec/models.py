@@ -167,3 +167,19 @@ class Spec(_Strict):
             if not re.match(NAME_PATTERN, k):
                 raise ValueError(f"name {k!r} must match {NAME_PATTERN}")
         return v
+
+
+class RepeatBlock(_Strict):
+    """A list of stages run for several rounds (see :mod:`rlhf_spec.spec.repeat`); used for the JSON Schema."""
+
+    rounds: int = Field(..., ge=1, le=1000, description="How many rounds.")
+    id: str = Field("{id}_iter{round}", description="Expanded stage ids; must contain '{id}' and '{round}'.")
+    initial: dict[str, str] = Field(default_factory=dict, description="What '{prev:NAME}' means in round 1: a model name or a stage outside the block.")
+    stages: list[StageSpec] = Field(..., min_length=1, description="The stages of one round. In params, '{round}', '{id:NAME}' and '{prev:NAME}' name the round and the block's stages.")
+    description: str = Field("", description="Free text.")
+
+
+class RepeatStage(_Strict):
+    """An entry of ``stages`` that stands for a repeat block."""
+
+    repeat: RepeatBlock

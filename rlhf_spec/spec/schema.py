@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from .models import Spec
+from .models import RepeatStage, Spec
 
 
 def _variant(defs: dict, name: str, title: str, description: str, params_model, consts: dict) -> dict:
@@ -35,6 +35,11 @@ def json_schema(registry) -> dict:
                     for n, impl in sorted(table.items())]
         if model in defs:
             defs[model]["allOf"] = [{"oneOf": variants}] if variants else []
+    repeat = RepeatStage.model_json_schema(by_alias=True, ref_template="#/$defs/{model}")
+    for k, v in repeat.pop("$defs", {}).items():
+        defs.setdefault(k, v)
+    defs["RepeatStage"] = repeat
+    base["properties"]["stages"]["items"] = {"anyOf": [{"$ref": "#/$defs/StageSpec"}, {"$ref": "#/$defs/RepeatStage"}]}
     base["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     base["title"] = "rlhf-spec pipeline"
     return base

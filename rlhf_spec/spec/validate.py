@@ -28,10 +28,15 @@ from ..records import KINDS, ComponentSpec, DatasetRef, ModelRef
 from ..refs import pointer_of, walk_components, walk_refs
 from .models import Spec
 from .problems import problems_from_validation
+from .repeat import expand, locate
 
 
-def validate(data: dict, registry, source: str = "", base: Optional[Path] = None, check_files: bool = True) -> Pipeline:
+def validate(data: dict, registry, source: str = "", base: Optional[Path] = None, check_files: bool = True,
+             origins: Optional[list] = None) -> Pipeline:
     """Validate a raw spec dict completely, before any compute.
+
+    ``repeat`` blocks are expanded first (:mod:`rlhf_spec.spec.repeat`); a problem in an expanded stage
+    points into its block and names the round.
 
     Args:
         data: the parsed JSON document (after ``--set`` overrides).
@@ -39,6 +44,7 @@ def validate(data: dict, registry, source: str = "", base: Optional[Path] = None
         source: the spec's path, for messages.
         base: folder that relative paths resolve against (default: the working directory).
         check_files: check that local files and folders exist.
+        origins: for ``data`` already expanded, where each stage came from (see :func:`~rlhf_spec.spec.repeat.expand`).
 
     Returns:
         the :class:`~rlhf_spec.graph.Pipeline`, stages in topological order.
@@ -47,6 +53,19 @@ def validate(data: dict, registry, source: str = "", base: Optional[Path] = None
         SpecError: listing every problem found, each with its JSON pointer.
     """
     base = Path(base or os.getcwd())
+    expanded = data
+    if origins is None:
+        try:
+            expanded, origins = expand(data)
+        except SpecError as exc:
+            raise SpecError(exc.problems, source) from None
+    try:
+        return _validate(expanded, registry, source, base, check_files, data)
+    except SpecError as exc:
+        raise SpecError(locate(exc.problems, origins), source) from None
+
+
+def _validate(data: dict, registry, source: str, base: Path, check_files: bool, raw: dict) -> Pipeline:
     problems: list[Problem] = []
     spec = _document(data, registry, problems)
     if spec is None:
@@ -64,7 +83,7 @@ def validate(data: dict, registry, source: str = "", base: Optional[Path] = None
         _finite(s.params, f"{s.ptr}/params", problems)
     if problems:
         raise SpecError(problems, source)
-    return Pipeline(spec=spec, stages=order, source=source, raw=data)
+    return Pipeline(spec=spec, stages=order, source=source, raw=raw)
 
 
 def _document(data: dict, registry, problems: list[Problem]):

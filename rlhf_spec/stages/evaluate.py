@@ -120,25 +120,38 @@ def _log_ratios(ctx, rows, pol_texts, p: EvaluateParams) -> list[list[float]]:
     return [flat[i * k:(i + 1) * k] for i in range(len(rows))]
 
 
-def _judge(ctx, name: str, rows, pol: list, ref: list) -> tuple[list, list]:
-    """Scores (P, k) of both policies' answers by judge ``name``."""
+def _judge(ctx, name: str, rows, pol: list, ref: list) -> dict:
+    """Judge ``name``'s verdicts on both policies' answers: ``{"scores": ((P, k), (P, k))}`` from a
+    pointwise reward, or ``{"preferences": (P, k), "disagreement": rate}`` from a pairwise judge
+    (policy answer j against reference answer j, both orders averaged)."""
     k = len(pol[0])
+    n = len(rows)
     with ctx.timer(f"judge_{name}"):
         reward = ctx.reward(f"judges.{name}")
         cols = {c: [v for v in rows[c] for _ in range(k)] for c in rows.column_names
                 if c not in ("prompt_id", "prompt", "token_ids", "prompt_tokens", "chosen", "rejected")}
         prompts = [pr for pr in rows["prompt"] for _ in range(k)]
-        out = [reward.score(RewardBatch(prompts, [a for per in side for a in per], cols)).scores for side in (pol, ref)]
-    return [[out[0][i * k + j] for j in range(k)] for i in range(len(rows))], [[out[1][i * k + j] for j in range(k)] for i in range(len(rows))]
+        flat_pol, flat_ref = [a for per in pol for a in per], [a for per in ref for a in per]
+        if getattr(ctx.component(f"judges.{name}").parsed, "mode", None) == "pairwise":
+            p, dis = reward.compare(prompts, flat_pol, flat_ref)
+            return {"preferences": [p[i * k:(i + 1) * k] for i in range(n)], "disagreement": sum(dis) / len(dis)}
+        out = [reward.score(RewardBatch(prompts, side, cols)).scores for side in (flat_pol, flat_ref)]
+    return {"scores": tuple([o[i * k:(i + 1) * k] for i in range(n)] for o in out)}
 
 
 def _metrics(p: EvaluateParams, judged: dict, lengths: tuple, log_ratio: list) -> dict:
-    from ..stats import compare
+    from ..stats import compare, compare_preferences
 
     primary = p.primary or next(iter(p.judges))
     m: dict = {}
-    for name, (pol, ref) in judged.items():
-        res = compare(pol, ref, lengths[0], lengths[1], confidence=p.confidence, seed=0, n_resamples=p.bootstrap_resamples)
+    for name, v in judged.items():
+        if "preferences" in v:
+            res = compare_preferences(v["preferences"], lengths[0], lengths[1], confidence=p.confidence, seed=0,
+                                      n_resamples=p.bootstrap_resamples)
+            res["order_disagreement_rate"] = v["disagreement"]
+        else:
+            res = compare(v["scores"][0], v["scores"][1], lengths[0], lengths[1], confidence=p.confidence, seed=0,
+                          n_resamples=p.bootstrap_resamples)
         m.update({f"{name}.{key}": v for key, v in res.items()})
         if name == primary:
             m.update(res)
@@ -178,17 +191,21 @@ def _table(rows, pol, ref, pol_n, ref_n, log_ratio, judged) -> dict:
     k = len(pol[0])
     t = {"prompt_id": [], "prompt": [], "sample_index": [], "policy": [], "reference": [], "policy_tokens": [],
          "reference_tokens": [], "log_ratio": []}
-    for name in judged:
-        t[f"policy_reward/{name}"], t[f"reference_reward/{name}"] = [], []
+    for name, v in judged.items():
+        for col in ([f"policy_reward/{name}", f"reference_reward/{name}"] if "scores" in v else [f"preference/{name}"]):
+            t[col] = []
     for i, (pid, prompt) in enumerate(zip(rows["prompt_id"], rows["prompt"])):
         for j in range(k):
             for col, v in (("prompt_id", pid), ("prompt", prompt), ("sample_index", j), ("policy", pol[i][j]),
                            ("reference", ref[i][j]), ("policy_tokens", pol_n[i][j]), ("reference_tokens", ref_n[i][j]),
                            ("log_ratio", log_ratio[i][j])):
                 t[col].append(v)
-            for name, (ps, rs) in judged.items():
-                t[f"policy_reward/{name}"].append(ps[i][j])
-                t[f"reference_reward/{name}"].append(rs[i][j])
+            for name, v in judged.items():
+                if "scores" in v:
+                    t[f"policy_reward/{name}"].append(v["scores"][0][i][j])
+                    t[f"reference_reward/{name}"].append(v["scores"][1][i][j])
+                else:
+                    t[f"preference/{name}"].append(v["preferences"][i][j])
     return t
 
 
@@ -197,21 +214,34 @@ def _cell(s: str, n: int = 160) -> str:
     return (s[:n] + "...") if len(s) > n else s
 
 
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _verdict(table: dict, judge: str, side: str, i: int) -> str:
+    """A judge's verdict on row ``i``: the side's score, or for a pairwise judge P(policy preferred)."""
+    if f"preference/{judge}" in table:
+        p = table[f"preference/{judge}"][i]
+        return _num(p if side == "policy" else 1 - p)
+    return _num(table[f"{side}_reward/{judge}"][i])
+
+
 def examples_markdown(metrics: dict, table: dict, examples: int, judges: list[str]) -> str:
-    """``examples.md``: the headline figures per judge, then the first answers of both policies with their scores."""
+    """``examples.md``: the headline figures per judge, then the first answers of both policies with each
+    judge's verdict (a score, or for a pairwise judge the probability that side is preferred)."""
     lines = ["# Evaluation", "", "| judge | win rate | 95% interval | LC win rate | reward policy | reward reference |",
              "|---|---|---|---|---|---|"]
     for j in judges:
         lines.append(f"| {j} | {metrics[f'{j}.win_rate']:.3f} | [{metrics[f'{j}.win_rate_ci_low']:.3f}, "
                      f"{metrics[f'{j}.win_rate_ci_high']:.3f}] | {metrics[f'{j}.lc_win_rate']:.3f} | "
-                     f"{metrics[f'{j}.reward_mean_policy']:.3f} | {metrics[f'{j}.reward_mean_reference']:.3f} |")
+                     f"{_num(metrics[f'{j}.reward_mean_policy'])} | {_num(metrics[f'{j}.reward_mean_reference'])} |")
     lines += ["", f"KL(policy || reference): k1 {metrics['kl_k1']:.3f}, k3 {metrics['kl_k3']:.3f} nats per answer; "
               f"mean length {metrics['length_mean_policy']:.1f} vs {metrics['length_mean_reference']:.1f} tokens.", ""]
     head = "| prompt (last turn) | policy | " + " | ".join(judges) + " | reference | " + " | ".join(judges) + " |"
     lines += [head, "|" + "---|" * (3 + 2 * len(judges))]
     for i in range(min(examples, len(table["prompt_id"]))):
-        ps = " | ".join(f"{table[f'policy_reward/{j}'][i]:.3f}" for j in judges)
-        rs = " | ".join(f"{table[f'reference_reward/{j}'][i]:.3f}" for j in judges)
+        ps = " | ".join(_verdict(table, j, "policy", i) for j in judges)
+        rs = " | ".join(_verdict(table, j, "reference", i) for j in judges)
         lines.append(f"| {_cell(table['prompt'][i][-1]['content'])} | {_cell(table['policy'][i])} | {ps} | "
                      f"{_cell(table['reference'][i])} | {rs} |")
     return "\n".join(lines) + "\n"

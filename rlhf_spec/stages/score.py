@@ -69,9 +69,19 @@ def run(ctx) -> StageResult:
     return StageResult(metrics=metrics, rows=len(out))
 
 
+def _check(params: ScoreParams, spec, inputs) -> list:
+    from ..errors import Problem
+
+    parsed = params.reward._parsed
+    if parsed is not None and getattr(parsed, "mode", None) == "pairwise":
+        return [Problem("/reward/params/mode", "a pairwise judge compares two replies and gives no score to one",
+                        "use it among evaluate's judges or in the pair stage 'ai-feedback'; for score use mode 'pointwise'")]
+    return []
+
+
 @hookimpl
 def rlhf_spec_register_stages(register):
-    register(StageImpl(kind="score", name="reward", params=ScoreParams, run=run, version="2",
+    register(StageImpl(kind="score", name="reward", params=ScoreParams, run=run, version="2", check=_check,
                        inputs=(SAMPLES,), min_inputs=1, max_inputs=1, output=SCORED,
                        description="rate every completion with a reward (and keep its components as columns)",
                        resources=lambda p: {"processes": 1, "gpus": "0-1", "reward": p.reward.uses, **component_resources(p.reward)}))
