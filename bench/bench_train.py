@@ -42,15 +42,17 @@ TEMP = 0.8
 LR = 1e-5
 
 
-def params(args):
+def params(args, updates: int = 0):
+    """The stage's params; ``updates`` > 0 stops after that many updates (``total_episodes``)."""
     from rlhf_spec.stages.train import RebelParams
 
+    extra = {"total_episodes": updates * args.batch_pairs} if updates else {}
     return RebelParams.model_validate({
-        "policy": "policy", "eta": ETA, "lr": LR, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 1e-6,
+        "policy": "policy", "eta": ETA, "learning_rate": LR, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 1e-6,
         "scheduler": "cosine", "warmup_ratio": 0.1, "per_device_batch_size": args.batch_pairs,
         "gradient_accumulation_steps": 1, "epochs": 1.0, "logprob_temperature": TEMP,
         "max_prompt_tokens": args.max_prompt_tokens, "max_response_tokens": args.max_response_tokens,
-        "save_every": 1_000_000, "logprob_batch_size": 8,
+        "save_every": 1_000_000, "logprob_batch_size": 8, **extra,
     })
 
 
@@ -77,8 +79,8 @@ def ref_file(args, pairs_dir: Path) -> Path:
     return TDIR / f"ref-{pairs_dir.name}-{args.max_prompt_tokens}-{args.max_response_tokens}.json"
 
 
-def stage_context(args, pairs_dir: Path, tag: str):
-    from rlhf_spec.context import InputArtifact, StageContext
+def stage_context(args, pairs_dir: Path, tag: str, updates: int = 0):
+    from rlhf_spec.context import InputArtifact, StageContext, StageInputs, StageOutput
     from rlhf_spec.hashing import hash_json
 
     key = hash_json({"bench": "rebel", "tag": tag, "t": time.time()})
@@ -87,10 +89,10 @@ def stage_context(args, pairs_dir: Path, tag: str):
     out.mkdir(parents=True)
     part.mkdir(parents=True)
     pairs_key = hash_json({"bench-pairs": pairs_dir.name, "max_prompt": args.max_prompt_tokens})
-    return StageContext(stage_id="rebel", kind="train", uses="rebel", key=key, params=params(args), seed=SEED,
-                        out_dir=out, partial_dir=part, cache_root=TDIR / "cache",
-                        inputs=[InputArtifact("pair", "pairs", pairs_key, str(pairs_dir))],
-                        models={"policy": common.policy_source()}, base_dir=common.ROOT), run_dir
+    spec = StageInputs(stage_id="rebel", kind="train", uses="rebel", key=key, params=params(args, updates), seed=SEED,
+                       inputs=(InputArtifact("pair", "pairs", pairs_key, str(pairs_dir)),),
+                       models={"policy": common.policy_source()}, base_dir=common.ROOT)
+    return StageContext(spec, StageOutput(out_dir=out), part, TDIR / "cache"), run_dir
 
 
 def run_ours(args, pairs_dir: Path, updates: int = 0) -> dict:
@@ -100,14 +102,12 @@ def run_ours(args, pairs_dir: Path, updates: int = 0) -> dict:
     """
     from rlhf_spec.stages.train import run_rebel
 
-    ctx, run_dir = stage_context(args, pairs_dir, "ours")
-    if updates:
-        ctx.params = ctx.params.model_copy(update={"total_episodes": updates * args.batch_pairs})
+    ctx, run_dir = stage_context(args, pairs_dir, "ours", updates)
     try:
         result = run_rebel(ctx)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
-    return {"seconds": ctx.timings["train"], "updates": result.metrics["updates"]}
+    return {"seconds": ctx.output.timings["train"], "updates": result.metrics["updates"]}
 
 
 class Baseline:
@@ -117,7 +117,7 @@ class Baseline:
         import datasets
         import torch
 
-        from rlhf_spec.stages.train import tokenize_pairs
+        from rlhf_spec.algorithms.batching import tokenize_pairs
 
         self.args = args
         src = common.policy_source()

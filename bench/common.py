@@ -5,6 +5,9 @@ Every benchmark prints one JSON line per figure on stdout::
     {"name": ..., "ours": ..., "baseline": ..., "unit": ..., "ratio": ours / baseline, "n": ..., "model": ...,
      "better": "higher" | "lower", "target": ..., "met": true | false | null, ...extra fields}
 
+A figure without a target carries a ``note`` saying why it has none. Scaling figures compare the
+marginal cost of one more row at the top size with that at the bottom size (:func:`emit_marginal`).
+
 ``better`` says how the ratio reads: for throughputs (``higher``) a ratio above 1 means we are
 faster; for seconds, bytes or memory (``lower``) a ratio below 1 means we use less. Progress
 messages go to stderr, so stdout holds nothing but figures.
@@ -159,6 +162,11 @@ def alternate(sides: list[tuple[str, Callable[[], dict]]], reps: int, warmup: bo
     return out
 
 
+def seconds(runs: list[dict]) -> float:
+    """Median seconds over repetitions."""
+    return median([r["seconds"] for r in runs])
+
+
 def rate(runs: list[dict], unit: str) -> float:
     """Median over repetitions of ``unit`` per second."""
     return median([r[unit] / r["seconds"] for r in runs])
@@ -171,20 +179,47 @@ def emit(name: str, ours: Optional[float], baseline: Optional[float], unit: str,
          better: str = "higher", target: Optional[str] = None, **extra) -> dict:
     """Print one figure as a JSON line; ``ratio`` is ``ours / baseline``.
 
-    ``target`` is a string such as ``">=1.3"`` or ``"<=1.1"``, checked against the ratio.
+    ``target`` is a string such as ``">=1.3"`` or ``"<=1.1"``, checked against the ratio. A figure
+    without a target must say why in ``note``. No ratio (and so ``met: null``, with a ``guard``
+    field saying why) when the baseline is not positive or ours is negative: such a ratio means
+    nothing, and a ``<=`` target would pass on it.
     """
-    ratio = None
-    if ours is not None and baseline not in (None, 0):
-        ratio = ours / baseline
+    if not target and not extra.get("note"):
+        raise ValueError(f"figure {name}: give a target or a note saying why it has none")
+    ratio, guard = None, None
+    if ours is not None and baseline is not None:
+        if baseline <= 0 or ours < 0:
+            guard = f"no ratio: baseline {baseline:.4g} and ours {ours:.4g} must be positive (noise above the measured cost)"
+        else:
+            ratio = ours / baseline
     met = None
     if target and ratio is not None:
         op, val = target[:2], float(target[2:])
         met = ratio >= val if op == ">=" else ratio <= val
     rec = {"name": name, "ours": _round(ours), "baseline": _round(baseline), "unit": unit,
            "ratio": _round(ratio, 3), "n": n, "model": model, "better": better, "target": target, "met": met}
+    if guard:
+        rec["guard"] = guard
     rec.update({k: _round(v) if isinstance(v, float) else v for k, v in extra.items()})
     print(json.dumps(rec), flush=True)
     return rec
+
+
+def emit_marginal(name: str, rows: list[int], seconds: list[float], unit: str, model: str, **extra) -> dict:
+    """The marginal cost per added row at the top size over that at the bottom one.
+
+    With times ``t1, t2, t4`` at ``r1 < r2 < r4`` rows: ours = ``(t4 - t2) / (r4 - r2)``, baseline
+    = ``(t2 - t1) / (r2 - r1)``, in milliseconds per row. A cost linear in rows gives about 1 (fixed
+    overheads cancel out); a cost that grows faster than linearly gives more. Target ``<= 1.5``.
+    When noise makes either difference zero or negative, ``met`` is null (see :func:`emit`).
+    """
+    (r1, r2, r4), (t1, t2, t4) = rows, seconds
+    low = (t2 - t1) / (r2 - r1) * 1000
+    high = (t4 - t2) / (r4 - r2) * 1000
+    return emit(name, high, low, f"ms/{unit} (marginal)", rows, model, better="lower", target="<=1.5",
+                seconds=[round(t, 3) for t in seconds],
+                note=f"cost of one more {unit} between {r2} and {r4} {unit}s over that between {r1} and {r2} "
+                     f"(median seconds); about 1 when the cost is linear, whatever the fixed overhead", **extra)
 
 
 def _round(x, nd: int = 4):

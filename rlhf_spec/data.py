@@ -4,7 +4,11 @@ Every dataset becomes rows of:
 
 * ``prompt_id`` (str): 16 hex characters of sha256 over the canonical prompt messages;
 * ``prompt`` (list of ``{"role", "content"}``): the conversation up to the reply;
-* ``chosen`` / ``rejected`` (str), for preference data: the final assistant reply.
+* ``chosen`` / ``rejected`` (str), for preference data: the final assistant reply;
+* ``completion`` (str, the final assistant reply) and ``messages`` (the whole conversation, every
+  assistant turn included), for SFT and unpaired data (adapters ``messages``, ``prompt-completion``,
+  ``alpaca``, ``sharegpt`` without chosen/rejected, ``kto``);
+* ``label`` (bool, True = desirable), for KTO data.
 
 Prompt ids are content hashes, so shards, splits and ``hash_range`` selections
 depend on the prompts alone, never on row order or the number of workers.
@@ -34,6 +38,28 @@ def prompt_id(messages: list[dict]) -> str:
 def hash_unit(pid: str) -> float:
     """Map a prompt id to [0, 1) uniformly; used for ``hash_range`` and seeded splits."""
     return int(pid[:13], 16) / float(16**13)
+
+
+def hold_out_by_prompt(prompt_ids: list[str], n: int) -> tuple[list[int], list[int]]:
+    """Split row indices into (kept, held out): whole prompts are held out in order of their hash
+    (:func:`hash_unit`, lowest first) until at least ``n`` rows are held out, so no prompt lands on both
+    sides and the choice depends on the prompts' content alone (as the reward model's ``eval_size``).
+
+    Returns:
+        two sorted lists of row indices; ``n <= 0`` holds out nothing.
+    """
+    if n <= 0:
+        return list(range(len(prompt_ids))), []
+    rows_of: dict[str, list[int]] = {}
+    for i, pid in enumerate(prompt_ids):
+        rows_of.setdefault(pid, []).append(i)
+    held: list[int] = []
+    for pid in sorted(rows_of, key=lambda q: (hash_unit(q), q)):
+        if len(held) >= n:
+            break
+        held += rows_of[pid]
+    out = set(held)
+    return [i for i in range(len(prompt_ids)) if i not in out], sorted(held)
 
 
 def parse_hh_transcript(text: str) -> list[dict]:
@@ -94,8 +120,9 @@ def normalize_messages(value: Any) -> list[dict]:
     if isinstance(value, list) and all(isinstance(m, dict) for m in value):
         out = []
         for m in value:
-            role = m.get("role", m.get("from"))
-            content = m.get("content", m.get("value"))
+            # a column of structs read from JSON has every key of every row, None where a row lacks it
+            role = m.get("role") if m.get("role") is not None else m.get("from")
+            content = m.get("content") if m.get("content") is not None else m.get("value")
             if role is None or content is None:
                 raise ValueError(f"message without role/content: {m!r}")
             out.append({"role": ROLE_ALIASES.get(str(role).lower(), str(role)), "content": str(content)})
@@ -107,8 +134,9 @@ def response_text(value: Any) -> str:
     """A chosen/rejected value as text: a string, a message dict, or the last assistant message of a list."""
     if isinstance(value, str):
         return value
-    if isinstance(value, dict):
-        return str(value.get("content", value.get("value", "")))
+    if isinstance(value, dict):  # a struct column may hold both spellings, None where a row lacks one
+        content = value.get("content") if value.get("content") is not None else value.get("value")
+        return "" if content is None else str(content)
     if isinstance(value, list) and value:
         msgs = normalize_messages(value)
         for m in reversed(msgs):
@@ -167,17 +195,24 @@ def local_column_problem(ds, base: Path) -> Optional[tuple[str, str]]:
 
     Returns:
         ``None`` when fine, else ``(field, message)``: ``field`` is ``path`` (unreadable file),
-        ``adapter`` (hh-rlhf columns missing) or the ``*_column`` field naming a missing column.
+        ``adapter`` (a column the adapter reads by default is missing) or the ``*_column`` field naming
+        a missing column.
     """
+    if ds.adapter == "rt-polarity":
+        return _sentence_files_problem(ds, base)
     path = resolve(ds.path, base)
     try:
         rec = _first_record(path)
     except Exception as exc:  # noqa: BLE001
         return "path", f"cannot read {ds.path}: {type(exc).__name__}: {exc}"
-    if ds.adapter == "hh-rlhf":
-        fields = [("adapter", "chosen"), ("adapter", "rejected")]
+    if ds.adapter in ("generic", "hh-rlhf"):  # the first release's checks, plus reference_column
+        if ds.adapter == "hh-rlhf":
+            fields = [("adapter", "chosen"), ("adapter", "rejected")]
+        else:
+            fields = [(f, getattr(ds, f)) for f in ("prompt_column", "chosen_column", "rejected_column", "reference_column")
+                      if getattr(ds, f)]
     else:
-        fields = [(f, getattr(ds, f)) for f in ("prompt_column", "chosen_column", "rejected_column") if getattr(ds, f)]
+        fields = [(field, col) for _, col, field, required in ds.source_columns() if required]
     missing = [(f, c) for f, c in fields if c not in rec]
     if missing:
         cols = ", ".join(repr(c) for _, c in missing)
@@ -185,8 +220,144 @@ def local_column_problem(ds, base: Path) -> Optional[tuple[str, str]]:
     return None
 
 
+def _sentence_files_problem(ds, base: Path) -> Optional[tuple[str, str]]:
+    for field in ("path", "negative_path"):
+        try:
+            with open(resolve(getattr(ds, field), base), encoding=ds.encoding or "utf-8") as f:
+                f.read()
+        except UnicodeDecodeError as exc:
+            return "encoding", f"{getattr(ds, field)} is not {ds.encoding or 'utf-8'} text ({exc.reason} at byte {exc.start}); set 'encoding', e.g. 'latin-1'"
+        except OSError as exc:
+            return field, f"cannot read {getattr(ds, field)}: {type(exc).__name__}: {exc}"
+    return None
+
+
+def apply_prompt_template(messages: list[dict], template: Optional[str]) -> list[dict]:
+    """The prompt with its last user turn rewritten by ``template`` (``{prompt}`` replaced by the turn's
+    text; other braces are kept as they are). ``None`` returns the prompt unchanged.
+
+    Raises:
+        ValueError: if the prompt has no user turn.
+    """
+    if template is None:
+        return messages
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    if not users:
+        raise ValueError("prompt_template needs a user turn in the prompt; this prompt has none")
+    out = [dict(m) for m in messages]
+    out[users[-1]]["content"] = template.replace("{prompt}", out[users[-1]]["content"])
+    return out
+
+
+def _sentence_rows(ds, base: Path) -> list[dict]:
+    """The rows of the ``rt-polarity`` adapter (one sentence per line in ``path`` and ``negative_path``).
+
+    A sentence of more than ``prompt_words`` words is split into a prompt (its first words, through
+    ``prompt_template``) and its rest; sentences are kept when their prompt's hash falls in
+    ``hash_range``, so disjoint ranges give disjoint sentences. ``rows="prompts"``: one row per sentence,
+    ordered by hash. ``rows="pairs"``: positives and negatives, each ordered by hash, are zipped; pair i
+    takes the prompt of its positive sentence (even i) or its negative one (odd i), and puts the
+    positive sentence's rest (chosen) over the negative one's (rejected): the chosen reply continues the
+    prompt's own sentence half of the time, so a reward model must learn polarity, not coherence.
+    """
+    k, lo, hi = ds.prompt_words or 4, *ds.hash_range
+    sides = []
+    for field in ("path", "negative_path"):
+        with open(resolve(getattr(ds, field), base), encoding=ds.encoding or "utf-8") as f:
+            side = []
+            for line in f:
+                words = line.split()
+                if len(words) <= k:
+                    continue
+                prompt = apply_prompt_template([{"role": "user", "content": " ".join(words[:k])}], ds.prompt_template)
+                pid = prompt_id(prompt)
+                if lo <= hash_unit(pid) < hi:
+                    side.append((hash_unit(pid), pid, prompt, " ".join(words[k:])))
+            sides.append(sorted(side))
+    pos, neg = sides
+    if ds.rows != "pairs":
+        return [{"prompt_id": pid, "prompt": prompt} for _, pid, prompt, _ in sorted(pos + neg)]
+    return [{"prompt_id": (p if i % 2 == 0 else n)[1], "prompt": (p if i % 2 == 0 else n)[2], "chosen": p[3], "rejected": n[3]}
+            for i, (p, n) in enumerate(zip(pos, neg))]
+
+
+def parse_label(value: Any) -> bool:
+    """A KTO label as a bool: True/False, 1/0, or the strings true/false, yes/no, 1/0, desirable/undesirable.
+
+    Raises:
+        ValueError: for anything else (None included).
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _LABELS:
+        return _LABELS[value.strip().lower()]
+    raise ValueError(f"a label must be a boolean (true = desirable), got {value!r}")
+
+
+_LABELS = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0": False,
+           "desirable": True, "undesirable": False}
+
+
+def split_conversation(messages: list[dict]) -> dict:
+    """A conversation as SFT/unpaired columns: ``prompt`` (the turns before the final assistant turn),
+    ``completion`` (that turn's text) and ``messages`` (the whole conversation).
+
+    Raises:
+        ValueError: if the conversation does not end with an assistant turn, or nothing precedes it.
+    """
+    if not messages or messages[-1]["role"] != "assistant":
+        roles = [m["role"] for m in messages]
+        raise ValueError(f"a conversation for SFT/KTO must end with an assistant turn; its roles are {roles}")
+    if len(messages) < 2:
+        raise ValueError("a conversation for SFT/KTO needs at least one turn before the final assistant reply")
+    return {"prompt": messages[:-1], "completion": messages[-1]["content"], "messages": list(messages)}
+
+
+def _alpaca_prompt(instruction: Any, extra: Any) -> list[dict]:
+    """Alpaca's instruction and optional input as one user turn (input after a blank line)."""
+    text = str(instruction)
+    if extra is not None and str(extra).strip():
+        text = f"{text}\n\n{extra}"
+    return [{"role": "user", "content": text}]
+
+
+def _completion_row(row: dict, ds) -> dict:
+    """One row of a completion adapter (``messages``, ``prompt-completion``, ``alpaca``, ``sharegpt``,
+    ``kto``) as normalised columns (``prompt``, ``completion``, ``messages``, maybe ``label``)."""
+    cols = {role: col for role, col, _, _ in ds.source_columns()}
+    if ds.adapter in ("messages", "kto", "sharegpt"):
+        msgs = normalize_messages(row[cols["messages"]])
+        system = row.get(cols["system"]) if "system" in cols else None
+        if system is not None and str(system).strip() and not (msgs and msgs[0]["role"] == "system"):
+            msgs = [{"role": "system", "content": str(system)}] + msgs
+        if ds.is_preference():
+            out = {"prompt": msgs, "chosen": response_text(row[cols["chosen"]]), "rejected": response_text(row[cols["rejected"]])}
+        else:
+            out = split_conversation(msgs)
+    else:
+        if ds.adapter == "alpaca":
+            prompt = _alpaca_prompt(row[cols["prompt"]], row.get(cols["input"]))
+        else:
+            prompt = normalize_messages(row[cols["prompt"]])
+        completion = response_text(row[cols["completion"]])
+        out = {"prompt": prompt, "completion": completion, "messages": prompt + [{"role": "assistant", "content": completion}]}
+    if "label" in cols:
+        out["label"] = parse_label(row[cols["label"]])
+    if "reference" in cols:
+        out["reference"] = _reference_text(row[cols["reference"]])
+    return out
+
+
+def _reference_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
 def _normalise_row(row: dict, ds) -> dict:
-    if ds.adapter == "hh-rlhf":
+    if ds.adapter not in ("generic", "hh-rlhf"):
+        out = _completion_row(row, ds)
+    elif ds.adapter == "hh-rlhf":
         prompt, chosen, rejected = split_hh_pair(row["chosen"], row["rejected"])
         out = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
     else:
@@ -194,6 +365,9 @@ def _normalise_row(row: dict, ds) -> dict:
         if ds.chosen_column and ds.rejected_column:
             out["chosen"] = response_text(row[ds.chosen_column])
             out["rejected"] = response_text(row[ds.rejected_column])
+        if ds.reference_column:
+            out["reference"] = _reference_text(row[ds.reference_column])
+    out["prompt"] = apply_prompt_template(out["prompt"], ds.prompt_template)
     out["prompt_id"] = prompt_id(out["prompt"])
     return out
 
@@ -206,7 +380,8 @@ def load_spec_dataset(ds, base: Path):
         base: folder that relative paths resolve against.
 
     Returns:
-        a Dataset with ``prompt_id``, ``prompt`` and, for preference data, ``chosen``, ``rejected``.
+        a Dataset with the columns of ``ds.columns()``: ``prompt_id``, ``prompt`` and, for preference
+        data, ``chosen``, ``rejected``; for SFT/unpaired data ``completion``, ``messages`` (and ``label``).
 
     Raises:
         FileNotFoundError: missing local file. ValueError: unreadable rows.
@@ -214,6 +389,9 @@ def load_spec_dataset(ds, base: Path):
     """
     import datasets
 
+    if ds.adapter == "rt-polarity":
+        norm = datasets.Dataset.from_list(_sentence_rows(ds, base), features=_features(ds))
+        return norm.select(_kept_rows(norm, ds))
     if ds.path:
         path = resolve(ds.path, base)
         fmt = _local_format(path)
@@ -226,22 +404,52 @@ def load_spec_dataset(ds, base: Path):
             raw = datasets.load_dataset(fmt, data_files=str(path), split="train")
     else:
         raw = datasets.load_dataset(ds.hub, ds.config, revision=ds.revision, split=ds.split)
-    norm = raw.map(lambda r: _normalise_row(r, ds), remove_columns=raw.column_names, desc=None)
+    norm = raw.map(lambda r: _normalise_row(r, ds), remove_columns=raw.column_names, desc=None, features=_features(ds))
+    return norm.select(_kept_rows(norm, ds))
+
+
+def _kept_rows(norm, ds) -> list[int]:
+    """Row indices inside ``hash_range``, one per duplicate key (with ``dedupe_prompts``), at most ``limit``."""
     lo, hi = ds.hash_range
-    seen: set[str] = set()
+    seen: set = set()
     keep = []
-    for i, pid in enumerate(norm["prompt_id"]):
-        u = hash_unit(pid)
+    for i, key in enumerate(_dedupe_keys(norm, ds)):
+        u = hash_unit(key[0])
         if not (lo <= u < hi):
             continue
         if ds.dedupe_prompts:
-            if pid in seen:
+            if key in seen:
                 continue
-            seen.add(pid)
+            seen.add(key)
         keep.append(i)
         if ds.limit and len(keep) >= ds.limit:
             break
-    return norm.select(keep)
+    return keep
+
+
+def _features(ds):
+    """The normalised features of a completion adapter's rows (None for ``generic`` and ``hh-rlhf``, whose
+    types are inferred as in the first release). Explicit, because a raw column of the same name
+    (``messages``, ``label``, ``reference``) would otherwise lend its raw type to the normalised one."""
+    if ds.adapter in ("generic", "hh-rlhf"):
+        return None
+    import datasets
+
+    text = datasets.Value("string")
+    chat = datasets.List({"role": text, "content": text})
+    cols = {"prompt": chat, "chosen": text, "rejected": text, "completion": text, "messages": chat,
+            "label": datasets.Value("bool"), "prompt_id": text, "reference": text}
+    return datasets.Features({c: cols[c] for c in ds.columns()})
+
+
+def _dedupe_keys(norm, ds) -> list[tuple]:
+    """What makes a row a duplicate: its prompt (prompts and preference data), or its prompt,
+    completion and label (SFT and unpaired data, where one prompt may carry several completions)."""
+    pids = list(norm["prompt_id"])
+    if "completion" not in norm.column_names:
+        return [(p,) for p in pids]
+    labels = list(norm["label"]) if "label" in norm.column_names else [None] * len(pids)
+    return list(zip(pids, norm["completion"], labels))
 
 
 EMPTY_MARKER = "empty_dataset.json"

@@ -262,7 +262,9 @@ class RewardImpl(_Record):
         params: its pydantic params model (``extra="forbid"``); model references inside it are
             marked with :class:`ModelRef` and resolved like a stage's.
         load: ``load(params, ctx: ComponentContext) -> Reward``; loads models once per stage.
-        columns: row columns the reward reads (validation checks the prompts data has them).
+        columns: row columns the reward reads, or ``columns(params) -> list[str]`` when they follow the
+            params; validation checks that the rows reaching the reward have them (the prompts dataset's
+            columns flow through ``sample``, ``score`` and ``filter``).
         components: names of the components it reports, if fixed (documentation and schema).
         check: optional ``check(params, spec) -> list[Problem]``, pointers relative to its ``params``.
     """
@@ -270,9 +272,13 @@ class RewardImpl(_Record):
     name: str
     params: type[BaseModel]
     load: Callable[[BaseModel, "ComponentContext"], Reward]
-    columns: tuple[str, ...] = ()
+    columns: Union[tuple[str, ...], Callable[[BaseModel], Any]] = ()
     components: tuple[str, ...] = ()
     check: Optional[Callable[..., list["Problem"]]] = None
+
+    def required_columns(self, params: BaseModel) -> list[str]:
+        """The row columns this reward reads with ``params``."""
+        return list(self.columns(params) if callable(self.columns) else self.columns)
 
     def origin(self) -> str:
         return f"reward '{self.name}' ({self.distribution or 'unknown distribution'} {self.dist_version})".replace(" )", ")")

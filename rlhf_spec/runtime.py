@@ -156,16 +156,27 @@ def commit_hook(kind: str, detail: str = "") -> None:
     whose detail starts with PREFIX, e.g. ``after:entry:3fa9`` after the entry whose key starts 3fa9).
     """
     _commits[0] += 1
+    _mark(kind, detail, str(_commits[0]), counted=True)
+
+
+def kill_point(kind: str, detail: str = "") -> None:
+    """Mark a point inside a step where nothing is made durable (e.g. an online stage's rollout or
+    update): logged like :func:`commit_hook` with ``-`` for n, and a kill target only through
+    ``RLHF_SPEC_KILL_AT_COMMIT=after:KIND:PREFIX``, so that ``N`` still counts durable points only."""
+    _mark(kind, detail, "-", counted=False)
+
+
+def _mark(kind: str, detail: str, n: str, counted: bool) -> None:
     log = os.environ.get(COMMIT_LOG_ENV)
     if log:
         with open(log, "a", encoding="utf-8") as f:
-            f.write(f"{os.getpid()} {_commits[0]} {kind} {detail}\n")
+            f.write(f"{os.getpid()} {n} {kind} {detail}\n")
             f.flush()
             os.fsync(f.fileno())
     at = os.environ.get(KILL_AT_COMMIT_ENV)
     if at:
         import signal
 
-        n, _, sig = at.partition(":")
-        if (n == "after" and f"{kind}:{detail}".startswith(sig)) or (n.isdigit() and _commits[0] == int(n)):
+        what, _, sig = at.partition(":")
+        if (what == "after" and f"{kind}:{detail}".startswith(sig)) or (counted and what.isdigit() and _commits[0] == int(what)):
             os.kill(os.getpid(), signal.SIGINT if sig.upper() == "INT" else signal.SIGKILL)

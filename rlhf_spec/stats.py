@@ -432,7 +432,8 @@ def compare(
     Keys: ``win_rate`` (:func:`win_rate`, all ``k x k`` pairs, ties 1/2) with
     ``win_rate_ci_low/high`` (BCa bootstrap over prompts, :func:`bootstrap_mean_ci`) and
     ``win_rate_wilson_low/high`` (:func:`wilson_interval` with ``wins = sum_i w_i``,
-    ``n = P``); ``reward_mean_policy``, ``reward_mean_reference``, ``reward_delta``,
+    ``n = P``); ``reward_mean_policy``, ``reward_mean_reference`` with ``*_ci_low/high`` (BCa
+    bootstrap of the per-prompt means over prompts), ``reward_delta``,
     ``reward_delta_ci_low/high`` (:func:`reward_difference`); ``lc_win_rate``,
     ``lc_intercept``, ``lc_length_coef``, ``lc_win_rate_ci_low/high`` (
     :func:`length_controlled_win_rate` fitted on all ``P k^2`` answer pairs, each with
@@ -460,6 +461,8 @@ def compare(
     lo, hi = bootstrap_mean_ci(wr.per_prompt, confidence, n_resamples, seed)
     wlo, whi = wilson_interval(float(wr.per_prompt.sum()), P, confidence)
     rd = reward_difference(p, r, confidence, n_resamples, seed)
+    mp_lo, mp_hi = bootstrap_mean_ci(p.mean(axis=1), confidence, n_resamples, seed)
+    mr_lo, mr_hi = bootstrap_mean_ci(r.mean(axis=1), confidence, n_resamples, seed)
     prefs = _pair_preferences(p, r).reshape(P, k * k)
     pair_lp = np.broadcast_to(lp[:, :, None], (P, k, k)).reshape(P, k * k)
     pair_lr = np.broadcast_to(lr[:, None, :], (P, k, k)).reshape(P, k * k)
@@ -468,6 +471,8 @@ def compare(
         "win_rate": wr.value, "win_rate_ci_low": lo, "win_rate_ci_high": hi,
         "win_rate_wilson_low": wlo, "win_rate_wilson_high": whi,
         "reward_mean_policy": rd.mean_policy, "reward_mean_reference": rd.mean_reference,
+        "reward_mean_policy_ci_low": mp_lo, "reward_mean_policy_ci_high": mp_hi,
+        "reward_mean_reference_ci_low": mr_lo, "reward_mean_reference_ci_high": mr_hi,
         "reward_delta": rd.delta, "reward_delta_ci_low": rd.ci_low, "reward_delta_ci_high": rd.ci_high,
         "lc_win_rate": lc.win_rate, "lc_intercept": lc.intercept, "lc_length_coef": lc.length_coef,
         "lc_win_rate_ci_low": lc.ci_low, "lc_win_rate_ci_high": lc.ci_high,
@@ -507,7 +512,9 @@ def compare_preferences(preferences, policy_lengths, reference_lengths, confiden
     return {
         "win_rate": float(per_prompt.mean()), "win_rate_ci_low": lo, "win_rate_ci_high": hi,
         "win_rate_wilson_low": wlo, "win_rate_wilson_high": whi,
-        "reward_mean_policy": None, "reward_mean_reference": None, "reward_delta": None,
+        "reward_mean_policy": None, "reward_mean_reference": None, "reward_mean_policy_ci_low": None,
+        "reward_mean_policy_ci_high": None, "reward_mean_reference_ci_low": None, "reward_mean_reference_ci_high": None,
+        "reward_delta": None,
         "reward_delta_ci_low": None, "reward_delta_ci_high": None,
         "lc_win_rate": lc.win_rate, "lc_intercept": lc.intercept, "lc_length_coef": lc.length_coef,
         "lc_win_rate_ci_low": lc.ci_low, "lc_win_rate_ci_high": lc.ci_high,

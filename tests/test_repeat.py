@@ -118,3 +118,37 @@ def test_set_reaches_an_expanded_stage(tmp_path, tiny_spec):
     a = {row["id"]: row["key"] for row in json.loads(r.stdout)}
     b = {row["id"]: row["key"] for row in json.loads(r1.stdout)}
     assert a["sample_iter1"] == b["sample_iter1"] and a["sample_iter2"] != b["sample_iter2"]
+
+
+def test_per_round_values_keep_their_type_and_equal_the_graph_by_hand(tmp_path, tiny_spec):
+    """``values``: round r's entry replaces '{value:NAME}' (a whole-string placeholder keeps the JSON type, so
+    a number stays a number), and the keys equal those of the stages written out with the numbers."""
+    from rlhf_spec.spec.repeat import expand
+
+    spec = _block_spec(tiny_spec)
+    block = spec["stages"][1]["repeat"]
+    block["values"] = {"temperature": [0.7, 0.9]}
+    block["stages"][0]["params"]["temperature"] = "{value:temperature}"
+    block["stages"][0]["description"] = "sampling at T={value:temperature}"
+    stages = expand(spec)[0]["stages"]
+    assert [s["params"]["temperature"] for s in stages if s["id"].startswith("sample")] == [0.7, 0.9]
+    assert stages[1]["description"] == "sampling at T=0.7"
+    hand = _by_hand(tiny_spec)
+    for st in hand["stages"]:
+        if st["id"].startswith("sample"):
+            st["params"]["temperature"] = 0.7 if st["id"].endswith("1") else 0.9
+    assert _plan(tmp_path, spec, "block.json") == _plan(tmp_path, hand, "hand.json")
+
+
+def test_per_round_values_need_one_entry_per_round_and_a_name_that_exists(tiny_spec):
+    spec = _block_spec(tiny_spec)
+    block = spec["stages"][1]["repeat"]
+    block["values"] = {"temperature": [0.7]}
+    errs = _errors(spec)
+    assert errs == ["/stages/1/repeat/values/temperature: needs one entry per round (2), got 1 entries"], errs
+    block["values"] = {"temperature": [0.7, 0.9]}
+    block["stages"][0]["params"]["temperature"] = "{value:temprature}"
+    errs = _errors(spec)
+    assert len(errs) == 2 and errs[1].startswith(
+        "/stages/1/repeat/stages/0/params/temperature: no per-round value 'temprature' in the repeat block (round 2)"), errs
+    assert "did you mean 'temperature'?" in errs[0]

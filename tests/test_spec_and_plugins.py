@@ -70,19 +70,19 @@ def test_json_syntax_error_has_line_and_column(tmp_path, capsys):
 
 
 def test_cli_validate_exit_code_and_no_traceback(tmp_path, tiny_spec):
-    tiny_spec["stages"][0]["params"]["lrr"] = 1
+    tiny_spec["stages"][0]["params"]["learning_rat"] = 1
     spec = write_spec(tmp_path, tiny_spec)
     r = cli("validate", str(spec))
     assert r.returncode == 2
-    assert "/stages/0/params/lrr: unknown key 'lrr' (did you mean 'lr'?)" in r.stderr
+    assert "/stages/0/params/learning_rat: unknown key 'learning_rat' (did you mean 'learning_rate'?)" in r.stderr
     assert "Traceback" not in r.stderr
-    r = cli("validate", str(spec), "--set", "stages.reward_model.params.lrr=null")
+    r = cli("validate", str(spec), "--set", "stages.reward_model.params.learning_rat=null")
     assert r.returncode == 2  # still there, now null
 
 
 def test_set_overrides(tiny_spec):
-    out = apply_overrides(tiny_spec, ["stages.sample.params.n=7", "stages.0.params.lr=0.5", "seed=3", "models.policy.dtype=float32"])
-    assert out["stages"][1]["params"]["n"] == 7 and out["stages"][0]["params"]["lr"] == 0.5
+    out = apply_overrides(tiny_spec, ["stages.sample.params.n=7", "stages.0.params.learning_rate=0.5", "seed=3", "models.policy.dtype=float32"])
+    assert out["stages"][1]["params"]["n"] == 7 and out["stages"][0]["params"]["learning_rate"] == 0.5
     assert out["seed"] == 3 and out["models"]["policy"]["dtype"] == "float32"
     assert tiny_spec["seed"] == 0  # the input is not modified
     with pytest.raises(UsageError, match="did you mean 'sample'"):
@@ -174,3 +174,31 @@ def test_third_party_plugin_registers_and_conflict_is_named(tmp_path, tiny_spec)
     r = cli("plugins", "--json", env=env1)
     row = [x for x in json.loads(r.stdout)["stages"] if x["name"] == "noop"][0]
     assert row["distribution"] == "rlhf-spec-one" and row["version"] == "0.3.1"
+
+
+def test_old_lr_name_is_accepted_with_the_same_key(tmp_path, tiny_spec):
+    """'lr' (the name up to 0.1) still validates, warns, and keys the stage exactly as 'learning_rate' does."""
+    from rlhf_spec.cache import Cache
+    from rlhf_spec.runner import Runner
+    from rlhf_spec.spec import load_pipeline
+
+    keys = []
+    for name in ("learning_rate", "lr"):
+        spec = json.loads(json.dumps(tiny_spec))
+        params = spec["stages"][0]["params"]
+        params[name] = params.pop("learning_rate")
+        with pytest.warns(FutureWarning, match="'lr' is now called 'learning_rate'") if name == "lr" else _no_warning():
+            (tmp_path / name).mkdir()
+            runner = Runner(load_pipeline(write_spec(tmp_path / name, spec), registry()), Cache(tmp_path / "cache"))
+            keys.append(runner.key(spec["stages"][0]["id"]))
+    assert keys[0] == keys[1]
+    spec["stages"][0]["params"]["learning_rate"] = 1e-3
+    (tmp_path / "both").mkdir()
+    r = cli("validate", str(write_spec(tmp_path / "both", spec)))
+    assert r.returncode == 2 and "/stages/0/params: give 'learning_rate' only" in r.stderr, r.stderr
+
+
+def _no_warning():
+    import contextlib
+
+    return contextlib.nullcontext()

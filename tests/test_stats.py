@@ -251,6 +251,7 @@ def test_lc_bootstrap_interval():
 KEYS = {
     "win_rate", "win_rate_ci_low", "win_rate_ci_high", "win_rate_wilson_low", "win_rate_wilson_high",
     "reward_mean_policy", "reward_mean_reference", "reward_delta", "reward_delta_ci_low", "reward_delta_ci_high",
+    "reward_mean_policy_ci_low", "reward_mean_policy_ci_high", "reward_mean_reference_ci_low", "reward_mean_reference_ci_high",
     "lc_win_rate", "lc_intercept", "lc_length_coef", "lc_win_rate_ci_low", "lc_win_rate_ci_high",
     "prompts", "samples_per_prompt", "length_mean_policy", "length_mean_reference", "confidence",
 }
@@ -272,6 +273,10 @@ def test_compare_k3():
     assert out["win_rate_ci_low"] < out["win_rate"] < out["win_rate_ci_high"]
     assert out["reward_delta"] == pytest.approx(pol.mean() - ref.mean())
     assert out["reward_delta_ci_low"] < out["reward_delta"] < out["reward_delta_ci_high"]
+    # each mean's interval is the bootstrap interval of the per-prompt means (scipy's BCa, checked above)
+    assert (out["reward_mean_policy_ci_low"], out["reward_mean_policy_ci_high"]) == S.bootstrap_mean_ci(pol.mean(axis=1), seed=0)
+    assert (out["reward_mean_reference_ci_low"], out["reward_mean_reference_ci_high"]) == S.bootstrap_mean_ci(ref.mean(axis=1), seed=0)
+    assert out["reward_mean_policy_ci_low"] < pol.mean() < out["reward_mean_policy_ci_high"]
     assert out["lc_win_rate_ci_low"] < out["lc_win_rate"] < out["lc_win_rate_ci_high"]
     assert (out["prompts"], out["samples_per_prompt"]) == (P, k)
     assert out["length_mean_policy"] == pytest.approx(lp.mean())

@@ -19,7 +19,7 @@ def test_dpo_and_lora_until(tmp_path, tiny_spec):
     rebel = tiny_spec["stages"][5]
     rebel["uses"] = "dpo"
     rebel["params"].pop("eta")
-    rebel["params"].update(beta=0.5, lr=1e-2)
+    rebel["params"].update(beta=0.5, learning_rate=1e-2)
     spec = write_spec(tmp_path, tiny_spec)
     cache = tmp_path / "cache"
     r = cli("run", str(spec), "--cache-dir", str(cache), "--until", "rebel", "--report", str(tmp_path / "dpo.json"))

@@ -17,7 +17,8 @@ from typing import Annotated, Callable, Optional
 
 from pydantic import Field
 
-from ..records import POLICY, ModelRef, NotInKey, StageResult
+from ..errors import Problem
+from ..records import POLICY, DatasetRef, ModelRef, NotInKey, StageResult
 from .batching import tokenize_pairs
 from .training import OptimParams, Trainer
 
@@ -32,9 +33,15 @@ class PolicyTrainParams(OptimParams):
         1.0, gt=0, le=10.0, description="Logits are divided by (T + 1e-7) before log-softmax; REBEL uses its sampling temperature, 0.8.")
     max_prompt_tokens: int = Field(1024, ge=1, description="Prompts are left-truncated to this many tokens.")
     max_response_tokens: int = Field(2048, ge=1, description="Responses are right-truncated to this many tokens.")
+    dataset: Optional[Annotated[str, DatasetRef(columns=("prompt", "chosen", "rejected"))]] = Field(
+        None, description="Preference pairs from /datasets (e.g. 'sharegpt' or 'generic' with chosen/rejected columns), instead of a pairs stage in inputs.")
+    eval_size: int = Field(0, ge=0, description="When the pairs have no 'test' split: hold out this many train pairs (lowest prompt hash) for eval_preference_accuracy.")
     eval_every: Annotated[Optional[int], NotInKey()] = Field(
         None, ge=1, description="Evaluate the loss on the test split every N updates (REBEL: 200). Not part of the key.")
     logprob_batch_size: Annotated[int, NotInKey()] = Field(8, ge=1, description="Pairs per forward pass for reference logprobs. Not part of the key.")
+    max_kl: Annotated[Optional[float], NotInKey()] = Field(
+        None, gt=0, description="Stop (TrainingDiverged, last checkpoint kept) when an update's mean KL(pi_0 || pi) on its responses "
+                                "(k3, nats per response, logged as kl_ref) exceeds this. Not part of the key: it never changes a finished model.")
 
 
 @dataclass
@@ -81,7 +88,7 @@ def reference_logprobs(ctx, p: PolicyTrainParams, rows, tok) -> tuple[list[float
     from .logprobs import pair_logprobs
 
     src = ctx.model("reference" if p.reference else "policy")
-    preimage = {"pairs": ctx.inputs[0].key, "reference": src.identity, "temperature": p.logprob_temperature,
+    preimage = {"pairs": ctx.inputs[0].key if ctx.inputs else _rows_digest(rows), "reference": src.identity, "temperature": p.logprob_temperature,
                 "max_prompt_tokens": p.max_prompt_tokens, "max_response_tokens": p.max_response_tokens}
 
     def compute(tmp: Path) -> dict:
@@ -105,6 +112,35 @@ def reference_logprobs(ctx, p: PolicyTrainParams, rows, tok) -> tuple[list[float
     if data["prompt_id"] != list(rows["prompt_id"]):
         raise RuntimeError("reference logprobs do not match the pairs (corrupt shared entry)")
     return data["chosen"], data["rejected"]
+
+
+def _rows_digest(rows) -> str:
+    """sha256 of the pairs' content (prompt ids and both responses), for pairs read from a dataset."""
+    import hashlib
+
+    from ..hashing import canonical_json
+
+    return hashlib.sha256(canonical_json([list(rows["prompt_id"]), list(rows["chosen"]), list(rows["rejected"])])).hexdigest()
+
+
+def load_pairs(ctx):
+    """The pairs a policy trainer reads: its pairs input, or ``params.dataset`` with a ``split`` column of
+    ``"train"`` and zero rewards (a dataset has preferences, not reward values)."""
+    if ctx.inputs:
+        return ctx.input_dataset(0)
+    rows = ctx.dataset("dataset")
+    n = len(rows)
+    return (rows.add_column("split", ["train"] * n).add_column("chosen_reward", [0.0] * n)
+            .add_column("rejected_reward", [0.0] * n))
+
+
+def pairs_check(params: PolicyTrainParams, spec, inputs) -> list[Problem]:
+    """A pair trainer reads ``params.dataset`` or one pairs input: exactly one of them."""
+    if not params.dataset and not inputs:
+        return [Problem("/dataset", "training needs preference pairs: set params.dataset or give a pairs stage in inputs")]
+    if params.dataset and inputs:
+        return [Problem("#/inputs", "the trainer reads params.dataset or a pairs input, not both")]
+    return []
 
 
 class _PairData:
@@ -147,37 +183,75 @@ def _kl_stat(b: PairBatch) -> float:
                                  torch.cat([b.policy_chosen_logps, b.policy_rejected_logps]).detach(), kind="k3").mean())
 
 
-def _evaluator(test: Optional[_PairData], loss_fn, pad_id: int, p) -> Optional[Callable]:
-    if test is None or len(test) == 0:
+def _pair_splits(pairs, eval_size: int):
+    """(train pairs, held-out pairs): the 'test' split, else ``eval_size`` train pairs by prompt hash."""
+    from ..data import hold_out_by_prompt
+
+    train, test = split_rows(pairs, "train"), split_rows(pairs, "test")
+    if len(test) == 0 and eval_size:
+        keep, out = hold_out_by_prompt(list(train["prompt_id"]), eval_size)
+        train, test = train.select(keep), train.select(out)
+    return train, test
+
+
+def _evaluator(ctx, held: Optional[_PairData], loss_fn, rewards: Optional[Callable], pad_id: int, p) -> Optional[Callable]:
+    """``evaluate(model)`` over the held-out pairs: mean loss and, given ``rewards``, the implicit-reward
+    accuracy (ties count one half) and mean margin."""
+    if held is None or len(held) == 0:
         return None
 
     def evaluate(model) -> dict:
         import torch
 
-        losses = []
-        with torch.no_grad():
-            for i in range(0, len(test), p.logprob_batch_size):
-                idx = list(range(i, min(i + p.logprob_batch_size, len(test))))
-                loss, _ = loss_fn(test.batch(model, pad_id, idx, p.logprob_temperature))
-                losses.append(float(loss) * len(idx))
-        return {"loss": sum(losses) / len(test)}
+        from .pairwise import pairwise_accuracy
+
+        losses, cs, rs = 0.0, [], []
+        with ctx.timer("eval"), torch.no_grad():
+            for i in range(0, len(held), p.logprob_batch_size):
+                idx = list(range(i, min(i + p.logprob_batch_size, len(held))))
+                b = held.batch(model, pad_id, idx, p.logprob_temperature)
+                losses += float(loss_fn(b)[0]) * len(idx)
+                if rewards is not None:
+                    c, r = rewards(p, b)
+                    cs.append(c.float().cpu())
+                    rs.append(r.float().cpu())
+        out = {"loss": losses / len(held), "pairs": len(held)}
+        if cs:
+            c, r = torch.cat(cs), torch.cat(rs)
+            out.update(preference_accuracy=pairwise_accuracy(c, r), implicit_reward_margin=float((c - r).mean()))
+        return out
 
     return evaluate
 
 
-def train_on_pairs(ctx, make_loss: Callable, reference_free: bool = False) -> StageResult:
+def seconds_per_update(ctx, metrics: dict) -> Optional[float]:
+    """Seconds of training per optimizer update run in this attempt: the ``train`` timer less the
+    ``eval`` timer (evaluation inside training), over the updates not resumed from a checkpoint.
+
+    Returns:
+        seconds (float), or None when no update ran here (everything resumed).
+    """
+    ran = metrics.get("updates", 0) - metrics.get("resumed_from_update", 0)
+    secs = ctx.output.timings.get("train", 0.0) - ctx.output.timings.get("eval", 0.0)
+    return round(secs / ran, 4) if ran > 0 else None
+
+
+def train_on_pairs(ctx, make_loss: Callable, reference_free: bool = False, rewards: Optional[Callable] = None) -> StageResult:
     """Train ``params.policy`` on the input ``pairs`` (split ``train``) with ``make_loss(params)``.
 
-    Reference logprobs are computed once (a shared cache entry) unless ``reference_free``; the loss
-    on the ``test`` split is reported as ``eval_loss``.
+    Reference logprobs are computed once (a shared cache entry) unless ``reference_free``. Pairs of the
+    ``test`` split (or, when there is none, ``params.eval_size`` train pairs chosen by prompt hash) are
+    held out: their loss is reported as ``eval_loss``, and with ``rewards(params, batch) -> (chosen,
+    rejected)`` (the loss's implicit reward per response, shape (B,)) also ``eval_preference_accuracy``
+    and ``eval_implicit_reward_margin``. ``seconds_per_update`` excludes evaluation.
 
     Raises:
         ValueError: if the pairs have no training rows.
         TrainingDiverged: on a NaN/inf loss.
     """
     p = ctx.params
-    pairs = ctx.input_dataset(0)
-    train_rows, test_rows = split_rows(pairs, "train"), split_rows(pairs, "test")
+    pairs = load_pairs(ctx)
+    train_rows, held_rows = _pair_splits(pairs, p.eval_size)
     if len(train_rows) == 0:
         raise ValueError("the pairs input has no 'train' rows")
     src = ctx.model("policy")
@@ -185,7 +259,7 @@ def train_on_pairs(ctx, make_loss: Callable, reference_free: bool = False) -> St
     ref = None if reference_free else reference_logprobs(ctx, p, pairs, tok)
     pos = {pid: i for i, pid in enumerate(pairs["prompt_id"])}
     train = _PairData(train_rows, tok, p, ref, pos)
-    test = _PairData(test_rows, tok, p, ref, pos) if len(test_rows) else None
+    held = _PairData(held_rows, tok, p, ref, pos) if len(held_rows) else None
     loss_fn = make_loss(p)
 
     def step(model, mb):
@@ -198,25 +272,26 @@ def train_on_pairs(ctx, make_loss: Callable, reference_free: bool = False) -> St
     with ctx.timer("load_policy"):
         model = src.load_causal_lm()
     trainer = Trainer(p, model, len(train), step, ctx.partial_dir / "checkpoints", ctx.partial_dir / "tensorboard",
-                      seed=ctx.seed + 555134, progress=ctx.progress, evaluate=_evaluator(test, loss_fn, tok.pad_token_id, p),
-                      eval_every=p.eval_every, run_name=ctx.stage_id)
+                      seed=ctx.seed + 555134, progress=ctx.progress, eval_every=p.eval_every, run_name=ctx.stage_id,
+                      evaluate=_evaluator(ctx, held, loss_fn, rewards, tok.pad_token_id, p))
     ctx.progress.note("training")
     with ctx.timer("train"):
         metrics = trainer.train()
     with ctx.timer("save"):
         save_policy(ctx, trainer, tok)
-    metrics.update({"train_pairs": len(train), "test_pairs": len(test) if test else 0})
+    metrics.update(train_pairs=len(train), test_pairs=len(held) if held else 0,
+                   seconds_per_update=seconds_per_update(ctx, metrics))
     return StageResult(metrics=metrics)
 
 
-def pair_trainer(make_loss: Callable, reference_free: bool = False) -> Callable:
+def pair_trainer(make_loss: Callable, reference_free: bool = False, rewards: Optional[Callable] = None) -> Callable:
     """A stage ``run`` function that trains a policy on pairs with ``make_loss`` (see :func:`train_on_pairs`).
 
     Several processes (``num_processes > 1``) are started by the runner itself; the returned
     function runs in each of them.
     """
     def run(ctx) -> StageResult:
-        return train_on_pairs(ctx, make_loss, reference_free)
+        return train_on_pairs(ctx, make_loss, reference_free, rewards)
 
     return run
 

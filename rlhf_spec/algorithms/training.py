@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..records import NotInKey
 from ..runtime import commit_hook
@@ -43,7 +43,20 @@ class OptimParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    lr: float = Field(3e-7, gt=0, le=1.0, description="Peak learning rate (AdamW).")
+    learning_rate: float = Field(3e-7, gt=0, le=1.0, description="Peak learning rate (AdamW).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: Any) -> Any:
+        # 'lr' was the name up to 0.1; accepted (with a FutureWarning) so that older specs keep their keys
+        if isinstance(data, dict) and "lr" in data:
+            if "learning_rate" in data:
+                raise ValueError("give 'learning_rate' only ('lr' is its old name)")
+            import warnings
+
+            warnings.warn("train params: 'lr' is now called 'learning_rate'", FutureWarning, stacklevel=2)
+            data = {("learning_rate" if k == "lr" else k): v for k, v in data.items()}
+        return data
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     weight_decay: float = Field(1e-6, ge=0, description="AdamW weight decay.")
@@ -152,7 +165,7 @@ def make_optimizer(model, params: OptimParams, num_updates: int):
     from transformers import get_scheduler
 
     trainable = [q for q in model.parameters() if q.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=params.lr, betas=tuple(params.betas), eps=params.eps, weight_decay=params.weight_decay)
+    opt = torch.optim.AdamW(trainable, lr=params.learning_rate, betas=tuple(params.betas), eps=params.eps, weight_decay=params.weight_decay)
     sched = get_scheduler(params.scheduler, opt, num_warmup_steps=int(params.warmup_ratio * num_updates),
                           num_training_steps=num_updates)
     return opt, sched
@@ -310,7 +323,7 @@ class Trainer:
             loss, stats = self.step_fn(self.model, mb)
             if not torch.isfinite(loss.detach()).all():
                 raise TrainingDiverged(f"loss is {loss.item()} at update {update + 1} (micro-step {micro + 1}); "
-                                       "lower params.lr or check the rewards")
+                                       "lower params.learning_rate or check the rewards")
             self.accelerator.backward(loss)
             if self.accelerator.sync_gradients and self.p.max_grad_norm:
                 self.accelerator.clip_grad_norm_(self.model.parameters(), self.p.max_grad_norm)
@@ -322,9 +335,13 @@ class Trainer:
 
     def _log_update(self, update: int, acc: dict, n_acc: int) -> None:
         row = self._global_means(acc, n_acc)
-        row["lr"] = float(self.scheduler.get_last_lr()[0])
+        row["learning_rate"] = float(self.scheduler.get_last_lr()[0])
         row["update"] = update
         self.history.append(row)
+        max_kl = getattr(self.p, "max_kl", None)
+        if max_kl is not None and row.get("kl_ref", 0.0) > max_kl:  # the same on every process (a global mean)
+            raise TrainingDiverged(f"the KL to the reference policy reached {row['kl_ref']:.4g} nats at update {update}, above "
+                                   f"max_kl {max_kl}; the last checkpoint is kept (lower params.learning_rate or raise max_kl)")
         if update % self.p.log_every == 0:
             self.accelerator.log({f"train/{k}": v for k, v in row.items() if k != "update"}, step=update)
         if self.progress is not None:
@@ -398,7 +415,7 @@ class Trainer:
         if ds_plugin is not None:
             out["zero_stage"] = ds_plugin.deepspeed_config.get("zero_optimization", {}).get("stage")
         for k in last:
-            if k not in ("update", "lr"):
+            if k not in ("update", "learning_rate"):
                 out[f"train_{k}_last10"] = sum(r.get(k, 0.0) for r in tail) / len(tail)
         if self.history:
             out["train_loss_first"] = self.history[0].get("loss")

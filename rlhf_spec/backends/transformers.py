@@ -27,7 +27,14 @@ class TransformersParams(BaseModel):
     batch_size: int = Field(8, ge=1, le=4096, description="Requests per generate call. It fixes batch composition (and so the random stream), so it is part of the key.")
     sort_by_length: bool = Field(True, description="Batch prompts longest first to cut padding.")
     dtype: Literal["model", "float32", "bfloat16", "float16"] = Field(
-        "model", description="Weights dtype for generation; 'model' uses the /models entry's dtype.")
+        "model", description="Weights dtype for generation; 'model' uses the /models entry's dtype (float32 on CPU). "
+        "bfloat16 roughly doubles CPU throughput where the CPU has bf16 instructions (AVX-512 BF16, AMX); it changes the samples, so it is part of the key.")
+    cache: Literal["static", "dynamic"] = Field(
+        "static", description="KV cache: 'static' preallocates it for the batch's prompt plus max_new_tokens (fewer reallocations; "
+        "needed for compile), 'dynamic' grows it token by token.")
+    compile: bool = Field(
+        False, description="torch.compile the forward pass (static cache only). Compiling takes about a minute per batch shape "
+        "and paid off on GPUs, not on a 2-core CPU in our measurements (docs/benchmarks.md).")
 
 
 def _stop_ids(tokenizer) -> set:
@@ -52,12 +59,23 @@ class TransformersEngine:
         from transformers import GenerationConfig
 
         greedy = sampling.temperature <= 0
+        extra: dict = {}
+        if self.p.cache == "static":
+            extra["cache_implementation"] = "static"
+        if self.p.compile:
+            from transformers.generation.configuration_utils import CompileConfig
+
+            cc = CompileConfig(fullgraph=False, dynamic=False)
+            cc._compile_all_devices = True  # transformers compiles on GPUs only unless asked
+            extra["compile_config"] = cc
+        else:
+            extra["disable_compile"] = True
         return GenerationConfig(
             do_sample=not greedy, temperature=None if greedy else sampling.temperature,
             top_p=None if greedy else sampling.top_p,
             top_k=0,  # nucleus sampling only (None would mean transformers' default top-k of 50)
             max_new_tokens=sampling.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id)
+            eos_token_id=self.tokenizer.eos_token_id, **extra)
 
     def _completion(self, row: list[int]) -> Completion:
         k = 0
@@ -114,7 +132,15 @@ def load(policy, params: TransformersParams, ctx) -> TransformersEngine:
     return TransformersEngine(model, tok, params)
 
 
+def _check(params: TransformersParams, spec) -> list:
+    from ..errors import Problem
+
+    if params.compile and params.cache != "static":
+        return [Problem("/compile", "compiling needs the static KV cache", "set cache to 'static'")]
+    return []
+
+
 @hookimpl
 def rlhf_spec_register_backends(register):
-    register(BackendImpl(name="transformers", params=TransformersParams, load=load, version="1",
+    register(BackendImpl(name="transformers", params=TransformersParams, load=load, version="1", check=_check,
                          description="batched transformers generate on CPU or one GPU"))

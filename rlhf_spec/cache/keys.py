@@ -60,11 +60,13 @@ def dataset_identity(ds, base_dir: Path, hash_state) -> dict:
     Raises:
         FileNotFoundError: missing local file. RuntimeError: a hub revision that cannot be resolved.
     """
-    ident = ds.model_dump(mode="json", exclude={"path", "revision"})
+    ident = ds.model_dump(mode="json", exclude={"path", "revision", "negative_path"})
     if ds.path:
         ident["content_sha256"] = hash_state.tree_digest(resolve(ds.path, base_dir))
     else:
         ident["revision"] = resolve_revision(ds.hub, ds.revision, repo_type="dataset")
+    if ds.negative_path:
+        ident["negative_content_sha256"] = hash_state.tree_digest(resolve(ds.negative_path, base_dir))
     return ident
 
 

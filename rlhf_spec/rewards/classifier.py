@@ -155,10 +155,16 @@ class ClassifierParams(BaseModel):
 
 
 class ClassifierReward:
-    """A loaded sequence-classification reward model (see :func:`score_pairs`)."""
+    """A loaded sequence-classification reward model (see :func:`score_pairs`).
 
-    def __init__(self, model, tokenizer, fmt: str, params: ClassifierParams):
+    Attributes:
+        statistics: ``{"mean", "std"}`` of the model's scores on its training data, when the model was
+            trained by ``train``/``reward-model`` (else None); a combination normalises with them.
+    """
+
+    def __init__(self, model, tokenizer, fmt: str, params: ClassifierParams, statistics: Optional[dict] = None):
         self.model, self.tokenizer, self.format, self.p = model, tokenizer, fmt, params
+        self.statistics = statistics
 
     def score(self, batch: RewardBatch) -> RewardOutput:
         """One float per completion: the model's first logit (reward units of the model)."""
@@ -177,7 +183,9 @@ def load(params: ClassifierParams, ctx) -> ClassifierReward:
     tok = src.load_tokenizer()
     model = src.load_sequence_classifier(device=ctx.device)
     fmt = resolve_format(params.format, tok, src.path if src.origin == "stage" else None)
-    return ClassifierReward(model, tok, fmt, params)
+    meta = Path(src.path) / META_FILE if src.path else None
+    stats = json.loads(meta.read_text()).get("statistics") if meta is not None and meta.is_file() else None
+    return ClassifierReward(model, tok, fmt, params, stats)
 
 
 @hookimpl

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import difflib
 import math
-import sys
 from typing import Literal, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -338,7 +337,7 @@ def check(params: CombineParams, spec=None) -> list[Problem]:
 
 def required_columns(params: CombineParams) -> list[str]:
     """Row columns the combination reads: the llama2 ``unsafe_column`` (rule llama2), plus those of
-    resolved components (their record's ``columns`` and their module's ``required_columns(params)``)."""
+    resolved components (their records' ``required_columns``)."""
     cols = []
     if params.rule == "llama2" and params.llama2 is not None and params.llama2.unsafe_column:
         cols.append(params.llama2.unsafe_column)
@@ -347,15 +346,12 @@ def required_columns(params: CombineParams) -> list[str]:
             impl, parsed = spec.impl, spec.parsed
         except RuntimeError:  # not resolved by validation yet
             continue
-        cols += list(impl.columns)
-        fn = getattr(sys.modules.get(getattr(impl.load, "__module__", "")), "required_columns", None)
-        if callable(fn):
-            cols += list(fn(parsed))
+        cols += impl.required_columns(parsed)
     return list(dict.fromkeys(cols))
 
 
 @hookimpl
 def rlhf_spec_register_rewards(register):
     register(RewardImpl(
-        name="combine", params=CombineParams, load=load, version="1", check=check,
+        name="combine", params=CombineParams, load=load, version="1", check=check, columns=required_columns,
         description="named component rewards combined by a weighted sum (optionally normalised) or Llama 2's safety/helpfulness rule"))

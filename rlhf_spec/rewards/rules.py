@@ -348,7 +348,7 @@ def rlhf_spec_register_rewards(register):
     register(RewardImpl(
         name="math-answer", params=MathAnswerParams, load=load_math_answer, version="1",
         description="final numeric answer (\\boxed, ####, 'answer is', last number) equals the row's reference answer",
-        columns=(), components=()))
+        columns=required_columns, components=()))
     register(RewardImpl(
         name="length", params=LengthParams, load=load_length, version="1", check=check_length,
         description="per_unit * max(0, count - free), counting tokens, words or characters"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from ..paths import HUB_ID_PATTERN
 from ..records import KINDS
@@ -75,34 +75,97 @@ class ModelSpec(_Strict):
         return v
 
 
+#: Adapters that read one completion per row (SFT and unpaired data): they provide ``completion`` and ``messages``.
+COMPLETION_ADAPTERS = ("messages", "prompt-completion", "alpaca", "sharegpt", "kto")
+
+#: Fields added after the first release. Left out of a dump while unset, so the dataset identities (and
+#: cache keys) of specs written before they existed stay the same.
+_LATER_FIELDS = ("completion_column", "messages_column", "input_column", "system_column", "label_column",
+                 "reference_column", "prompt_template", "negative_path", "encoding", "rows", "prompt_words")
+
+_ADAPTER_HELP = (
+    "How rows become normalised columns. 'generic': read prompt_column (a string is one user turn; a list of "
+    "{role, content} or {from, value} messages is kept) and, for preference data, chosen_column/rejected_column. "
+    "'hh-rlhf': parse '\\n\\nHuman:'/'\\n\\nAssistant:' transcripts in chosen/rejected. "
+    "'messages': messages_column (default 'messages') holds the whole conversation; the final assistant turn is "
+    "the completion. 'prompt-completion': prompt_column (string or messages) and completion_column (default "
+    "'completion'). 'alpaca': instruction (prompt_column; the default 'prompt' means 'instruction') plus optional "
+    "input (input_column, default 'input', appended after a blank line) as the user turn, output "
+    "(completion_column, default 'output') as the reply. 'sharegpt': LLaMA-Factory's conversations "
+    "(messages_column, default 'conversations') of {from, value} turns, an optional system column; with "
+    "chosen_column and rejected_column set it is preference data (the conversation is the prompt). 'kto': "
+    "messages (messages_column, default 'messages') whose final assistant turn is the completion, and a boolean "
+    "label (label_column, default 'label'). 'rt-polarity': two text files of one sentence per line (positive in path, "
+    "negative in negative_path); prompts are each sentence's first prompt_words words, pairs put a positive "
+    "sentence's rest over a negative one's."
+)
+
+
 class DatasetSpec(_Strict):
-    """A dataset the spec reads, normalised to columns ``prompt_id``, ``prompt`` (chat messages)
-    and, for preference data, ``chosen`` and ``rejected`` (the final assistant reply)."""
+    """A dataset the spec reads, normalised to columns ``prompt_id``, ``prompt`` (chat messages before the
+    reply) and, by adapter: ``chosen`` and ``rejected`` (preference data: the final assistant reply);
+    ``completion`` (the final assistant reply) and ``messages`` (the whole conversation, every assistant turn
+    included) for SFT and unpaired data; ``label`` (bool, desirable) for KTO data. :meth:`columns` lists them."""
 
     hub: Optional[str] = Field(None, description="Hub dataset id, e.g. 'allenai/ultrafeedback_binarized_cleaned_train'.")
     revision: Optional[str] = Field(None, description="Hub revision; resolved to a commit for the cache key.")
     config: Optional[str] = Field(None, description="Hub dataset configuration name.")
     split: str = Field("train", description="Split to read.")
     path: Optional[str] = Field(None, description="Local file or folder (json, jsonl, jsonl.gz, parquet, csv, or save_to_disk folder).")
-    adapter: Literal["generic", "hh-rlhf"] = Field(
-        "generic",
-        description="'hh-rlhf': parse '\\n\\nHuman:'/'\\n\\nAssistant:' transcripts in chosen/rejected; the prompt is the transcript up to the last assistant turn. 'generic': read the named columns (a string is one user turn; a list of {role, content} or {from, value} messages is kept).",
-    )
-    prompt_column: str = Field("prompt", description="Column holding the prompt (string or chat messages).")
-    chosen_column: Optional[str] = Field(None, description="Column with the preferred response, for preference data.")
-    rejected_column: Optional[str] = Field(None, description="Column with the dispreferred response, for preference data.")
+    adapter: Literal["generic", "hh-rlhf", "messages", "prompt-completion", "alpaca", "sharegpt", "kto", "rt-polarity"] = Field(
+        "generic", description=_ADAPTER_HELP)
+    prompt_column: str = Field("prompt", description="Column holding the prompt (string or chat messages); for 'alpaca' the instruction.")
+    chosen_column: Optional[str] = Field(None, description="Column with the preferred response, for preference data ('generic', 'sharegpt').")
+    rejected_column: Optional[str] = Field(None, description="Column with the dispreferred response, for preference data ('generic', 'sharegpt').")
+    completion_column: Optional[str] = Field(
+        None, description="Column with the reply: 'prompt-completion' (default 'completion') and 'alpaca' (default 'output').")
+    messages_column: Optional[str] = Field(
+        None, description="Column with the conversation: 'messages' and 'kto' (default 'messages'), 'sharegpt' (default 'conversations').")
+    input_column: Optional[str] = Field(None, description="'alpaca': the optional input column (default 'input').")
+    system_column: Optional[str] = Field(None, description="'sharegpt': the optional system-prompt column (default 'system').")
+    label_column: Optional[str] = Field(
+        None, description="Boolean 'desirable' column: 'kto' (default 'label'); set it on 'messages' or 'prompt-completion' data to add a label.")
+    reference_column: Optional[str] = Field(
+        None, description="Column copied verbatim into a 'reference' column, e.g. GSM8K's 'answer' for the math-answer reward.")
+    prompt_template: Optional[str] = Field(
+        None, description="Rewrites the last user turn: '{prompt}' is replaced by its text, e.g. '{prompt}\\nPut the final number inside <answer> </answer>.'")
+    negative_path: Optional[str] = Field(None, description="'rt-polarity': the file of negative sentences ('path' holds the positive ones).")
+    encoding: Optional[str] = Field(None, description="'rt-polarity': the text files' encoding (default 'utf-8'; some copies of the original files are 'latin-1').")
+    rows: Optional[Literal["prompts", "pairs"]] = Field(
+        None, description="'rt-polarity': 'prompts' (default; one row per sentence, its first prompt_words words) or 'pairs' (a positive "
+                          "sentence's rest chosen over a negative one's, the prompt taken from either sentence in turn).")
+    prompt_words: Optional[int] = Field(None, ge=1, le=64, description="'rt-polarity': words of each sentence that form the prompt (default 4).")
     hash_range: tuple[float, float] = Field(
         (0.0, 1.0),
         description="Keep rows whose prompt hash falls in [lo, hi) of [0, 1). Disjoint ranges give disjoint prompt sets (by content, independent of row order).",
     )
     limit: Optional[int] = Field(None, ge=1, description="Keep at most this many rows (after hash_range), in file order.")
-    dedupe_prompts: bool = Field(True, description="Keep one row per distinct prompt.")
+    dedupe_prompts: bool = Field(
+        True, description="Keep one row per distinct prompt; for completion data (SFT, KTO) one row per distinct (prompt, completion, label).")
 
     @model_validator(mode="after")
     def _check(self):
         if bool(self.hub) == bool(self.path):
             raise ValueError("give exactly one of 'hub' or 'path'")
+        unused = [f for f in _LATER_FIELDS + ("chosen_column", "rejected_column")
+                  if getattr(self, f) is not None and f not in _FIELDS_READ.get(self.adapter, ())]
+        if unused:
+            raise ValueError(f"adapter '{self.adapter}' does not read {', '.join(unused)}")
+        if self.adapter == "rt-polarity" and not (self.path and self.negative_path):
+            raise ValueError("adapter 'rt-polarity' reads two local files: set 'path' (positive sentences) and 'negative_path'")
+        if self.prompt_template is not None and "{prompt}" not in self.prompt_template:
+            raise ValueError("prompt_template must contain '{prompt}', where the prompt's text goes")
+        if self.adapter == "sharegpt" and bool(self.chosen_column) != bool(self.rejected_column):
+            raise ValueError("adapter 'sharegpt': give both chosen_column and rejected_column (preference data) or neither (SFT data)")
         return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        out = handler(self)
+        for f in _LATER_FIELDS:
+            if out.get(f, "") is None:
+                del out[f]
+        return out
 
     @field_validator("hash_range")
     @classmethod
@@ -117,14 +180,72 @@ class DatasetSpec(_Strict):
     def _hub_id(cls, v):
         return _check_hub_id(v)
 
+    def is_preference(self) -> bool:
+        """True when rows are read as (prompt, chosen, rejected)."""
+        if self.adapter == "rt-polarity":
+            return self.rows == "pairs"
+        return self.adapter == "hh-rlhf" or (self.adapter in ("generic", "sharegpt") and bool(self.chosen_column and self.rejected_column))
+
+    def source_columns(self) -> list[tuple[str, str, str, bool]]:
+        """The raw columns this adapter reads: ``(role, column, spec field that names it, required)``.
+
+        ``role`` is ``prompt``, ``completion``, ``messages``, ``input``, ``system``, ``label``, ``chosen`` or
+        ``rejected``; the field is ``adapter`` where the column is the adapter's default.
+        """
+        def pick(field: str, default: str) -> tuple[str, str]:
+            value = getattr(self, field)
+            return (value, field) if value is not None else (default, "adapter")
+
+        a = self.adapter
+        if a == "hh-rlhf":
+            return [("chosen", "chosen", "adapter", True), ("rejected", "rejected", "adapter", True)]
+        if a == "rt-polarity":
+            return []
+        out: list[tuple[str, str, str, bool]] = []
+        if self.reference_column is not None:
+            out.append(("reference", self.reference_column, "reference_column", True))
+        if a in ("generic", "prompt-completion"):
+            out.append(("prompt", self.prompt_column, "prompt_column", True))
+        if a == "alpaca":
+            out.append(("prompt", *((self.prompt_column, "prompt_column") if self.prompt_column != "prompt" else ("instruction", "adapter")), True))
+            out.append(("input", *pick("input_column", "input"), False))
+        if a in ("prompt-completion", "alpaca"):
+            out.append(("completion", *pick("completion_column", "completion" if a == "prompt-completion" else "output"), True))
+        if a in ("messages", "kto", "sharegpt"):
+            out.append(("messages", *pick("messages_column", "conversations" if a == "sharegpt" else "messages"), True))
+        if a == "sharegpt":
+            out.append(("system", *pick("system_column", "system"), False))
+        if a == "kto" or self.label_column is not None:
+            out.append(("label", *pick("label_column", "label"), True))
+        if a in ("generic", "sharegpt") and self.chosen_column and self.rejected_column:
+            out += [("chosen", self.chosen_column, "chosen_column", True), ("rejected", self.rejected_column, "rejected_column", True)]
+        return out
+
     def columns(self) -> tuple[str, ...]:
-        """Normalised columns this dataset provides."""
-        if self.adapter == "hh-rlhf":
-            return ("prompt_id", "prompt", "chosen", "rejected")
-        cols = ["prompt_id", "prompt"]
-        if self.chosen_column and self.rejected_column:
-            cols += ["chosen", "rejected"]
+        """Normalised columns this dataset provides: ``prompt_id`` and ``prompt`` always; ``chosen`` and
+        ``rejected`` for preference data; ``completion`` and ``messages`` for SFT/unpaired data; ``label``
+        for KTO data (or a ``label_column``); ``reference`` with a ``reference_column``."""
+        cols = ["prompt_id", "prompt"] + (["reference"] if self.reference_column is not None else [])
+        if self.is_preference():
+            return tuple(cols + ["chosen", "rejected"])
+        if self.adapter in COMPLETION_ADAPTERS:
+            cols += ["completion", "messages"]
+            if self.adapter == "kto" or self.label_column is not None:
+                cols.append("label")
         return tuple(cols)
+
+
+#: The optional column fields each adapter reads (others are refused, so a typo'd adapter is noticed).
+_FIELDS_READ = {
+    "generic": ("chosen_column", "rejected_column", "reference_column", "prompt_template"),
+    "hh-rlhf": ("chosen_column", "rejected_column", "prompt_template"),  # the columns are ignored, as in the first release
+    "messages": ("messages_column", "label_column", "reference_column", "prompt_template"),
+    "prompt-completion": ("completion_column", "label_column", "reference_column", "prompt_template"),
+    "alpaca": ("completion_column", "input_column", "reference_column", "prompt_template"),
+    "sharegpt": ("messages_column", "system_column", "chosen_column", "rejected_column", "reference_column", "prompt_template"),
+    "kto": ("messages_column", "label_column", "reference_column", "prompt_template"),
+    "rt-polarity": ("negative_path", "encoding", "rows", "prompt_words", "prompt_template"),
+}
 
 
 class StageSpec(_Strict):
@@ -175,7 +296,9 @@ class RepeatBlock(_Strict):
     rounds: int = Field(..., ge=1, le=1000, description="How many rounds.")
     id: str = Field("{id}_iter{round}", description="Expanded stage ids; must contain '{id}' and '{round}'.")
     initial: dict[str, str] = Field(default_factory=dict, description="What '{prev:NAME}' means in round 1: a model name or a stage outside the block.")
-    stages: list[StageSpec] = Field(..., min_length=1, description="The stages of one round. In params, '{round}', '{id:NAME}' and '{prev:NAME}' name the round and the block's stages.")
+    values: dict[str, list[Any]] = Field(
+        default_factory=dict, description="Per-round values, one entry per round: '{value:NAME}' in a param is round r's entry (a string that is exactly '{value:NAME}' takes the entry's JSON type).")
+    stages: list[StageSpec] = Field(..., min_length=1, description="The stages of one round. In params, '{round}', '{id:NAME}', '{prev:NAME}' and '{value:NAME}' name the round, the block's stages and the round's values.")
     description: str = Field("", description="Free text.")
 
 

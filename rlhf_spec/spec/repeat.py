@@ -14,7 +14,10 @@ In round r (1-based) each block stage gets the id ``id`` formats (``sample_iter2
 * an ``inputs`` entry that names a block stage means that stage of the same round;
 * in any string of ``params`` or ``description``: ``{round}`` is r, ``{id:NAME}`` the id of block stage
   NAME in round r, and ``{prev:NAME}`` its id in round r - 1; in round 1 ``{prev:NAME}`` is
-  ``initial[NAME]`` (a model name or a stage outside the block). ``{{`` and ``}}`` are literal braces.
+  ``initial[NAME]`` (a model name or a stage outside the block); ``{value:NAME}`` is round r's entry of
+  ``values[NAME]`` (one entry per round, e.g. ReST's rising reward thresholds). A string that is exactly
+  ``"{value:NAME}"`` becomes the value itself, with its JSON type (``"threshold": "{value:threshold}"``
+  gives a number). ``{{`` and ``}}`` are literal braces.
 
 The expanded stages are exactly what the same graph written out by hand would be, so they get the
 same cache keys. A problem found in an expanded stage points into the block, with its round.
@@ -29,8 +32,9 @@ from typing import Any, Optional
 
 from ..errors import Problem, SpecError, did_you_mean
 
-_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{(round|prev|id:[^{}]*|prev:[^{}]*)\}")
-_BLOCK_KEYS = {"rounds", "id", "initial", "stages", "description"}
+_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{(round|prev|id:[^{}]*|prev:[^{}]*|value:[^{}]*)\}")
+_WHOLE_VALUE = re.compile(r"^\{value:([^{}]*)\}$")
+_BLOCK_KEYS = {"rounds", "id", "initial", "values", "stages", "description"}
 
 
 @dataclass
@@ -45,7 +49,13 @@ class Origin:
         return f"{self.block}/stages/{self.index}{rest}"
 
 
-def _substitute(text: str, names: dict[str, str], prev: dict[str, str], rnd: int, where: str, problems: list) -> str:
+def _substitute(text: str, names: dict[str, str], prev: dict[str, str], rnd: int, where: str, problems: list,
+                values: Optional[dict] = None) -> Any:
+    values = values or {}
+    whole = _WHOLE_VALUE.match(text)
+    if whole and whole.group(1) in values:
+        return values[whole.group(1)][rnd - 1]
+
     def repl(m: re.Match) -> str:
         tok = m.group(0)
         if tok in ("{{", "}}"):
@@ -56,6 +66,12 @@ def _substitute(text: str, names: dict[str, str], prev: dict[str, str], rnd: int
         if inner == "prev":
             return str(rnd - 1)
         kind, _, name = inner.partition(":")
+        if kind == "value":
+            if name in values:
+                return str(values[name][rnd - 1])
+            problems.append(Problem(where, f"no per-round value '{name}' in the repeat block (round {rnd})",
+                                    did_you_mean(name, list(values)) or "declare it in repeat.values, one entry per round"))
+            return tok
         table = names if kind == "id" else prev
         if name in table:
             return table[name]
@@ -79,7 +95,7 @@ def _walk(value: Any, fn, path: str) -> Any:
     return value
 
 
-def _check_block(block: Any, ptr: str, problems: list[Problem]) -> Optional[tuple[int, str, dict, list]]:
+def _check_block(block: Any, ptr: str, problems: list[Problem]) -> Optional[tuple[int, str, dict, list, dict]]:
     if not isinstance(block, dict):
         problems.append(Problem(ptr, "a repeat block must be an object with 'rounds' and 'stages'"))
         return None
@@ -96,14 +112,22 @@ def _check_block(block: Any, ptr: str, problems: list[Problem]) -> Optional[tupl
     if not isinstance(stages, list) or not stages or not all(isinstance(s, dict) and isinstance(s.get("id"), str) for s in stages):
         problems.append(Problem(f"{ptr}/stages", "stages must be a non-empty list of stages, each with an 'id'"))
         return None
+    values = block.get("values", {})
+    if not isinstance(values, dict):
+        problems.append(Problem(f"{ptr}/values", "values maps a name to a list with one entry per round"))
+        values = {}
+    for name, vals in values.items():
+        if not isinstance(vals, list) or (isinstance(rounds, int) and len(vals) != rounds):
+            got = f"{len(vals)} entries" if isinstance(vals, list) else type(vals).__name__
+            problems.append(Problem(f"{ptr}/values/{name}", f"needs one entry per round ({rounds}), got {got}"))
     for name in initial if isinstance(initial, dict) else {}:
         if name not in {s["id"] for s in stages}:
             problems.append(Problem(f"{ptr}/initial/{name}", f"no stage '{name}' in the repeat block",
                                     did_you_mean(name, [s["id"] for s in stages])))
-    return (rounds, fmt, initial, stages) if problems == [] or not any(p.pointer.startswith(ptr) for p in problems) else None
+    return (rounds, fmt, initial, stages, values) if problems == [] or not any(p.pointer.startswith(ptr) for p in problems) else None
 
 
-def _round(stages: list, fmt: str, rnd: int, prev: dict, ptr: str, problems: list) -> tuple[list, dict]:
+def _round(stages: list, fmt: str, rnd: int, prev: dict, ptr: str, problems: list, values: dict) -> tuple[list, dict]:
     names = {s["id"]: fmt.replace("{id}", s["id"]).replace("{round}", str(rnd)) for s in stages}
     out = []
     for j, st in enumerate(stages):
@@ -114,7 +138,7 @@ def _round(stages: list, fmt: str, rnd: int, prev: dict, ptr: str, problems: lis
             new["inputs"] = [names.get(i, i) if isinstance(i, str) else i for i in st["inputs"]]
         for field in ("params", "description"):
             if field in st:
-                new[field] = _walk(st[field], lambda s, p: _substitute(s, names, prev, rnd, p, problems), f"{where}/{field}")
+                new[field] = _walk(st[field], lambda s, p: _substitute(s, names, prev, rnd, p, problems, values), f"{where}/{field}")
         out.append(new)
     return out, names
 
@@ -146,10 +170,10 @@ def expand(data: dict) -> tuple[dict, list[Optional[Origin]]]:
         checked = _check_block(st["repeat"], ptr, problems)
         if checked is None:
             continue
-        rounds, fmt, initial, block = checked
+        rounds, fmt, initial, block, values = checked
         prev = dict(initial)
         for rnd in range(1, rounds + 1):
-            expanded, prev = _round(block, fmt, rnd, prev, ptr, problems)
+            expanded, prev = _round(block, fmt, rnd, prev, ptr, problems, values)
             out += expanded
             origins += [Origin(ptr, j, rnd) for j in range(len(block))]
     if problems:

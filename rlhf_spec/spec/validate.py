@@ -79,6 +79,7 @@ def _validate(data: dict, registry, source: str, base: Path, check_files: bool, 
     if check_files:
         _files(spec, base, problems)
     _plugin_checks(spec, order if len(order) == len(stages) else stages, problems)
+    _reward_columns(spec, stages, problems)
     for s in stages:
         _finite(s.params, f"{s.ptr}/params", problems)
     if problems:
@@ -292,6 +293,41 @@ def _plugin_checks(spec, stages: list[Stage], problems: list[Problem]) -> None:
             if impl is not None and impl.check is not None and comp._parsed is not None:
                 for p in impl.check(comp.parsed, spec) or []:
                     problems.append(Problem(f"{s.ptr}/params{pointer_of(path)}/params{p.pointer}", p.message, p.hint))
+
+
+def _row_columns(spec, stages: list[Stage], st: Stage, seen: Optional[set] = None) -> Optional[set]:
+    """The columns of the rows a stage's rewards see: its prompts dataset's, or those flowing from its
+    first input back to a sample stage's prompts dataset. None when unknown (another kind of source)."""
+    seen = seen or set()
+    by_id = {s.id: s for s in stages}
+    if st.id in seen:
+        return None
+    seen.add(st.id)
+    for path, name in st.dataset_refs.items():
+        if path.split(".")[-1] in ("prompts",) and name in spec.datasets:
+            return set(spec.datasets[name].columns()) - {"chosen", "rejected"}
+    if st.spec.inputs and st.spec.inputs[0] in by_id and st.impl.kind in ("score", "filter", "pair", "evaluate"):
+        return _row_columns(spec, stages, by_id[st.spec.inputs[0]], seen)
+    return None
+
+
+def _reward_columns(spec, stages: list[Stage], problems: list[Problem]) -> None:
+    """A problem for every reward that reads a row column the rows reaching it do not have
+    (``math-answer`` without a ``reference`` column, for example)."""
+    for s in stages:
+        rewards = [(p, c) for p, c in walk_components(s.params) if c.surface == "reward" and c._parsed is not None]
+        if not rewards:
+            continue
+        have = _row_columns(spec, stages, s)
+        if have is None:
+            continue
+        for path, comp in rewards:
+            missing = [c for c in comp.impl.required_columns(comp.parsed) if c not in have]
+            if missing:
+                problems.append(Problem(f"{s.ptr}/params{pointer_of(path)}",
+                                        f"reward '{comp.uses}' reads the row column(s) {', '.join(missing)}, which the prompts "
+                                        f"reaching this stage do not have (they have {', '.join(sorted(have))})",
+                                        "give the prompts dataset a reference_column (or keep_columns)"))
 
 
 def _call_check(check, params, spec, in_types) -> list[Problem]:

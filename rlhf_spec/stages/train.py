@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from ..algorithms.policy import PairBatch, PolicyTrainParams, pair_trainer
+from ..algorithms.policy import PairBatch, PolicyTrainParams, pair_trainer, pairs_check
 from ..algorithms.reward_model import RewardModelParams, train_reward_model
 from ..errors import Problem
 from ..hookspecs import hookimpl
@@ -58,7 +58,7 @@ class DPOParams(PolicyTrainParams):
 
     beta: float = Field(0.1, gt=0, le=100.0, description="KL strength beta.")
     label_smoothing: float = Field(0.0, ge=0.0, le=0.5, description="Conservative DPO label smoothing.")
-    lr: float = Field(5e-7, gt=0, le=1.0, description="Peak learning rate (AdamW).")
+    learning_rate: float = Field(5e-7, gt=0, le=1.0, description="Peak learning rate (AdamW).")
 
 
 def dpo_loss(p: DPOParams):
@@ -73,6 +73,24 @@ def dpo_loss(p: DPOParams):
                        "implicit_reward_margin": float((cr - rj).mean()), "implicit_accuracy": float((cr > rj).float().mean())}
 
     return loss
+
+
+def dpo_rewards(p: DPOParams, b: PairBatch):
+    """DPO's implicit reward per response, shape (B,): ``beta * (log pi(y|x) - log pi_ref(y|x))``
+    (Rafailov et al. 2023, section 5); held-out pairs it orders right give ``eval_preference_accuracy``."""
+    return p.beta * (b.policy_chosen_logps - b.reference_chosen_logps), p.beta * (b.policy_rejected_logps - b.reference_rejected_logps)
+
+
+def rebel_rewards(p: RebelParams, b: PairBatch):
+    """REBEL's implied reward per response, shape (B,): ``(log pi(y|x) - log pi_0(y|x)) / eta``, the
+    quantity its regression fits to the reward (Gao et al. 2024, Eq. 1)."""
+    return (b.policy_chosen_logps - b.reference_chosen_logps) / p.eta, (b.policy_rejected_logps - b.reference_rejected_logps) / p.eta
+
+
+def _rebel_check(params: RebelParams, spec, inputs) -> list[Problem]:
+    if params.dataset:
+        return [Problem("/dataset", "REBEL regresses on reward differences, which a dataset does not have: give a scored pairs stage in inputs")]
+    return []
 
 
 def _reward_model_check(params: RewardModelParams, spec, inputs) -> list[Problem]:
@@ -91,19 +109,19 @@ def _policy_resources(p) -> dict:
     return out
 
 
-run_rebel = pair_trainer(rebel_loss)
-run_dpo = pair_trainer(dpo_loss)
+run_rebel = pair_trainer(rebel_loss, rewards=rebel_rewards)
+run_dpo = pair_trainer(dpo_loss, rewards=dpo_rewards)
 run_reward_model = train_reward_model
 
 
 @hookimpl
 def rlhf_spec_register_stages(register):
     register(StageImpl(kind="train", name="rebel", params=RebelParams, run=run_rebel, version="1",
-                       inputs=(PAIRS,), min_inputs=1, max_inputs=1, output=POLICY,
+                       inputs=(PAIRS,), min_inputs=1, max_inputs=1, output=POLICY, check=_rebel_check,
                        description="REBEL: regress log-ratio differences onto eta * reward differences",
                        resources=_policy_resources))
     register(StageImpl(kind="train", name="dpo", params=DPOParams, run=run_dpo, version="1",
-                       inputs=(PAIRS,), min_inputs=1, max_inputs=1, output=POLICY,
+                       inputs=(PAIRS,), min_inputs=0, max_inputs=1, output=POLICY, check=pairs_check,
                        description="DPO: -log sigmoid(beta * log-ratio margin)", resources=_policy_resources))
     register(StageImpl(kind="train", name="reward-model", params=RewardModelParams, run=run_reward_model, version="2",
                        inputs=(PAIRS,), min_inputs=0, max_inputs=1, output=REWARD_MODEL, check=_reward_model_check,

@@ -21,7 +21,7 @@ class SlicParams(PolicyTrainParams):
 
     delta: float = Field(1.0, gt=0, description="Calibration margin delta, in nats of sequence logprob.")
     regularization: float = Field(0.1, ge=0, description="Weight lambda of the cross-entropy term on the chosen reply.")
-    lr: float = Field(1e-6, gt=0, le=1.0, description="Peak learning rate (AdamW).")
+    learning_rate: float = Field(1e-6, gt=0, le=1.0, description="Peak learning rate (AdamW).")
 
 
 def slic_loss(params: SlicParams):

@@ -100,7 +100,7 @@ def spec_dict(tiny: dict) -> dict:
             {"id": "score", "kind": "score", "uses": "reward", "inputs": ["sample"], "params": {"reward": judge}},
             {"id": "pair", "kind": "pair", "uses": "best-worst", "inputs": ["score"]},
             {"id": "slic", "kind": "train", "uses": "slic-hf", "inputs": ["pair"],
-             "params": {"policy": "policy", "lr": 1e-3, "per_device_batch_size": 2, "gradient_accumulation_steps": 1,
+             "params": {"policy": "policy", "learning_rate": 1e-3, "per_device_batch_size": 2, "gradient_accumulation_steps": 1,
                         "max_prompt_tokens": 64, "max_response_tokens": 16, "save_every": 1}},
             {"id": "evaluate", "kind": "evaluate", "uses": "reward-winrate",
              "params": {"policy": "slic", "reference": "policy", "prompts": "held_out", "max_new_tokens": 12,

@@ -1,0 +1,492 @@
+"""The offline family on tiny real models: SFT (assistant mask, packing, held-out loss), best-of-n,
+IPO/SimPO/ORPO/KTO through the runner, and the static checks (QLoRA without CUDA, KTO batch size)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import data_file, write_spec
+from rlhf_spec.errors import SpecError
+
+ALPACA = "alpaca_eval/gpt4__model_outputs.json"
+KTO = "llama-factory/kto_en_demo.json"
+
+
+# ----------------------------------------------------------------------------- fixtures and helpers
+
+
+@pytest.fixture(scope="module")
+def registry():
+    """The installed plugins, the offline stages among them."""
+    from rlhf_spec.plugins import load_registry, set_registry
+
+    reg = load_registry()
+    assert ("train", "sft") in reg.stages and ("filter", "best-of-n") in reg.stages, "pyproject's entry points list the offline stages"
+    assert not reg.failures and not reg.conflicts, (reg.failures, reg.conflicts)
+    set_registry(reg)
+    yield reg
+    set_registry(None)
+
+
+def base_spec(models: dict, hh: Path) -> dict:
+    """sample (3 per prompt) -> score -> pair (2 test pairs) on tiny models: the data the trainers read."""
+    return {
+        "name": "offline",
+        "seed": 0,
+        "models": {"policy": {"path": str(models["policy"])}, "rm": {"path": str(models["reward"])}},
+        "datasets": {"prompts": {"path": str(hh), "adapter": "hh-rlhf", "hash_range": [0.5, 0.75], "limit": 10}},
+        "stages": [
+            {"id": "sample", "kind": "sample", "uses": "generate",
+             "params": {"policy": "policy", "prompts": "prompts", "n": 3, "max_new_tokens": 6, "num_shards": 1,
+                        "backend": {"uses": "transformers", "params": {"batch_size": 8}}}},
+            {"id": "score", "kind": "score", "uses": "reward", "inputs": ["sample"],
+             "params": {"reward": {"uses": "classifier", "params": {"model": "rm", "max_length": 64}}, "num_shards": 1}},
+            {"id": "pair", "kind": "pair", "uses": "best-worst", "inputs": ["score"], "params": {"test_size": 2}},
+        ],
+    }
+
+
+TRAIN = {"policy": "policy", "learning_rate": 1e-2, "per_device_batch_size": 2, "gradient_accumulation_steps": 1, "epochs": 1.0,
+         "max_prompt_tokens": 128, "max_response_tokens": 16, "save_every": 100}
+
+
+def run_spec_inprocess(spec: dict, folder: Path, cache: Path, *extra: str) -> dict:
+    from rlhf_spec.cli import main
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = write_spec(folder, spec)
+    report = folder / "report.json"
+    code = main(["run", str(path), "--cache-dir", str(cache), "--report", str(report), *extra])
+    rep = json.loads(report.read_text()) if report.exists() else {}
+    assert code == 0, rep.get("error")
+    return {s["id"]: s for s in rep["stages"]}
+
+
+def manifests(cache: Path) -> dict:
+    return {m.parent.name: json.loads(m.read_text()) for m in Path(cache).glob("entries/*/*/manifest.json")}
+
+
+def memo_keys(cache: Path, name: str) -> list[str]:
+    return [k for k, m in manifests(cache).items() if m["stage"].get("memo") == name]
+
+
+def moved(out: str, start: Path) -> bool:
+    """Whether the saved policy under ``out`` differs from the starting weights (same tensor names)."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(Path(out) / "model" / "model.safetensors")), load_file(str(start / "model.safetensors"))
+    assert a.keys() == b.keys()
+    return any(not (a[k] == b[k]).all() for k in a)
+
+
+@pytest.fixture(scope="module")
+def base_cache(tmp_path_factory, tiny_models, hh_file, registry) -> Path:
+    """The sample -> score -> pair entries, computed once; tests copy the cache and add their stages."""
+    d = tmp_path_factory.mktemp("offline_base")
+    st = run_spec_inprocess(base_spec(tiny_models, hh_file), d, d / "cache")
+    assert st["pair"]["metrics"]["test"] == 2 and st["pair"]["metrics"]["train"] >= 4, st["pair"]["metrics"]
+    return d / "cache"
+
+
+def with_stages(tiny_models, hh_file, *stages) -> dict:
+    spec = base_spec(tiny_models, hh_file)
+    spec["stages"] += list(stages)
+    return spec
+
+
+def own_cache(base_cache: Path, tmp_path: Path) -> Path:
+    shutil.copytree(base_cache, tmp_path / "cache")
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_models):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_models["policy"]))
+
+
+CONVERSATION = [{"role": "user", "content": "How do I bake bread at home?"},
+                {"role": "assistant", "content": "Mix flour, water, salt and yeast."},
+                {"role": "user", "content": "What is the capital of France?"},
+                {"role": "assistant", "content": "The capital of France is Paris."}]
+
+
+# ----------------------------------------------------------------------------- SFT: the mask, packing
+
+
+def hand_built(tok, messages, trained: set) -> tuple[list[int], list[bool]]:
+    """Token ids and mask of the tiny chat template written out piece by piece: ``<|role|>`` + content +
+    ``<|end|>`` per turn, the mask on the content and ``<|end|>`` of the assistant turns in ``trained``."""
+    ids, mask = [], []
+    for i, m in enumerate(messages):
+        for piece, on in ((f"<|{m['role']}|>", False), (m["content"], i in trained), ("<|end|>", i in trained)):
+            t = tok(piece, add_special_tokens=False)["input_ids"]
+            ids += t
+            mask += [on] * len(t)
+    return ids, mask
+
+
+def test_assistant_mask_is_exactly_the_assistant_tokens(tok, tiny_models):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_spec.algorithms.sft import assistant_nll, assistant_spans, collate, mask_by_token_prefix, tokenize_conversation
+
+    want_ids, want_mask = hand_built(tok, CONVERSATION, {1, 3})
+    ex = tokenize_conversation(tok, CONVERSATION)
+    assert ex.input_ids == want_ids and ex.loss_mask == want_mask
+    assert sum(want_mask) >= 8 and not all(want_mask)
+    # the slow-tokenizer path (token prefixes) finds the same mask
+    assert mask_by_token_prefix(tok, *assistant_spans(tok, CONVERSATION)) == (want_ids, want_mask)
+    # only the final reply
+    last = tokenize_conversation(tok, CONVERSATION, turns="last")
+    assert last.loss_mask == hand_built(tok, CONVERSATION, {3})[1]
+    # truncation keeps a prefix of both
+    short = tokenize_conversation(tok, CONVERSATION, max_length=10)
+    assert short.input_ids == want_ids[:10] and short.loss_mask == want_mask[:10]
+
+    # the loss is the mean NLL over exactly those tokens
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_models["policy"])).eval()
+    with torch.no_grad():
+        nll, n = assistant_nll(model, collate([ex], tok.pad_token_id))
+        logp = torch.log_softmax(model(input_ids=torch.tensor([want_ids])).logits[0].float(), -1)
+    manual = -sum(float(logp[t - 1, want_ids[t]]) for t in range(1, len(want_ids)) if want_mask[t])
+    assert n == sum(want_mask[1:]) and float(nll) == pytest.approx(manual, rel=1e-5)
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused(tok):
+    from rlhf_spec.algorithms.sft import tokenize_conversation
+
+    t = tok.__class__.from_pretrained(tok.name_or_path)
+    t.chat_template = ("{% for m in messages %}{% if loop.last %}[last]{% endif %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>"
+                       "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    with pytest.raises(ValueError, match="prefix"):
+        tokenize_conversation(t, CONVERSATION)
+    t.chat_template = None
+    with pytest.raises(ValueError, match="chat template"):
+        tokenize_conversation(t, CONVERSATION)
+
+
+def test_packing_gives_blocks_of_exactly_max_length(tok):
+    from rlhf_spec.algorithms.sft import pack_examples, tokenize_conversation
+
+    convs = [[{"role": "user", "content": f"question {i} about bread"}, {"role": "assistant", "content": "Mix flour and water " * (i + 1)}]
+             for i in range(6)]
+    examples = [tokenize_conversation(tok, c) for c in convs]
+    stream = [t for ex in examples for t in ex.input_ids]
+    stream_mask = [m for ex in examples for m in ex.loss_mask]
+    blocks = pack_examples(examples, 16)
+    assert blocks and all(len(b.input_ids) == 16 and len(b.loss_mask) == 16 for b in blocks)
+    # the stream cut every 16 tokens, the remainder and blocks without an assistant token to predict dropped
+    starts = [k for k in range(0, len(stream) - 15, 16) if any(stream_mask[k + 1 : k + 16])]
+    assert 0 < len(starts) < len(stream) // 16
+    assert [b.input_ids for b in blocks] == [stream[k : k + 16] for k in starts]
+    assert [b.loss_mask for b in blocks] == [stream_mask[k : k + 16] for k in starts]
+    with pytest.raises(ValueError, match="fewer than one block"):
+        pack_examples(examples[:1], 10_000)
+
+
+# ----------------------------------------------------------------------------- SFT through the runner
+
+
+def test_sft_lowers_the_heldout_loss(tmp_path, tiny_models, registry):
+    spec = {"name": "sft", "models": {"policy": {"path": str(tiny_models["policy"])}},
+            "datasets": {"alpaca": {"path": str(data_file(ALPACA)), "adapter": "alpaca", "limit": 40}},
+            "stages": [{"id": "sft", "kind": "train", "uses": "sft",
+                        "params": {"policy": "policy", "dataset": "alpaca", "eval_size": 8, "max_length": 128, "learning_rate": 5e-3,
+                                   "warmup_ratio": 0.0, "per_device_batch_size": 8, "epochs": 4, "save_every": 100}}]}
+    st = run_spec_inprocess(spec, tmp_path, tmp_path / "cache")["sft"]
+    m = st["metrics"]
+    assert m["eval_rows"] >= 8 and m["train_rows"] + m["eval_rows"] == 40
+    assert m["eval_loss"] < m["eval_loss_before"] - 0.5, m
+    assert m["train_sequences"] == m["train_rows"] - m["dropped_no_assistant_tokens"] > 20
+    assert m["updates"] == (m["train_sequences"] * 4) // 8 and m["seconds_per_update"] > 0
+    assert moved(st["output"], tiny_models["policy"])
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(str(Path(st["output"]) / "model")).chat_template  # a policy by the contract
+
+
+def test_best_of_n_keeps_the_best_sample_and_applies_threshold(tmp_path, registry):
+    import datasets
+
+    from rlhf_spec.context import InputArtifact
+    from rlhf_spec.data import save_rows
+    from rlhf_spec.stages.best_of_n import BestOfNParams, run
+    from rlhf_spec.testing import execute, make_context
+
+    rows = {"prompt_id": ["a", "a", "a", "b", "b", "c"], "sample_index": [0, 1, 2, 0, 1, 0],
+            "reward": [0.1, 0.5, 0.5, -1.0, -2.0, 2.0], "completion": ["a0", "a1", "a2", "b0", "b1", "c0"]}
+    rows["prompt"] = [[{"role": "user", "content": p}] for p in rows["prompt_id"]]
+    save_rows(datasets.Dataset.from_dict(rows), tmp_path / "up" / "data")
+    up = InputArtifact("score", "scored", "0" * 64, str(tmp_path / "up"))
+
+    def kept(folder, **params):
+        ctx = make_context(BestOfNParams(**params), tmp_path / folder, kind="filter", inputs=[up], registry=registry)
+        res = execute(ctx, run)
+        out = datasets.load_from_disk(str(ctx.out_dir / "data"))
+        return sorted(out["completion"]), res
+
+    comps, res = kept("plain")
+    assert comps == ["a1", "b0", "c0"]  # a: tie at 0.5 goes to the lower sample_index
+    assert res.output_type == "scored" and res.metrics["prompts"] == 3 and res.metrics["kept"] == 3
+    assert res.metrics["mean_best_reward"] == pytest.approx((0.5 - 1.0 + 2.0) / 3)
+    assert res.metrics["mean_reward"] == pytest.approx(sum(rows["reward"]) / 6)
+    comps, res = kept("threshold", threshold=0.0)
+    assert comps == ["a1", "c0"] and res.metrics["dropped_below_threshold"] == 1
+    comps, res = kept("top", top_fraction=0.34)  # ceil(0.34 * 3) = 2 best prompts
+    assert comps == ["a1", "c0"] and res.metrics["dropped_below_top_fraction"] == 1
+
+    from rlhf_spec.data import load_rows
+    from rlhf_spec.stages.best_of_n import ThresholdParams, run_threshold
+
+    def above(folder, **params):
+        ctx = make_context(ThresholdParams(**params), tmp_path / folder, kind="filter", inputs=[up], registry=registry)
+        res = execute(ctx, run_threshold)
+        return sorted(load_rows(ctx.out_dir / "data")["completion"]), res
+
+    comps, res = above("rest", threshold=0.1)  # ReST keeps every sample at or above tau, several per prompt
+    assert comps == ["a0", "a1", "a2", "c0"] and res.metrics["prompts_kept"] == 2
+    assert res.metrics["mean_kept_reward"] == pytest.approx((0.1 + 0.5 + 0.5 + 2.0) / 4)
+    comps, _ = above("rest1", threshold=0.1, max_per_prompt=1)  # the best first, ties to the lower sample_index
+    assert comps == ["a1", "c0"]
+    comps, res = above("rest_none", threshold=5.0)
+    assert comps == [] and res.metrics["kept"] == 0
+
+
+def test_rejection_sampling_fine_tuning_through_the_runner(tmp_path, tiny_models, hh_file, base_cache):
+    """sample -> score -> best-of-n -> sft (packed): the filter keeps one max-reward row per prompt."""
+    import datasets
+
+    spec = with_stages(tiny_models, hh_file,
+                       {"id": "best", "kind": "filter", "uses": "best-of-n", "inputs": ["score"], "params": {}},
+                       {"id": "sft", "kind": "train", "uses": "sft", "inputs": ["best"],
+                        "params": {"policy": "policy", "packing": True, "max_length": 32, "per_device_batch_size": 2,
+                                   "learning_rate": 1e-2, "epochs": 1, "save_every": 100}})
+    st = run_spec_inprocess(spec, tmp_path, own_cache(base_cache, tmp_path))
+    scored = datasets.load_from_disk(str(Path(st["score"]["output"]) / "data"))
+    best = datasets.load_from_disk(str(Path(st["best"]["output"]) / "data"))
+    top = {}
+    for pid, r in zip(scored["prompt_id"], scored["reward"]):
+        top[pid] = max(top.get(pid, r), r)
+    assert len(best) == len(top) == st["best"]["metrics"]["prompts"]
+    assert all(r == top[pid] for pid, r in zip(best["prompt_id"], best["reward"]))
+    assert st["best"]["output_type"] == "scored"
+    m = st["sft"]["metrics"]
+    assert m["train_rows"] == len(best) and m["train_sequences"] >= 1 and m["packing"] is True
+    assert moved(st["sft"]["output"], tiny_models["policy"])
+
+
+# ----------------------------------------------------------------------------- preference losses through the runner
+
+
+@pytest.mark.parametrize("uses, extra, reference_free", [("ipo", {"beta": 0.5}, False),
+                                                         ("simpo", {"beta": 2.0, "gamma": 0.5}, True),
+                                                         ("orpo", {"lam": 0.5}, True)])
+def test_preference_stage_end_to_end(tmp_path, tiny_models, hh_file, base_cache, uses, extra, reference_free):
+    spec = with_stages(tiny_models, hh_file, {"id": uses, "kind": "train", "uses": uses, "inputs": ["pair"], "params": {**TRAIN, **extra}})
+    cache = own_cache(base_cache, tmp_path)
+    st = run_spec_inprocess(spec, tmp_path, cache)[uses]
+    m = st["metrics"]
+    assert st["status"] == "ran" and m["updates"] >= 2 and m["test_pairs"] == 2 and m["eval_pairs"] == 2
+    assert m["eval_preference_accuracy"] in (0.0, 0.25, 0.5, 0.75, 1.0) and "eval_loss" in m
+    assert m["seconds_per_update"] > 0
+    assert moved(st["output"], tiny_models["policy"])
+    used = manifests(cache)[st["key"]]["used_keys"]
+    if reference_free:  # no reference policy is ever run
+        assert memo_keys(cache, "reference-logprobs") == [] and used == [] and "seconds_reference_logprobs" not in m
+        assert "train_kl_ref_last10" not in m
+    else:
+        assert used == memo_keys(cache, "reference-logprobs") and len(used) == 1
+
+
+def test_eval_size_holds_out_train_pairs_when_there_is_no_test_split(tmp_path, tiny_models, hh_file, base_cache):
+    spec = with_stages(tiny_models, hh_file, {"id": "simpo", "kind": "train", "uses": "simpo", "inputs": ["pair"],
+                                              "params": {**TRAIN, "eval_size": 2}})
+    spec["stages"][2]["params"]["test_size"] = 0
+    st = run_spec_inprocess(spec, tmp_path, own_cache(base_cache, tmp_path))
+    pairs = st["pair"]["metrics"]["pairs"]
+    m = st["simpo"]["metrics"]
+    assert m["test_pairs"] == 2 and m["train_pairs"] == pairs - 2 and "eval_preference_accuracy" in m
+
+
+def test_dpo_reports_heldout_accuracy(tmp_path, tiny_models, base_cache):
+    """``dpo`` reports the held-out accuracy of its implicit reward and reuses the shared reference logprobs."""
+    from rlhf_spec.context import InputArtifact
+    from rlhf_spec.models import ModelSource
+    from rlhf_spec.stages.train import DPOParams, run_dpo
+    from rlhf_spec.testing import execute, make_context
+
+    key = next(k for k, m in manifests(base_cache).items() if m["stage"].get("id") == "pair")
+    up = InputArtifact("pair", "pairs", key, str(base_cache / "entries" / key[:2] / key))
+    src = ModelSource(name="policy", origin="spec", path=str(tiny_models["policy"]), identity={"path": "tiny"})
+    params = DPOParams(**{k: v for k, v in TRAIN.items() if k != "save_every"}, beta=0.5)
+    ctx = make_context(params, tmp_path, inputs=[up], models={"policy": src})
+    m = execute(ctx, run_dpo).metrics
+    assert m["eval_pairs"] == 2 and m["eval_preference_accuracy"] in (0.0, 0.25, 0.5, 0.75, 1.0) and m["seconds_per_update"] > 0
+    assert len(memo_keys(tmp_path / "cache", "reference-logprobs")) == 1
+
+
+# ----------------------------------------------------------------------------- KTO
+
+
+def test_kto_partners_and_reference_point():
+    import torch
+
+    from rlhf_spec.algorithms.unpaired import kl_partners, reference_point
+
+    pids = ["a", "a", "b", "c", "c", "c"]
+    partners = kl_partners(pids)
+    assert all(pids[j] != pids[i] for i, j in enumerate(partners))
+    assert kl_partners(pids) == partners  # fixed by the seed
+    with pytest.raises(ValueError, match="two different prompts"):
+        kl_partners(["a", "a"])
+    z0 = reference_point(torch.tensor([-1.0, -2.0]), torch.tensor([-2.0, -2.5]))
+    assert float(z0) == pytest.approx(0.75)
+    assert float(reference_point(torch.tensor([-3.0]), torch.tensor([-1.0]))) == 0.0  # clamped at 0
+
+
+def test_kto_from_pairs_end_to_end(tmp_path, tiny_models, hh_file, base_cache):
+    spec = with_stages(tiny_models, hh_file, {"id": "kto", "kind": "train", "uses": "kto", "inputs": ["pair"],
+                                              "params": {**TRAIN, "beta": 0.5, "per_device_batch_size": 4}})
+    cache = own_cache(base_cache, tmp_path)
+    st = run_spec_inprocess(spec, tmp_path, cache)
+    m = st["kto"]["metrics"]
+    pairs = st["pair"]["metrics"]
+    assert m["train_rows"] == 2 * pairs["train"] and m["desirable"] == m["undesirable"] == pairs["train"]
+    assert m["eval_rows"] == 4 and m["eval_pairs"] == 2 and m["desirable_ratio"] == 1.0
+    assert 0.0 <= m["eval_label_accuracy"] <= 1.0 and m["eval_preference_accuracy"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+    assert m["eval_kl"] >= 0.0 and m["seconds_per_update"] > 0 and "train_kl_last10" in m
+    assert moved(st["kto"]["output"], tiny_models["policy"])
+    used = manifests(cache)[st["kto"]["key"]]["used_keys"]
+    assert used == memo_keys(cache, "kto-reference-logprobs") and len(used) == 1
+    assert memo_keys(cache, "reference-logprobs") == []
+
+
+def test_kto_on_a_kto_dataset(tmp_path, tiny_models, registry):
+    spec = {"name": "kto", "models": {"policy": {"path": str(tiny_models["policy"])}},
+            "datasets": {"kto": {"path": str(data_file(KTO)), "adapter": "kto", "limit": 20}},
+            "stages": [{"id": "kto", "kind": "train", "uses": "kto",
+                        "params": {**TRAIN, "dataset": "kto", "eval_size": 4, "max_prompt_tokens": 48, "per_device_batch_size": 4}},
+                       {"id": "sft", "kind": "train", "uses": "sft",  # SFT on the same data imitates the desirable rows only
+                        "params": {"policy": "policy", "dataset": "kto", "packing": True, "max_length": 64, "per_device_batch_size": 4,
+                                   "epochs": 1, "learning_rate": 1e-3}}]}
+    stages = run_spec_inprocess(spec, tmp_path, tmp_path / "cache")
+    sft = stages["sft"]["metrics"]
+    labels = json.loads(data_file(KTO).read_text())[:20]
+    assert sft["train_rows"] == sum(r["label"] for r in labels) and sft["skipped_undesirable"] == 20 - sft["train_rows"]
+    st = stages["kto"]
+    m = st["metrics"]
+    assert m["train_rows"] + m["eval_rows"] == 20 and m["eval_rows"] >= 4
+    assert m["desirable"] + m["undesirable"] == m["train_rows"] and m["desirable"] > 0 and m["undesirable"] > 0
+    assert 0.0 <= m["eval_label_accuracy"] <= 1.0 and "eval_preference_accuracy" not in m
+    assert m["updates"] == m["train_rows"] // 4
+    assert moved(st["output"], tiny_models["policy"])
+
+
+# ----------------------------------------------------------------------------- static checks
+
+
+def test_qlora_save_merges_the_adapters_into_a_full_precision_copy(tiny_models):
+    """The QLoRA save path (a 4-bit model cannot be saved as a policy) on CPU with plain LoRA: the trained
+    adapters, merged into a fresh copy of the policy, give the weights of merging them in place."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from rlhf_spec.algorithms.sft import MergedQLoRA, SFTParams
+    from rlhf_spec.algorithms.training import apply_lora
+    from rlhf_spec.models import ModelSource
+
+    src = ModelSource(name="policy", origin="spec", path=str(tiny_models["policy"]))
+    p = SFTParams(policy="policy", dataset="d", lora={"r": 4, "target_modules": ["q_proj", "v_proj"]})
+    model = apply_lora(src.load_causal_lm(), p.lora)
+    torch.manual_seed(0)
+    for name, w in model.named_parameters():
+        if "lora_B" in name:
+            w.data.normal_()  # as if trained (peft starts B at zero)
+    fake = SimpleNamespace(accelerator=SimpleNamespace(unwrap_model=lambda m: m), model=model, history=[])
+    merged = MergedQLoRA(fake, src, p).unwrapped().state_dict()
+    want = model.merge_and_unload().state_dict()
+    base = src.load_causal_lm().state_dict()
+    assert merged.keys() == want.keys() == base.keys()
+    assert all(torch.allclose(merged[k], want[k], atol=1e-6) for k in want)
+    assert any(not torch.equal(merged[k], base[k]) for k in base if "q_proj" in k)
+
+
+def _problems(spec: dict, registry) -> list:
+    from rlhf_spec.errors import SpecError
+    from rlhf_spec.spec.validate import validate
+
+    with pytest.raises(SpecError) as err:
+        validate(spec, registry, check_files=False)
+    return err.value.problems
+
+
+def test_qlora_is_a_validation_problem_without_cuda(tiny_models, registry):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    spec = {"name": "q", "models": {"policy": {"path": str(tiny_models["policy"])}},
+            "datasets": {"d": {"path": "x.json", "adapter": "alpaca"}},
+            "stages": [{"id": "sft", "kind": "train", "uses": "sft", "params": {"policy": "policy", "dataset": "d", "qlora": True}}]}
+    probs = {p.pointer: p for p in _problems(spec, registry)}
+    assert set(probs) == {"/stages/0/params/qlora", "/stages/0/params/lora"}
+    assert "CUDA" in probs["/stages/0/params/qlora"].message
+    spec["stages"][0]["params"]["lora"] = {"r": 4}
+    assert [p.pointer for p in _problems(spec, registry)] == ["/stages/0/params/qlora"]
+
+
+def test_static_checks_of_kto_and_sft_data(tiny_models, registry):
+    spec = {"name": "k", "models": {"policy": {"path": str(tiny_models["policy"])}},
+            "datasets": {"kto": {"path": "x.json", "adapter": "kto"},
+                         "prefs": {"path": "y.json", "adapter": "sharegpt", "chosen_column": "chosen", "rejected_column": "rejected"}},
+            "stages": [{"id": "kto", "kind": "train", "uses": "kto", "params": {"policy": "policy", "dataset": "kto", "per_device_batch_size": 1}},
+                       {"id": "sft", "kind": "train", "uses": "sft", "params": {"policy": "policy", "dataset": "prefs"}},
+                       {"id": "kto2", "kind": "train", "uses": "kto", "params": {"policy": "policy", "dataset": "prefs"}}]}
+    probs = {p.pointer: p.message for p in _problems(spec, registry)}
+    assert "at least 2" in probs["/stages/0/params/per_device_batch_size"]
+    assert "completion" in probs["/stages/1/params/dataset"]  # preference data is not SFT data
+    assert "label" in probs["/stages/2/params/dataset"]
+
+
+def test_pair_trainers_read_a_preference_dataset(tmp_path, tiny_models, registry):
+    """DPO and IPO straight from LLaMA-Factory's sharegpt pairs (no pairs stage): ``eval_size`` pairs are held out
+    by prompt hash, the reference logprobs are one shared entry keyed by the pairs' content, and a rerun is cached."""
+    spec = {"name": "pairs-from-data", "models": {"policy": {"path": str(tiny_models["policy"])}},
+            "datasets": {"dpo": {"path": str(data_file("llama-factory/dpo_en_demo.json")), "adapter": "sharegpt",
+                                 "chosen_column": "chosen", "rejected_column": "rejected", "limit": 12}},
+            "stages": [{"id": algo, "kind": "train", "uses": algo,
+                        "params": {**TRAIN, "dataset": "dpo", "eval_size": 4, "max_prompt_tokens": 48, "max_response_tokens": 24}}
+                       for algo in ("dpo", "ipo")]}
+    cache = tmp_path / "cache"
+    st = run_spec_inprocess(spec, tmp_path, cache)
+    for algo in ("dpo", "ipo"):
+        m = st[algo]["metrics"]
+        assert m["train_pairs"] == 8 and m["test_pairs"] == 4 and "eval_preference_accuracy" in m, m
+        assert moved(st[algo]["output"], tiny_models["policy"])
+    assert len(memo_keys(cache, "reference-logprobs")) == 1  # one entry, shared by both
+    again = run_spec_inprocess(spec, tmp_path / "again", cache)
+    assert {s["status"] for s in again.values()} == {"cached"}
+
+
+def test_pair_trainer_data_problems(tiny_models):
+    from rlhf_spec.plugins import registry as installed
+    from rlhf_spec.spec import validate
+
+    spec = {"name": "x", "models": {"policy": {"path": str(tiny_models["policy"])}},
+            "datasets": {"dpo": {"path": str(data_file("llama-factory/dpo_en_demo.json")), "adapter": "sharegpt",
+                                 "chosen_column": "chosen", "rejected_column": "rejected"}},
+            "stages": [{"id": "dpo", "kind": "train", "uses": "dpo", "params": {"policy": "policy"}},
+                       {"id": "rebel", "kind": "train", "uses": "rebel", "params": {"policy": "policy", "dataset": "dpo"}}]}
+    with pytest.raises(SpecError) as ei:
+        validate(spec, installed())
+    errs = [p.render() for p in ei.value.problems]
+    assert any(e.startswith("/stages/0/params/dataset: training needs preference pairs") for e in errs), errs
+    assert any(e.startswith("/stages/1/params/dataset: REBEL regresses on reward differences") for e in errs), errs
