@@ -463,13 +463,18 @@ def test_pair_trainers_read_a_preference_dataset(tmp_path, tiny_models, registry
             "datasets": {"dpo": {"path": str(data_file("llama-factory/dpo_en_demo.json")), "adapter": "sharegpt",
                                  "chosen_column": "chosen", "rejected_column": "rejected", "limit": 12}},
             "stages": [{"id": algo, "kind": "train", "uses": algo,
-                        "params": {**TRAIN, "dataset": "dpo", "eval_size": 4, "max_prompt_tokens": 48, "max_response_tokens": 24}}
+                        "params": {**TRAIN, "dataset": "dpo", "eval_size": 4, "max_prompt_tokens": 48, "max_response_tokens": 24,
+                                   # two train stages in one process with different accelerate settings
+                                   "mixed_precision": "bf16" if algo == "ipo" else "no"}}
                        for algo in ("dpo", "ipo")]}
     cache = tmp_path / "cache"
     st = run_spec_inprocess(spec, tmp_path, cache)
     for algo in ("dpo", "ipo"):
         m = st[algo]["metrics"]
         assert m["train_pairs"] == 8 and m["test_pairs"] == 4 and "eval_preference_accuracy" in m, m
+        # before any update the policy is its reference, so the implicit reward margin is 0 up to rounding
+        assert "eval_preference_accuracy_before" in m and abs(m["eval_implicit_reward_margin_before"]) < 1e-3, m
+        assert m["eval_loss_before"] != m["eval_loss"], m
         assert moved(st[algo]["output"], tiny_models["policy"])
     assert len(memo_keys(cache, "reference-logprobs")) == 1  # one entry, shared by both
     again = run_spec_inprocess(spec, tmp_path / "again", cache)

@@ -271,17 +271,32 @@ def train_on_pairs(ctx, make_loss: Callable, reference_free: bool = False, rewar
 
     with ctx.timer("load_policy"):
         model = src.load_causal_lm()
+    evaluate = _evaluator(ctx, held, loss_fn, rewards, tok.pad_token_id, p)
     trainer = Trainer(p, model, len(train), step, ctx.partial_dir / "checkpoints", ctx.partial_dir / "tensorboard",
                       seed=ctx.seed + 555134, progress=ctx.progress, eval_every=p.eval_every, run_name=ctx.stage_id,
-                      evaluate=_evaluator(ctx, held, loss_fn, rewards, tok.pad_token_id, p))
+                      evaluate=evaluate)
+    before = metrics_before(trainer, evaluate) if evaluate else {}
     ctx.progress.note("training")
     with ctx.timer("train"):
         metrics = trainer.train()
     with ctx.timer("save"):
         save_policy(ctx, trainer, tok)
-    metrics.update(train_pairs=len(train), test_pairs=len(held) if held else 0,
+    metrics.update(before, train_pairs=len(train), test_pairs=len(held) if held else 0,
                    seconds_per_update=seconds_per_update(ctx, metrics))
     return StageResult(metrics=metrics)
+
+
+def metrics_before(trainer, evaluate: Callable) -> dict:
+    """``evaluate`` at the starting weights, before any update: each numeric figure ``k`` as
+    ``eval_<k>_before`` (``eval_loss_before``, ``eval_preference_accuracy_before``, ...), so a run's
+    held-out figures can be read against where the policy started."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    model.eval()
+    try:
+        out = evaluate(model)
+    finally:
+        model.train()
+    return {f"eval_{k}_before": v for k, v in out.items() if isinstance(v, float)}
 
 
 def pair_trainer(make_loss: Callable, reference_free: bool = False, rewards: Optional[Callable] = None) -> Callable:

@@ -25,7 +25,7 @@ from pydantic import Field
 
 from ..errors import Problem
 from ..records import POLICY, DatasetRef, ModelRef, NotInKey, StageResult
-from .policy import save_policy, seconds_per_update
+from .policy import metrics_before, save_policy, seconds_per_update
 from .training import OptimParams, Trainer, apply_lora
 
 
@@ -441,9 +441,4 @@ def train_sft(ctx) -> StageResult:
 
 def _loss_before(trainer, evaluate) -> dict:
     """The held-out loss at the starting weights (before any update), as ``eval_loss_before``."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    model.eval()
-    try:
-        return {"eval_loss_before": evaluate(model)["loss"]}
-    finally:
-        model.train()
+    return {"eval_loss_before": metrics_before(trainer, evaluate)["eval_loss_before"]}

@@ -133,7 +133,13 @@ def make_accelerator(params: OptimParams, log_dir: Path):
     trackers of ``params.log_with`` writing under ``log_dir``, and gloo for DeepSpeed without CUDA."""
     import torch
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    # One process may run several train stages (the runner runs single-process stages in-process),
+    # and accelerate keeps the first stage's settings (mixed precision, ...) in a process-wide
+    # singleton, refusing different ones later. Each stage starts from a fresh one; the distributed
+    # process group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     cpu, handlers = not torch.cuda.is_available(), []
     if cpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         # DeepSpeed under 'accelerate launch' on a machine without CUDA (tests): accelerate finds no

@@ -28,7 +28,7 @@ from pydantic import Field
 
 from ..errors import Problem
 from ..records import DatasetRef, StageResult
-from .policy import PolicyTrainParams, save_policy, seconds_per_update, split_rows
+from .policy import PolicyTrainParams, metrics_before, save_policy, seconds_per_update, split_rows
 from .training import Trainer
 
 _PARTNER_SEED = 8191  # the seeded shuffle that fixes each row's mismatched completion
@@ -338,9 +338,11 @@ def train_kto(ctx) -> StageResult:
     loss_fn = KTOLoss(p.beta, p.desirable_weight, p.undesirable_weight)
     with ctx.timer("load_policy"):
         model = src.load_causal_lm()
+    evaluate = kto_evaluator(ctx, held, loss_fn, tok.pad_token_id, p)
     trainer = Trainer(p, model, len(train), kto_step(loss_fn, train, tok.pad_token_id, p), ctx.partial_dir / "checkpoints",
                       ctx.partial_dir / "tensorboard", seed=ctx.seed + 424242, progress=ctx.progress, eval_every=p.eval_every,
-                      evaluate=kto_evaluator(ctx, held, loss_fn, tok.pad_token_id, p), run_name=ctx.stage_id)
+                      evaluate=evaluate, run_name=ctx.stage_id)
+    before = metrics_before(trainer, evaluate) if evaluate else {}
     ctx.progress.note("training")
     with ctx.timer("train"):
         metrics = trainer.train()
@@ -348,7 +350,7 @@ def train_kto(ctx) -> StageResult:
         save_policy(ctx, trainer, tok)
     n_d = sum(train_rows.label)
     n_u = len(train_rows) - n_d
-    metrics.update(train_rows=len(train_rows), desirable=n_d, undesirable=n_u, eval_rows=len(held) if held else 0,
+    metrics.update(before, train_rows=len(train_rows), desirable=n_d, undesirable=n_u, eval_rows=len(held) if held else 0,
                    desirable_ratio=(p.desirable_weight * n_d / (p.undesirable_weight * n_u)) if n_u else None,
                    seconds_per_update=seconds_per_update(ctx, metrics))
     return StageResult(metrics=metrics)
