@@ -3,6 +3,7 @@ IPO/SimPO/ORPO/KTO through the runner, and the static checks (QLoRA without CUDA
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -495,3 +496,27 @@ def test_pair_trainer_data_problems(tiny_models):
     errs = [p.render() for p in ei.value.problems]
     assert any(e.startswith("/stages/0/params/dataset: training needs preference pairs") for e in errs), errs
     assert any(e.startswith("/stages/1/params/dataset: REBEL regresses on reward differences") for e in errs), errs
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="wandb is not installed (pip install wandb)")
+def test_wandb_offline_tracker_gets_the_training_curves(tmp_path, tiny_models, registry, monkeypatch):
+    """``log_with: ["tensorboard", "wandb"]`` with wandb in offline mode: both trackers get the same
+    per-update rows (accelerate's trackers; nothing is written by hand)."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-root"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (tmp_path / "wandb-root").mkdir()
+    spec = {"name": "tracked", "models": {"policy": {"path": str(tiny_models["policy"])}},
+            "datasets": {"dpo": {"path": str(data_file("llama-factory/dpo_en_demo.json")), "adapter": "sharegpt",
+                                 "chosen_column": "chosen", "rejected_column": "rejected", "limit": 8}},
+            "stages": [{"id": "dpo", "kind": "train", "uses": "dpo",
+                        "params": {**TRAIN, "dataset": "dpo", "max_prompt_tokens": 32, "max_response_tokens": 16,
+                                   "log_with": ["tensorboard", "wandb"]}}]}
+    st = run_spec_inprocess(spec, tmp_path / "run", tmp_path / "cache")
+    updates = st["dpo"]["metrics"]["updates"]
+    runs = list((tmp_path / "wandb-root").rglob("offline-run-*"))
+    assert len(runs) == 1, runs
+    # the offline run's record log (protobuf): one history record per update carries the key "train/loss"
+    records = next(runs[0].glob("run-*.wandb")).read_bytes()
+    assert records.count(b"train/loss") >= updates >= 2, (records.count(b"train/loss"), updates)
+    assert list((tmp_path / "cache").rglob("events.out.tfevents*")), "tensorboard got nothing"

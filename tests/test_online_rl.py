@@ -354,11 +354,7 @@ def test_grpo_lora_dapo_options_and_value_head_saved(tmp_path, online_registry, 
     assert set(load_file(str(entry / "model" / "model.safetensors"))) == set(start)
 
 
-# ----------------------------------------------------------------------------- the draft specs
-
-#: Dataset fields the two draft specs use that the dataset adapters do not have yet (see the specs' descriptions).
-PROPOSED_FIELDS = {"adapter", "negative_path", "encoding", "rows", "prompt_words", "prompt_template", "reference_column"}
-
+# ----------------------------------------------------------------------------- the online specs
 
 def _assets_base(tmp_path: Path) -> Path:
     """A working folder with models/ (the project's) and data/gsm8k, data/rt-polarity (the shared real files)."""
@@ -375,49 +371,10 @@ def _assets_base(tmp_path: Path) -> Path:
     return base
 
 
-def _stand_ins(spec: dict, folder: Path) -> dict:
-    """The spec with each dataset that needs a new adapter field replaced by one today's adapters read:
-    rt-polarity datasets by a small jsonl of the rows the described adapter makes, GSM8K datasets without
-    reference_column and prompt_template."""
-    out = json.loads(json.dumps(spec))
-    for name, ds in out["datasets"].items():
-        if ds.get("adapter") == "rt-polarity":
-            rows = [{"prompt": "Continue this movie review in one sentence: the film is", "chosen": "a joy to watch .",
-                     "rejected": "a chore to sit through ."}]
-            path = folder / f"{name}.jsonl"
-            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-            keep = {"path": str(path), "hash_range": ds["hash_range"]}
-            if ds["rows"] == "pairs":
-                keep.update(chosen_column="chosen", rejected_column="rejected")
-            out["datasets"][name] = keep
-        else:
-            for f in ("reference_column", "prompt_template"):
-                ds.pop(f, None)
-    return out
-
-
 @pytest.mark.parametrize("name", ["ppo_sentiment_cpu.json", "grpo_gsm8k_cpu.json"])
-def test_draft_specs_validate_but_for_the_dataset_fields_they_need(name, tmp_path, online_registry):
-    from rlhf_spec.errors import SpecError
+def test_online_specs_validate_as_written(name, tmp_path, online_registry):
+    """Both online specs validate on the real files: datasets (rt-polarity sentences, GSM8K with its reference
+    column and prompt template), stage and reward params, references and every implementation's checks."""
     from rlhf_spec.spec import validate
 
-    base = _assets_base(tmp_path)
-    raw = json.loads((ROOT / "specs" / name).read_text())
-    # 1. as written: the only problems are the dataset fields the described adapters add
-    try:
-        validate(raw, online_registry, base=base)
-        problems = []
-    except SpecError as exc:
-        problems = exc.problems
-    for pr in problems:
-        parts = pr.pointer.split("/")
-        assert parts[1] == "datasets" and parts[3] in PROPOSED_FIELDS, pr.render()
-    # 2. with stand-ins for those datasets, everything else validates: files, stage and reward params, references,
-    #    types and the stages' own checks; the one problem left is math-answer's missing 'reference' column,
-    #    which the described reference_column field provides
-    try:
-        validate(_stand_ins(raw, tmp_path), online_registry, base=base)
-        left = []
-    except SpecError as exc:
-        left = [p.render() for p in exc.problems if "reads the row column(s) reference" not in p.message]
-    assert not left, left
+    validate(json.loads((ROOT / "specs" / name).read_text()), online_registry, base=_assets_base(tmp_path))
