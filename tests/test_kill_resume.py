@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -25,9 +26,17 @@ from test_cache_integrity import assert_same_weights, data_rows, mini_spec, stag
 RUN = [sys.executable, "-m", "rlhf_spec", "run"]
 
 
+def _default_sigint() -> None:
+    """Give the child Ctrl-C's default disposition. A job started in the background by a non-interactive
+    shell (``make test &``, nohup) inherits SIGINT ignored, and Python then never installs its
+    KeyboardInterrupt handler, so the run would not see the SIGINT it sends itself."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _run(spec: Path, cache: Path, report: Path, **env) -> subprocess.CompletedProcess:
     return subprocess.run([*RUN, str(spec), "--cache-dir", str(cache), "--report", str(report)], capture_output=True,
-                          text=True, env=dict(os.environ, PYTHONUNBUFFERED="1", **env), timeout=900)
+                          text=True, env=dict(os.environ, PYTHONUNBUFFERED="1", **env), timeout=900,
+                          preexec_fn=_default_sigint)
 
 
 def _keys_by_stage(spec_path: Path, cache: Path) -> dict[str, str]:
