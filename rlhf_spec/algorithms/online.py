@@ -453,7 +453,6 @@ class _Loop:
         from accelerate.utils import set_seed
 
         from ..backends.transformers import TransformersEngine
-        from ..stages.sample import prepare_prompts
         from .training import configure_deepspeed, flat_config, make_accelerator, prepare_model
         from .value_head import ActorCritic, ValueHead
 
@@ -462,17 +461,7 @@ class _Loop:
         self.tok = src.load_tokenizer(padding_side="left")
         self.pad_id = self.tok.pad_token_id
         with ctx.timer("load_data"):
-            rows, self.skipped = prepare_prompts(self.tok, ctx.dataset("prompts"), p.max_prompt_tokens)
-            if len(rows) == 0:
-                raise ValueError("no training prompts left after max_prompt_tokens")
-            self.rows = rows
-            self.eval_rows = None
-            if p.eval_prompts:
-                ev, _ = prepare_prompts(self.tok, ctx.dataset("eval_prompts"), p.max_prompt_tokens)
-                if p.eval_limit:
-                    ev = ev.select(range(min(p.eval_limit, len(ev))))
-                self.eval_rows = ev if len(ev) else None
-            self.ptx_items = self._ptx_items()
+            self._load_prompts()
         self.accelerator = acc = make_accelerator(p, Path(ctx.partial_dir) / "tensorboard")
         self.world, self.rank = acc.num_processes, acc.process_index
         ds_plugin = getattr(acc.state, "deepspeed_plugin", None)
@@ -512,6 +501,23 @@ class _Loop:
             self.reward = ctx.reward("reward")
         self.engine = TransformersEngine(self.live_policy(), self.tok, p.backend.parsed)
         self.temperature = p.temperature if p.temperature > 0 else 1.0
+
+    def _load_prompts(self) -> None:
+        """Training and held-out prompts within ``max_prompt_tokens`` (ValueError if no training prompt is left),
+        and the PPO-ptx items."""
+        from ..stages.sample import prepare_prompts
+
+        ctx, p = self.ctx, self.p
+        self.rows, self.skipped = prepare_prompts(self.tok, ctx.dataset("prompts"), p.max_prompt_tokens)
+        if len(self.rows) == 0:
+            raise ValueError("no training prompts left after max_prompt_tokens")
+        self.eval_rows = None
+        if p.eval_prompts:
+            ev, _ = prepare_prompts(self.tok, ctx.dataset("eval_prompts"), p.max_prompt_tokens)
+            if p.eval_limit:
+                ev = ev.select(range(min(p.eval_limit, len(ev))))
+            self.eval_rows = ev if len(ev) else None
+        self.ptx_items = self._ptx_items()
 
     def live_policy(self):
         return self.accelerator.unwrap_model(self.model).policy
@@ -563,15 +569,9 @@ class _Loop:
     # -- checkpoints -------------------------------------------------------------------------
 
     def _latest(self):
-        ptr = self.ckpt_dir / "latest.json"
-        if not ptr.is_file():
-            return None
-        try:
-            pos = json.loads(ptr.read_text())
-        except ValueError:
-            return None
-        path = self.ckpt_dir / pos["dir"]
-        return (path, pos) if path.is_dir() else None
+        from .training import latest_checkpoint
+
+        return latest_checkpoint(self.ckpt_dir)
 
     def resume(self) -> int:
         """Load the newest checkpoint, if any; returns the number of finished steps."""

@@ -128,6 +128,20 @@ def apply_lora(model, lora: LoraParams, task_type: str = "CAUSAL_LM"):
     return get_peft_model(model, cfg)
 
 
+def latest_checkpoint(ckpt_dir: Path) -> Optional[tuple[Path, dict]]:
+    """The checkpoint ``ckpt_dir/latest.json`` points to, as (folder, pointer dict), or None when there is
+    none yet, the pointer is unreadable, or its folder is gone (a resume then starts from scratch)."""
+    ptr = ckpt_dir / "latest.json"
+    if not ptr.is_file():
+        return None
+    try:
+        pos = json.loads(ptr.read_text())
+    except ValueError:
+        return None
+    path = ckpt_dir / pos["dir"]
+    return (path, pos) if path.is_dir() else None
+
+
 def make_accelerator(params: OptimParams, log_dir: Path):
     """An ``accelerate.Accelerator`` for the params: gradient accumulation, mixed precision, the
     trackers of ``params.log_with`` writing under ``log_dir``, and gloo for DeepSpeed without CUDA."""
@@ -274,15 +288,7 @@ class Trainer:
     # -- checkpoints -------------------------------------------------------------------------
 
     def _latest(self) -> Optional[tuple[Path, dict]]:
-        ptr = self.ckpt_dir / "latest.json"
-        if not ptr.is_file():
-            return None
-        try:
-            pos = json.loads(ptr.read_text())
-        except ValueError:
-            return None
-        path = self.ckpt_dir / pos["dir"]
-        return (path, pos) if path.is_dir() else None
+        return latest_checkpoint(self.ckpt_dir)
 
     def _save(self, update: int, micro: int) -> None:
         from ..cache.fs import atomic_write_json, commit_tree
