@@ -33,11 +33,12 @@ quickstart: assets
 smoke: assets
 	$(VENV)/bin/rlhf-spec run specs/smoke_cpu.json --report reports/smoke.json
 
+# One worker per core (pytest-xdist), a test file's tests on one worker so its fixtures are built once.
 test: assets browser
-	$(PY) -m pytest -q -p no:cacheprovider tests plugins/rlhf-spec-vllm/tests plugins/rlhf-spec-armorm/tests plugins/rlhf-spec-example/tests
+	$(PY) -m pytest -q -p no:cacheprovider -n auto --dist loadfile --durations=15 tests plugins/rlhf-spec-vllm/tests plugins/rlhf-spec-armorm/tests plugins/rlhf-spec-example/tests
 
 test-fast: assets
-	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests plugins/rlhf-spec-vllm/tests plugins/rlhf-spec-armorm/tests plugins/rlhf-spec-example/tests
+	$(PY) -m pytest -q -p no:cacheprovider -n auto --dist loadfile -m "not slow" tests plugins/rlhf-spec-vllm/tests plugins/rlhf-spec-armorm/tests plugins/rlhf-spec-example/tests
 
 bench: assets
 	$(PY) bench/run_all.py

@@ -354,8 +354,21 @@ def _reference_text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
+def _preferred_output(value: Any) -> Optional[int]:
+    """AlpacaEval's ``preference`` as the preferred output (1 or 2), or None for a tie (0, 1.5) or no label."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return int(v) if v in (1.0, 2.0) else None
+
+
 def _normalise_row(row: dict, ds) -> dict:
-    if ds.adapter not in ("generic", "hh-rlhf"):
+    if ds.adapter == "alpaca-eval":
+        won = _preferred_output(row["preference"])
+        out = {"prompt": _alpaca_prompt(row["instruction"], None), "chosen": response_text(row[f"output_{won}"]),
+               "rejected": response_text(row[f"output_{3 - won}"])}
+    elif ds.adapter not in ("generic", "hh-rlhf"):
         out = _completion_row(row, ds)
     elif ds.adapter == "hh-rlhf":
         prompt, chosen, rejected = split_hh_pair(row["chosen"], row["rejected"])
@@ -404,6 +417,8 @@ def load_spec_dataset(ds, base: Path):
             raw = datasets.load_dataset(fmt, data_files=str(path), split="train")
     else:
         raw = datasets.load_dataset(ds.hub, ds.config, revision=ds.revision, split=ds.split)
+    if ds.adapter == "alpaca-eval":  # ties carry no preference
+        raw = raw.filter(lambda r: _preferred_output(r["preference"]) is not None)
     norm = raw.map(lambda r: _normalise_row(r, ds), remove_columns=raw.column_names, desc=None, features=_features(ds))
     return norm.select(_kept_rows(norm, ds))
 

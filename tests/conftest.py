@@ -14,6 +14,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 HH = "hh-rlhf/harmless-base_test.jsonl.gz"
 
+# `make test` runs one pytest-xdist worker per core. Each worker, and every subprocess a test starts,
+# gets an equal share of the cores (set before torch is imported), so the workers do not oversubscribe
+# them; a value the caller set wins.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+if _WORKERS > 1:
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
 
 def data_file(rel: str) -> Path:
     """A real data file: the project's data/ (placed by `make assets`), else ../shared/data."""

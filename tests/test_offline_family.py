@@ -361,7 +361,9 @@ def test_kto_from_pairs_end_to_end(tmp_path, tiny_models, hh_file, base_cache):
     pairs = st["pair"]["metrics"]
     assert m["train_rows"] == 2 * pairs["train"] and m["desirable"] == m["undesirable"] == pairs["train"]
     assert m["eval_rows"] == 4 and m["eval_pairs"] == 2 and m["desirable_ratio"] == 1.0
-    assert 0.0 <= m["eval_label_accuracy"] <= 1.0 and m["eval_preference_accuracy"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+    # before training the policy is the reference: every log-ratio is 0, a tie, which counts one half
+    assert m["eval_label_accuracy_before"] == 0.5 and m["eval_preference_accuracy_before"] == 0.5, m
+    assert m["eval_label_accuracy"] * 8 == round(m["eval_label_accuracy"] * 8) and m["eval_preference_accuracy"] in (0.0, 0.25, 0.5, 0.75, 1.0)
     assert m["eval_kl"] >= 0.0 and m["seconds_per_update"] > 0 and "train_kl_last10" in m
     assert moved(st["kto"]["output"], tiny_models["policy"])
     used = manifests(cache)[st["kto"]["key"]]["used_keys"]
@@ -385,7 +387,8 @@ def test_kto_on_a_kto_dataset(tmp_path, tiny_models, registry):
     m = st["metrics"]
     assert m["train_rows"] + m["eval_rows"] == 20 and m["eval_rows"] >= 4
     assert m["desirable"] + m["undesirable"] == m["train_rows"] and m["desirable"] > 0 and m["undesirable"] > 0
-    assert 0.0 <= m["eval_label_accuracy"] <= 1.0 and "eval_preference_accuracy" not in m
+    assert m["eval_label_accuracy_before"] == 0.5 and "eval_preference_accuracy" not in m
+    assert m["eval_label_accuracy"] * 2 * m["eval_rows"] == round(m["eval_label_accuracy"] * 2 * m["eval_rows"])
     assert m["updates"] == m["train_rows"] // 4
     assert moved(st["output"], tiny_models["policy"])
 

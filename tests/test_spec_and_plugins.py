@@ -103,6 +103,27 @@ def test_specs_in_repo_reference_the_schema():
         assert json.loads(p.read_text()).get("$schema") == "../schemas/rlhf-spec.schema.json", p.name
 
 
+def test_every_cpu_spec_validates_on_the_real_files():
+    """Each specs/*_cpu.json validates against the project's models/ and data/ (placed by `make assets`):
+    datasets and their columns, every stage's and reward's params, references and checks. A spec whose
+    data lacks a column it names is refused at that dataset's JSON path."""
+    from rlhf_spec.plugins import load_registry
+    from rlhf_spec.spec import validate
+
+    for sub in ("models", "data"):
+        if not (ROOT / sub).is_dir():
+            pytest.fail(f"{sub}/ missing: run `make assets`")
+    reg = load_registry()
+    names = sorted(p.name for p in (ROOT / "specs").glob("*_cpu.json"))
+    assert {"quickstart_cpu.json", "rlaif_cpu.json", "helpful_safety_cpu.json", "gsm8k_rule_cpu.json", "rest_cpu.json"} <= set(names)
+    for name in names:
+        validate(json.loads((ROOT / "specs" / name).read_text()), reg, base=ROOT)
+    spec = json.loads((ROOT / "specs" / "rlaif_cpu.json").read_text())
+    spec["datasets"]["alpaca_eval"]["path"] = "data/alpaca_eval/gpt4__model_outputs.json"  # outputs, not annotations
+    with pytest.raises(SpecError, match="/datasets/alpaca_eval/adapter: .* has no column"):
+        validate(spec, reg, base=ROOT)
+
+
 def test_plugins_json_lists_builtins_for_all_kinds():
     r = cli("plugins", "--json")
     assert r.returncode == 0

@@ -258,8 +258,8 @@ def kto_step(loss_fn, data: _KTOData, pad_id: int, p: KTOParams):
 
 def kto_evaluator(ctx, held: Optional[_KTOData], loss_fn, pad_id: int, p: KTOParams):
     """``evaluate(model)`` on the held-out rows: the KTO loss with ``z0`` estimated over all of them,
-    ``label_accuracy`` (desirable rows with ``r > z0``, undesirable ones with ``r < z0``, r the log-ratio)
-    and, for rows from pairs, ``preference_accuracy`` (chosen ``beta r`` above rejected, ties one half)."""
+    ``label_accuracy`` (desirable rows with ``r > z0``, undesirable ones with ``r < z0``, r the log-ratio;
+    ``r == z0`` counts one half, so the starting policy, where every ``r`` is 0, scores 0.5) and, for rows from pairs, ``preference_accuracy`` (chosen ``beta r`` above rejected, ties one half)."""
     if held is None:
         return None
 
@@ -276,7 +276,7 @@ def kto_evaluator(ctx, held: Optional[_KTOData], loss_fn, pad_id: int, p: KTOPar
         z0 = (kl - held.ref_kl).mean().clamp_min(0.0)
         loss, _ = loss_fn(lp, held.ref, held.labels, z0)
         r = lp - held.ref
-        correct = torch.where(held.labels, r > z0, r < z0).float()
+        correct = torch.where(held.labels, r > z0, r < z0).float() + 0.5 * (r == z0).float()
         out = {"loss": float(loss), "label_accuracy": float(correct.mean()), "kl": float(z0), "rows": len(held)}
         out.update(_pair_accuracy(held.rows.pair, held.rows.label, p.beta * r))
         return out

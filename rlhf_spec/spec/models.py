@@ -97,7 +97,9 @@ _ADAPTER_HELP = (
     "messages (messages_column, default 'messages') whose final assistant turn is the completion, and a boolean "
     "label (label_column, default 'label'). 'rt-polarity': two text files of one sentence per line (positive in path, "
     "negative in negative_path); prompts are each sentence's first prompt_words words, pairs put a positive "
-    "sentence's rest over a negative one's."
+    "sentence's rest over a negative one's. 'alpaca-eval': AlpacaEval's pairwise annotations (instruction, output_1, "
+    "output_2, preference): the output the annotator preferred (preference 1 or 2) is chosen, the other rejected; "
+    "ties (0 or 1.5) are dropped."
 )
 
 
@@ -112,7 +114,7 @@ class DatasetSpec(_Strict):
     config: Optional[str] = Field(None, description="Hub dataset configuration name.")
     split: str = Field("train", description="Split to read.")
     path: Optional[str] = Field(None, description="Local file or folder (json, jsonl, jsonl.gz, parquet, csv, or save_to_disk folder).")
-    adapter: Literal["generic", "hh-rlhf", "messages", "prompt-completion", "alpaca", "sharegpt", "kto", "rt-polarity"] = Field(
+    adapter: Literal["generic", "hh-rlhf", "messages", "prompt-completion", "alpaca", "sharegpt", "kto", "rt-polarity", "alpaca-eval"] = Field(
         "generic", description=_ADAPTER_HELP)
     prompt_column: str = Field("prompt", description="Column holding the prompt (string or chat messages); for 'alpaca' the instruction.")
     chosen_column: Optional[str] = Field(None, description="Column with the preferred response, for preference data ('generic', 'sharegpt').")
@@ -184,7 +186,7 @@ class DatasetSpec(_Strict):
         """True when rows are read as (prompt, chosen, rejected)."""
         if self.adapter == "rt-polarity":
             return self.rows == "pairs"
-        return self.adapter == "hh-rlhf" or (self.adapter in ("generic", "sharegpt") and bool(self.chosen_column and self.rejected_column))
+        return self.adapter in ("hh-rlhf", "alpaca-eval") or (self.adapter in ("generic", "sharegpt") and bool(self.chosen_column and self.rejected_column))
 
     def source_columns(self) -> list[tuple[str, str, str, bool]]:
         """The raw columns this adapter reads: ``(role, column, spec field that names it, required)``.
@@ -201,6 +203,9 @@ class DatasetSpec(_Strict):
             return [("chosen", "chosen", "adapter", True), ("rejected", "rejected", "adapter", True)]
         if a == "rt-polarity":
             return []
+        if a == "alpaca-eval":
+            return [("prompt", "instruction", "adapter", True), ("output_1", "output_1", "adapter", True),
+                    ("output_2", "output_2", "adapter", True), ("preference", "preference", "adapter", True)]
         out: list[tuple[str, str, str, bool]] = []
         if self.reference_column is not None:
             out.append(("reference", self.reference_column, "reference_column", True))
@@ -245,6 +250,7 @@ _FIELDS_READ = {
     "sharegpt": ("messages_column", "system_column", "chosen_column", "rejected_column", "reference_column", "prompt_template"),
     "kto": ("messages_column", "label_column", "reference_column", "prompt_template"),
     "rt-polarity": ("negative_path", "encoding", "rows", "prompt_words", "prompt_template"),
+    "alpaca-eval": ("prompt_template",),
 }
 
 

@@ -153,6 +153,6 @@ def rlhf_spec_register_stages(register):
                        description="SimPO: reference-free, length-normalised reward margin above gamma"))
     register(StageImpl(kind="train", name="orpo", params=ORPOParams, run=run_orpo, **pair_stage,
                        description="ORPO: SFT loss plus a log-odds-ratio penalty, reference-free"))
-    register(StageImpl(kind="train", name="kto", params=KTOParams, run=train_kto, version="1", inputs=(PAIRS,),
+    register(StageImpl(kind="train", name="kto", params=KTOParams, run=train_kto, version="2", inputs=(PAIRS,),
                        min_inputs=0, max_inputs=1, output=POLICY, check=kto_check, resources=_resources,
                        description="KTO: unpaired desirable/undesirable completions against a batch KL reference point"))
