@@ -34,11 +34,14 @@ smoke: assets
 	$(VENV)/bin/rlhf-spec run specs/smoke_cpu.json --report reports/smoke.json
 
 # One worker per core (pytest-xdist), a test file's tests on one worker so its fixtures are built once.
+PYTEST := $(PY) -m pytest -q -p no:cacheprovider -n auto --dist loadfile
+TESTS := tests plugins/rlhf-spec-vllm/tests plugins/rlhf-spec-armorm/tests plugins/rlhf-spec-example/tests
+
 test: assets browser
-	$(PY) -m pytest -q -p no:cacheprovider -n auto --dist loadfile --durations=15 tests plugins/rlhf-spec-vllm/tests plugins/rlhf-spec-armorm/tests plugins/rlhf-spec-example/tests
+	$(PYTEST) --durations=15 $(TESTS)
 
 test-fast: assets
-	$(PY) -m pytest -q -p no:cacheprovider -n auto --dist loadfile -m "not slow" tests plugins/rlhf-spec-vllm/tests plugins/rlhf-spec-armorm/tests plugins/rlhf-spec-example/tests
+	$(PYTEST) -m "not slow" $(TESTS)
 
 bench: assets
 	$(PY) bench/run_all.py

@@ -72,7 +72,11 @@ def test_reward_accuracy_stage_with_a_length_reward(tmp_path):
             "stages": [{"id": "check", "kind": "evaluate", "uses": "reward-accuracy",
                         "params": {"dataset": "labelled", "examples": 2, "judges": {
                             "longer": {"uses": "length", "params": {"unit": "characters", "per_unit": 1.0}},
-                            "shorter": {"uses": "length", "params": {"unit": "characters", "per_unit": -1.0}}}}}]}
+                            "shorter": {"uses": "length", "params": {"unit": "characters", "per_unit": -1.0}},
+                            # a batch z-score keeps the order only if chosen and rejected are normalised together
+                            "zscored": {"uses": "combine", "params": {
+                                "components": {"chars": {"uses": "length", "params": {"unit": "characters", "per_unit": 1.0}}},
+                                "normalize": {"chars": {"method": "batch"}}}}}}}]}
     path = write_spec(tmp_path, spec)
     report = tmp_path / "report.json"
     assert main(["run", str(path), "--cache-dir", str(tmp_path / "cache"), "--report", str(report)]) == 0
@@ -80,6 +84,7 @@ def test_reward_accuracy_stage_with_a_length_reward(tmp_path):
     assert m["pairs"] == 4 and m["primary_judge"] == "longer"
     assert m["accuracy"] == m["longer.accuracy"] == 2.5 / 4
     assert m["shorter.accuracy"] == 1.5 / 4
+    assert m["zscored.accuracy"] == 2.5 / 4 and m["zscored.prefers_longer_rate"] == 1.0
     assert (m["longer.accuracy_ci_low"], m["longer.accuracy_ci_high"]) == pytest.approx(wilson_interval(2.5, 4))
     assert m["labels_prefer_longer_rate"] == pytest.approx(2 / 3)
     assert m["longer.prefers_longer_rate"] == 1.0 and m["shorter.prefers_longer_rate"] == 0.0
@@ -98,3 +103,6 @@ def test_reward_accuracy_needs_pairs_and_a_known_primary(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "/stages/0/params/dataset: reward-accuracy needs labelled pairs" in err
     assert "/stages/0/params/primary: no judge named 'lenght'" in err and "length" in err
+    spec["stages"][0]["params"].update(dataset="x", judges={"bad name!": judge})
+    assert main(["validate", str(write_spec(tmp_path, spec))]) == 2
+    assert "/stages/0/params/judges: judge name 'bad name!' may use letters, digits, '_' and '-' only" in capsys.readouterr().err

@@ -259,7 +259,8 @@ def kto_step(loss_fn, data: _KTOData, pad_id: int, p: KTOParams):
 def kto_evaluator(ctx, held: Optional[_KTOData], loss_fn, pad_id: int, p: KTOParams):
     """``evaluate(model)`` on the held-out rows: the KTO loss with ``z0`` estimated over all of them,
     ``label_accuracy`` (desirable rows with ``r > z0``, undesirable ones with ``r < z0``, r the log-ratio;
-    ``r == z0`` counts one half, so the starting policy, where every ``r`` is 0, scores 0.5) and, for rows from pairs, ``preference_accuracy`` (chosen ``beta r`` above rejected, ties one half)."""
+    ``r == z0`` counts one half, so the starting policy, where every ``r`` is 0, scores 0.5) and, for
+    rows from pairs, ``preference_accuracy`` (chosen ``beta r`` above rejected, ties one half)."""
     if held is None:
         return None
 

@@ -191,8 +191,8 @@ class DatasetSpec(_Strict):
     def source_columns(self) -> list[tuple[str, str, str, bool]]:
         """The raw columns this adapter reads: ``(role, column, spec field that names it, required)``.
 
-        ``role`` is ``prompt``, ``completion``, ``messages``, ``input``, ``system``, ``label``, ``chosen`` or
-        ``rejected``; the field is ``adapter`` where the column is the adapter's default.
+        ``role`` is ``prompt``, ``completion``, ``messages``, ``input``, ``system``, ``label``, ``chosen``,
+        ``rejected``, or for ``alpaca-eval`` ``output_1``, ``output_2`` and ``preference``; the field is ``adapter`` where the column is the adapter's default.
         """
         def pick(field: str, default: str) -> tuple[str, str]:
             value = getattr(self, field)

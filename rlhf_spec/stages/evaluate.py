@@ -16,14 +16,15 @@ import json
 import math
 from typing import Annotated, Optional
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from ..algorithms.batching import tokenize_completions
 from ..backends import SamplingParams
 from ..errors import Problem
 from ..hookspecs import hookimpl
-from ..records import METRICS, PAIRS, POLICY, BackendSpec, DatasetRef, ModelRef, NotInKey, RewardBatch, RewardSpec, StageImpl, StageResult
+from ..records import METRICS, PAIRS, POLICY, BackendSpec, DatasetRef, ModelRef, NotInKey, StageImpl, StageResult
 from ..runtime import sampling_seed
+from .judging import Judges, cell, heldout_pairs, is_pairwise, num, primary_problems, score_sides
 from .sample import prepare_prompts
 
 
@@ -32,7 +33,7 @@ class EvaluateParams(SamplingParams):
 
     policy: Annotated[str, ModelRef(artifacts=(POLICY,))] = Field(..., description="The trained policy (a train stage id) or a /models name.")
     reference: Annotated[str, ModelRef(artifacts=(POLICY,))] = Field(..., description="The reference policy to compare against.")
-    judges: dict[str, RewardSpec] = Field(..., min_length=1, description="Judges by name: each a reward {\"uses\", \"params\"}. A judge other than the training reward shows reward hacking.")
+    judges: Judges = Field(..., min_length=1, description="Judges by name: each a reward {\"uses\", \"params\"}. A judge other than the training reward shows reward hacking.")
     primary: Optional[str] = Field(None, description="The judge whose figures are the headline (win_rate, ...); default: the first.")
     backend: BackendSpec = Field(default_factory=lambda: BackendSpec(uses="transformers"), description="Generation backend for both policies.")
     prompts: Optional[Annotated[str, DatasetRef(columns=("prompt",))]] = Field(
@@ -48,34 +49,19 @@ class EvaluateParams(SamplingParams):
     alpaca_eval_outputs: bool = Field(False, description="Also write alpaca_eval/model_outputs.json and reference_outputs.json (AlpacaEval's format).")
     generator_name: str = Field("rlhf-spec-policy", description="The 'generator' field of the AlpacaEval outputs.")
 
-    @field_validator("judges")
-    @classmethod
-    def _names(cls, v: dict):
-        for k in v:
-            if not k.replace("_", "").replace("-", "").isalnum():
-                raise ValueError(f"judge name {k!r} may use letters, digits, '_' and '-' only")
-        return v
-
 
 def _check(params: EvaluateParams, spec, inputs) -> list[Problem]:
     out = []
     if not params.prompts and not inputs:
         out.append(Problem("/prompts", "evaluate needs held-out prompts: set params.prompts or give a pairs stage in inputs"))
-    if params.primary is not None and params.primary not in params.judges:
-        from ..errors import did_you_mean
-
-        out.append(Problem("/primary", f"no judge named '{params.primary}'", did_you_mean(params.primary, params.judges)))
-    return out
+    return out + primary_problems(params.primary, params.judges)
 
 
 def _prompts(ctx, p: EvaluateParams, tok):
     if p.prompts:
         rows = ctx.dataset("prompts")
     else:
-        rows = ctx.input_dataset(0)
-        rows = rows.select([i for i, s in enumerate(rows["split"]) if s == "test"])
-        if len(rows) == 0:
-            raise ValueError("the pairs input has no 'test' rows; set test_size on the pair stage or give params.prompts")
+        rows = heldout_pairs(ctx, "prompts")
     rows, _ = prepare_prompts(tok, rows, p.max_prompt_tokens)
     if p.limit:
         rows = rows.select(range(min(p.limit, len(rows))))
@@ -122,7 +108,7 @@ def _log_ratios(ctx, rows, pol_texts, p: EvaluateParams) -> list[list[float]]:
 
 def _judge(ctx, name: str, rows, pol: list, ref: list) -> dict:
     """Judge ``name``'s verdicts on both policies' answers: ``{"scores": ((P, k), (P, k))}`` from a
-    pointwise reward, or ``{"preferences": (P, k), "disagreement": rate}`` from a pairwise judge
+    pointwise reward (both policies' answers scored in one call, :func:`score_sides`), or ``{"preferences": (P, k), "disagreement": rate}`` from a pairwise judge
     (policy answer j against reference answer j, both orders averaged)."""
     k = len(pol[0])
     n = len(rows)
@@ -132,10 +118,10 @@ def _judge(ctx, name: str, rows, pol: list, ref: list) -> dict:
                 if c not in ("prompt_id", "prompt", "token_ids", "prompt_tokens", "chosen", "rejected")}
         prompts = [pr for pr in rows["prompt"] for _ in range(k)]
         flat_pol, flat_ref = [a for per in pol for a in per], [a for per in ref for a in per]
-        if getattr(ctx.component(f"judges.{name}").parsed, "mode", None) == "pairwise":
+        if is_pairwise(ctx, f"judges.{name}"):
             p, dis = reward.compare(prompts, flat_pol, flat_ref)
             return {"preferences": [p[i * k:(i + 1) * k] for i in range(n)], "disagreement": sum(dis) / len(dis)}
-        out = [reward.score(RewardBatch(prompts, side, cols)).scores for side in (flat_pol, flat_ref)]
+        out = score_sides(reward, prompts, [flat_pol, flat_ref], cols)
     return {"scores": tuple([o[i * k:(i + 1) * k] for i in range(n)] for o in out)}
 
 
@@ -209,21 +195,12 @@ def _table(rows, pol, ref, pol_n, ref_n, log_ratio, judged) -> dict:
     return t
 
 
-def _cell(s: str, n: int = 160) -> str:
-    s = " ".join(str(s).split()).replace("|", "\\|")
-    return (s[:n] + "...") if len(s) > n else s
-
-
-def _num(v) -> str:
-    return "-" if v is None else f"{v:.3f}"
-
-
 def _verdict(table: dict, judge: str, side: str, i: int) -> str:
     """A judge's verdict on row ``i``: the side's score, or for a pairwise judge P(policy preferred)."""
     if f"preference/{judge}" in table:
         p = table[f"preference/{judge}"][i]
-        return _num(p if side == "policy" else 1 - p)
-    return _num(table[f"{side}_reward/{judge}"][i])
+        return num(p if side == "policy" else 1 - p)
+    return num(table[f"{side}_reward/{judge}"][i])
 
 
 def examples_markdown(metrics: dict, table: dict, examples: int, judges: list[str]) -> str:
@@ -234,7 +211,7 @@ def examples_markdown(metrics: dict, table: dict, examples: int, judges: list[st
     for j in judges:
         lines.append(f"| {j} | {metrics[f'{j}.win_rate']:.3f} | [{metrics[f'{j}.win_rate_ci_low']:.3f}, "
                      f"{metrics[f'{j}.win_rate_ci_high']:.3f}] | {metrics[f'{j}.lc_win_rate']:.3f} | "
-                     f"{_num(metrics[f'{j}.reward_mean_policy'])} | {_num(metrics[f'{j}.reward_mean_reference'])} |")
+                     f"{num(metrics[f'{j}.reward_mean_policy'])} | {num(metrics[f'{j}.reward_mean_reference'])} |")
     lines += ["", f"KL(policy || reference): k1 {metrics['kl_k1']:.3f}, k3 {metrics['kl_k3']:.3f} nats per answer; "
               f"mean length {metrics['length_mean_policy']:.1f} vs {metrics['length_mean_reference']:.1f} tokens.", ""]
     head = "| prompt (last turn) | policy | " + " | ".join(judges) + " | reference | " + " | ".join(judges) + " |"
@@ -242,8 +219,8 @@ def examples_markdown(metrics: dict, table: dict, examples: int, judges: list[st
     for i in range(min(examples, len(table["prompt_id"]))):
         ps = " | ".join(_verdict(table, j, "policy", i) for j in judges)
         rs = " | ".join(_verdict(table, j, "reference", i) for j in judges)
-        lines.append(f"| {_cell(table['prompt'][i][-1]['content'])} | {_cell(table['policy'][i])} | {ps} | "
-                     f"{_cell(table['reference'][i])} | {rs} |")
+        lines.append(f"| {cell(table['prompt'][i][-1]['content'])} | {cell(table['policy'][i])} | {ps} | "
+                     f"{cell(table['reference'][i])} | {rs} |")
     return "\n".join(lines) + "\n"
 
 
@@ -257,6 +234,6 @@ def _alpaca_eval(d, rows, pol, ref, generator: str) -> None:
 
 @hookimpl
 def rlhf_spec_register_stages(register):
-    register(StageImpl(kind="evaluate", name="reward-winrate", params=EvaluateParams, run=run, version="3",
+    register(StageImpl(kind="evaluate", name="reward-winrate", params=EvaluateParams, run=run, version="4",
                        inputs=(PAIRS,), min_inputs=0, max_inputs=1, output=METRICS, check=_check,
                        description="win rates with intervals (per judge), length-controlled win rate, rewards and KL of the policy vs the reference"))

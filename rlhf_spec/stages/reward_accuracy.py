@@ -18,11 +18,12 @@ from __future__ import annotations
 import json
 from typing import Annotated, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import Problem
 from ..hookspecs import hookimpl
-from ..records import METRICS, PAIRS, DatasetRef, NotInKey, RewardBatch, RewardSpec, StageImpl, StageResult
+from ..records import METRICS, PAIRS, DatasetRef, NotInKey, StageImpl, StageResult
+from .judging import Judges, cell, heldout_pairs, is_pairwise, num, primary_problems, score_sides
 
 
 class RewardAccuracyParams(BaseModel):
@@ -30,7 +31,7 @@ class RewardAccuracyParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    judges: dict[str, RewardSpec] = Field(..., min_length=1, description="Rewards to check, by name: each {\"uses\", \"params\"}.")
+    judges: Judges = Field(..., min_length=1, description="Rewards to check, by name: each {\"uses\", \"params\"}.")
     primary: Optional[str] = Field(None, description="The judge whose figures are the headline (accuracy, ...); default: the first.")
     dataset: Optional[Annotated[str, DatasetRef(columns=("prompt", "chosen", "rejected"))]] = Field(
         None, description="Labelled preference pairs from /datasets; or give a pairs input and its 'test' split is used.")
@@ -38,34 +39,16 @@ class RewardAccuracyParams(BaseModel):
     confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Level of the Wilson intervals.")
     examples: Annotated[int, NotInKey()] = Field(8, ge=0, description="Pairs written to examples.md. Not part of the key.")
 
-    @field_validator("judges")
-    @classmethod
-    def _names(cls, v: dict):
-        for k in v:
-            if not k.replace("_", "").replace("-", "").isalnum():
-                raise ValueError(f"judge name {k!r} may use letters, digits, '_' and '-' only")
-        return v
-
 
 def _check(params: RewardAccuracyParams, spec, inputs) -> list[Problem]:
     out = []
     if not params.dataset and not inputs:
         out.append(Problem("/dataset", "reward-accuracy needs labelled pairs: set params.dataset or give a pairs stage in inputs"))
-    if params.primary is not None and params.primary not in params.judges:
-        from ..errors import did_you_mean
-
-        out.append(Problem("/primary", f"no judge named '{params.primary}'", did_you_mean(params.primary, params.judges)))
-    return out
+    return out + primary_problems(params.primary, params.judges)
 
 
 def _pairs(ctx, p: RewardAccuracyParams):
-    if p.dataset:
-        rows = ctx.dataset("dataset")
-    else:
-        rows = ctx.input_dataset(0)
-        rows = rows.select([i for i, s in enumerate(rows["split"]) if s == "test"])
-        if len(rows) == 0:
-            raise ValueError("the pairs input has no 'test' rows; set test_size on the pair stage or give params.dataset")
+    rows = ctx.dataset("dataset") if p.dataset else heldout_pairs(ctx, "dataset")
     if p.limit:
         rows = rows.select(range(min(p.limit, len(rows))))
     if len(rows) == 0:
@@ -85,14 +68,13 @@ def _verdicts(ctx, name: str, rows) -> dict:
         ctx.progress.note(f"judge {name}")
         reward = ctx.reward(f"judges.{name}")
         prompts = list(rows["prompt"])
-        if getattr(ctx.component(f"judges.{name}").parsed, "mode", None) == "pairwise":
+        if is_pairwise(ctx, f"judges.{name}"):
             p, dis = reward.compare(prompts, list(rows["chosen"]), list(rows["rejected"]))
             out = {"p_chosen": list(p), "disagreement": list(dis)}
         else:
-            # one batch for both sides, so a batch-normalised reward (z-score, Llama 2's whitening) ranks them on one scale
-            cols = {c: list(rows[c]) * 2 for c in rows.column_names if c not in ("prompt_id", "prompt", "chosen", "rejected", "split")}
-            scores = reward.score(RewardBatch(prompts * 2, list(rows["chosen"]) + list(rows["rejected"]), cols)).scores
-            out = {"chosen": list(scores[:len(rows)]), "rejected": list(scores[len(rows):])}
+            cols = {c: list(rows[c]) for c in rows.column_names if c not in ("prompt_id", "prompt", "chosen", "rejected", "split")}
+            chosen, rejected = score_sides(reward, prompts, [list(rows["chosen"]), list(rows["rejected"])], cols)
+            out = {"chosen": chosen, "rejected": rejected}
         ctx.progress.advance(1)
     return out
 
@@ -138,8 +120,7 @@ def run(ctx) -> StageResult:
     rows = _pairs(ctx, p)
     ctx.progress.start(len(p.judges))
     judged = {name: _verdicts(ctx, name, rows) for name in p.judges}
-    lengths = [(len(c), len(r)) for c, r in zip(rows["chosen"], rows["rejected"])]
-    chosen_longer = [None if c == r else c > r for c, r in lengths]
+    chosen_longer = [None if len(c) == len(r) else len(c) > len(r) for c, r in zip(rows["chosen"], rows["rejected"])]
     primary = p.primary or next(iter(p.judges))
     metrics: dict = {"pairs": len(rows), "labels_prefer_longer_rate": _rate([x for x in chosen_longer if x is not None]),
                      "primary_judge": primary}
@@ -164,20 +145,18 @@ def _rate(flags: list[bool]) -> Optional[float]:
 
 def _examples(metrics: dict, table: dict, examples: int, judges: list[str]) -> str:
     """``examples.md``: accuracy per judge, then the first pairs with every judge's verdict."""
-    from .evaluate import _cell, _num
-
     lines = ["# Reward accuracy on labelled pairs", "", f"{metrics['pairs']} pairs; the labels prefer the longer reply in "
-             f"{_num(metrics['labels_prefer_longer_rate'])} of those with unequal lengths.", "",
+             f"{num(metrics['labels_prefer_longer_rate'])} of those with unequal lengths.", "",
              "| judge | accuracy | 95% interval | prefers longer |", "|---|---|---|---|"]
     for j in judges:
         lines.append(f"| {j} | {metrics[f'{j}.accuracy']:.3f} | [{metrics[f'{j}.accuracy_ci_low']:.3f}, "
-                     f"{metrics[f'{j}.accuracy_ci_high']:.3f}] | {_num(metrics[f'{j}.prefers_longer_rate'])} |")
+                     f"{metrics[f'{j}.accuracy_ci_high']:.3f}] | {num(metrics[f'{j}.prefers_longer_rate'])} |")
     lines += ["", "| prompt (last turn) | chosen | rejected | " + " | ".join(judges) + " |", "|" + "---|" * (3 + len(judges))]
     for i in range(min(examples, len(table["prompt_id"]))):
-        verdicts = [(f"P={_num(table[f'p_chosen/{j}'][i])}" if f"p_chosen/{j}" in table
-                     else f"{_num(table[f'chosen/{j}'][i])} vs {_num(table[f'rejected/{j}'][i])}") for j in judges]
-        lines.append(f"| {_cell(table['prompt'][i][-1]['content'])} | {_cell(table['chosen'][i])} | "
-                     f"{_cell(table['rejected'][i])} | " + " | ".join(verdicts) + " |")
+        verdicts = [(f"P={num(table[f'p_chosen/{j}'][i])}" if f"p_chosen/{j}" in table
+                     else f"{num(table[f'chosen/{j}'][i])} vs {num(table[f'rejected/{j}'][i])}") for j in judges]
+        lines.append(f"| {cell(table['prompt'][i][-1]['content'])} | {cell(table['chosen'][i])} | "
+                     f"{cell(table['rejected'][i])} | " + " | ".join(verdicts) + " |")
     return "\n".join(lines) + "\n"
 
 
