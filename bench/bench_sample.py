@@ -7,7 +7,7 @@ template and kept when at most ``--max-prompt-tokens`` long, as the stage does.
 Part 1 (``BENCH_THREADS`` threads, float32, dynamic KV cache, ``--batch-size``), sides alternating:
 
 * ``ours_arrival``: :class:`rlhf_spec.backends.transformers.TransformersEngine` with
-  ``sort_by_length=False``: prompt token ids from ``rlhf_spec.backends.prompt_token_ids``, then
+  ``sort_by_length=False`` and generate's own sampler (``sampler="transformers"``): prompt token ids from ``rlhf_spec.backends.prompt_token_ids``, then
   ``engine.generate``;
 * ``plain``: a hand-written loop over the same batches in the same order: render and tokenize each
   batch, left-pad it, seed it as the backend seeds a batch, ``model.generate`` with the same
@@ -20,7 +20,8 @@ Part 1 (``BENCH_THREADS`` threads, float32, dynamic KV cache, ``--batch-size``),
 Part 2 (every core, ``torch.set_num_threads(os.cpu_count())``), sides alternating:
 
 * ``fast``: the backend at its fast settings, loaded by the backend's own ``load``: bfloat16 when
-  the CPU multiplies bf16 matrices natively (else float32), static KV cache, sorted, batch
+  the CPU multiplies bf16 matrices natively (else float32), static KV cache, the candidate nucleus
+  sampler (the default), sorted, batch
   ``--fast-batch-size`` (128), ``--fast-new-tokens`` (48) new tokens;
 * ``plain32``: the plain loop as users run it today: float32, dynamic cache, batch
   ``--plain-batch-size`` (32), arrival order, same prompts and sampling settings;
@@ -125,7 +126,9 @@ def load_prompts(tok, max_prompt_tokens: int, hash_range=(0.7, 0.85)) -> tuple[l
 def engine(model, tok, bs: int, sort: bool):
     from rlhf_spec.backends.transformers import TransformersEngine, TransformersParams
 
-    return TransformersEngine(model, tok, TransformersParams(batch_size=bs, sort_by_length=sort, dtype="float32", cache="dynamic"))
+    # generate's own sampler, so that the plain loop with the same seeds writes the same tokens
+    return TransformersEngine(model, tok, TransformersParams(batch_size=bs, sort_by_length=sort, dtype="float32", cache="dynamic",
+                                                             sampler="transformers"))
 
 
 def like_for_like(args, model, tok, prompts: list, lengths: list[int]) -> None:

@@ -476,7 +476,8 @@ def test_two_runs_on_one_cache(tmp_path, tiny_spec):
     assert r.returncode == 0, r.stdout + r.stderr
     assert not list((cache / "locks").glob("*.lease"))
     assert not (cache / "tmp").exists() or not any((cache / "tmp").iterdir())
-    assert len(list(cache.glob("entries/*/*"))) == 8  # seven stages and the reference-logprobs entry
+    # seven stages, the reference-logprobs entry and both policies' evaluation answers
+    assert len(list(cache.glob("entries/*/*"))) == 10
 
 
 # ----------------------------------------------------------------------------- faults while running

@@ -152,3 +152,22 @@ def test_per_round_values_need_one_entry_per_round_and_a_name_that_exists(tiny_s
     assert len(errs) == 2 and errs[1].startswith(
         "/stages/1/repeat/stages/0/params/temperature: no per-round value 'temprature' in the repeat block (round 2)"), errs
     assert "did you mean 'temperature'?" in errs[0]
+
+
+def test_rounds_share_the_reference_policys_evaluation_answers(tmp_path, tiny_spec):
+    """Every round's evaluate compares against the same reference on the same prompts: the reference answers
+    once (one shared ``policy-answers`` entry), and both rounds' tables hold the same reference answers."""
+    import datasets
+
+    spec = _block_spec(tiny_spec)
+    cache = tmp_path / "cache"
+    r = cli("run", str(write_spec(tmp_path, spec)), "--cache-dir", str(cache), "--report", str(tmp_path / "r.json"))
+    assert r.returncode == 0, r.stderr + r.stdout
+    stages = {s["id"]: s for s in json.loads((tmp_path / "r.json").read_text())["stages"]}
+    tables = [datasets.load_from_disk(str(tmp_path / stages[f"evaluate_iter{i}"]["output"] / "data")) for i in (1, 2)]
+    assert tables[0]["reference"] == tables[1]["reference"]
+    assert tables[0]["policy"] != tables[1]["policy"]
+    memos = [json.loads(m.read_text())["stage"] for m in cache.glob("entries/*/*/manifest.json")]
+    answers = [m["id"] for m in memos if m.get("memo") == "policy-answers"]
+    # round 1: its policy and the reference; round 2: its policy only
+    assert sorted(answers) == ["evaluate_iter1", "evaluate_iter1", "evaluate_iter2"]

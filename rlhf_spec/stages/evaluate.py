@@ -7,7 +7,8 @@ of the policy over all k x k answer pairs of a prompt (ties count one half) with
 interval over prompts and a Wilson interval, both mean rewards and their paired difference with its
 interval, and the length-controlled win rate (AlpacaEval 2's method). The first judge (or
 ``primary``) gives the headline figures. Also: ``KL(pi || pi_ref)`` estimated on the policy's own
-answers (k1, k3) and the mean answer length of both policies.
+answers (k1, k3) and the mean answer length of both policies. Each policy's answers are a shared
+cache entry, so the reference policy answers once for all evaluate stages that compare against it.
 """
 
 from __future__ import annotations
@@ -71,18 +72,41 @@ def _prompts(ctx, p: EvaluateParams, tok):
 
 
 def _answers(ctx, name: str, src, rows, p: EvaluateParams) -> tuple[list, list]:
-    """k answers per prompt from one policy: (texts (P, k), token counts (P, k))."""
-    with ctx.timer(name):
+    """k answers per prompt from one policy: (texts (P, k), token counts (P, k)).
+
+    Stored as a shared cache entry (``policy-answers``) keyed by the policy's identity, the prompts'
+    token ids, the sampling settings, the backend (name, version, params), the seeds and k: the
+    reference policy answers once for every evaluate stage that compares against it on the same
+    prompts (each round of a ``repeat``, and reruns with other judges).
+    """
+    import hashlib
+
+    from ..hashing import canonical_json
+    from ..refs import key_view
+
+    ids = [list(t) for t in rows["token_ids"]]
+    preimage = {"policy": src.identity, "prompt_tokens": hashlib.sha256(canonical_json(ids)).hexdigest(),
+                "sampling": p.sampling().model_dump(mode="json"), "backend": key_view(p)["backend"],
+                "seed": ctx.seed, "seed_stride": p.seed_stride, "samples_per_prompt": p.samples_per_prompt}
+
+    def compute(tmp) -> dict:
         ctx.progress.note(f"{name} answers")
         engine = ctx.backend("backend", src)
-        ids = [list(t) for t in rows["token_ids"]]
         passes = [[c[0] for c in engine.generate(ids, p.sampling(), 1, sampling_seed(ctx.seed, k, p.seed_stride))]
                   for k in range(p.samples_per_prompt)]
-        ctx.progress.advance(len(rows))
         del engine
-    texts = [[passes[k][i].text for k in range(len(passes))] for i in range(len(rows))]
-    ntok = [[len(passes[k][i].token_ids) for k in range(len(passes))] for i in range(len(rows))]
-    return texts, ntok
+        texts = [[passes[k][i].text for k in range(len(passes))] for i in range(len(ids))]
+        ntok = [[len(passes[k][i].token_ids) for k in range(len(passes))] for i in range(len(ids))]
+        (tmp / "answers.json").write_text(json.dumps({"texts": texts, "tokens": ntok}))
+        return {"prompts": len(ids), "tokens": sum(map(sum, ntok))}
+
+    with ctx.timer(name):
+        path = ctx.memo("policy-answers", preimage, compute)
+        ctx.progress.advance(len(rows))
+    data = json.loads((path / "answers.json").read_text())
+    if len(data["texts"]) != len(ids):
+        raise RuntimeError(f"the shared {name} answers do not match the prompts (corrupt entry {path.name})")
+    return data["texts"], data["tokens"]
 
 
 def _log_ratios(ctx, rows, pol_texts, p: EvaluateParams) -> list[list[float]]:
