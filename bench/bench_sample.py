@@ -7,8 +7,8 @@ template and kept when at most ``--max-prompt-tokens`` long, as the stage does.
 Part 1 (``BENCH_THREADS`` threads, float32, dynamic KV cache, ``--batch-size``), sides alternating:
 
 * ``ours_arrival``: :class:`rlhf_spec.backends.transformers.TransformersEngine` with
-  ``sort_by_length=False`` and generate's own sampler (``sampler="transformers"``): prompt token ids from ``rlhf_spec.backends.prompt_token_ids``, then
-  ``engine.generate``;
+  ``sort_by_length=False`` and generate's own sampler (``sampler="transformers"``): prompt token
+  ids from ``rlhf_spec.backends.prompt_token_ids``, then ``engine.generate``;
 * ``plain``: a hand-written loop over the same batches in the same order: render and tokenize each
   batch, left-pad it, seed it as the backend seeds a batch, ``model.generate`` with the same
   temperature, top_p (``top_k=0``, nucleus only) and max_new_tokens, ``batch_decode``. With the same

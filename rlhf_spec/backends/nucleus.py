@@ -9,8 +9,8 @@ smallest set of most likely tokens whose probability reaches ``top_p`` (Holtzman
 Curious Case of Neural Text Degeneration", section 3.1): token ``v`` is kept when the probability of the
 tokens ranked above it is below ``top_p``. Ranking only the ``candidates`` most likely tokens
 (``torch.topk``) finds that set exactly whenever their total probability reaches ``top_p``; rows where
-it does not are ranked among 8 times as many, and the rest sorted in full. The token is drawn from the kept probabilities renormalised, with the
-sampler's own ``torch.Generator``.
+it does not are ranked among 8 times as many, and the rest sorted in full. The token is drawn from the
+kept probabilities renormalised, with the sampler's own ``torch.Generator``.
 
 Used as a transformers ``LogitsProcessor`` under greedy decoding: it returns scores that are 0 at the
 drawn token and ``-inf`` elsewhere, so ``generate``'s argmax picks the drawn token.
@@ -63,7 +63,7 @@ class NucleusSampler:
         self.temperature, self.top_p, self.generator, self.candidates = temperature, top_p, generator, candidates
 
     def _groups(self, logits: torch.Tensor):
-        """The nucleus of every row as ``(rows, token ids (R, K), kept probabilities (R, K))`` groups.
+        """The nucleus of every row as ``(rows (R,), token ids (R, K), kept probabilities (R, K))`` groups.
 
         Rows are ranked among their ``candidates`` most likely tokens first; rows whose nucleus is not
         within them among 8 times as many; the rest are sorted in full. Columns past a group's largest
@@ -74,26 +74,29 @@ class NucleusSampler:
         rows = torch.arange(logits.shape[0], device=logits.device)
         groups = []
         for k in (self.candidates, 8 * self.candidates, vocab):
-            k = min(k, vocab)
-            top, idx = torch.topk(logits[rows], k, dim=-1) if k < vocab else torch.sort(logits[rows], dim=-1, descending=True)
-            probs = torch.exp(top - log_norm[rows])
+            sub, norm = (logits, log_norm) if len(rows) == len(logits) else (logits[rows], log_norm[rows])
+            if k < vocab:
+                top, idx = torch.topk(sub, k, dim=-1)
+            else:
+                top, idx = torch.sort(sub, dim=-1, descending=True)
+            probs = torch.exp(top - norm)
             covered = probs.sum(-1) >= self.top_p if k < vocab else torch.ones_like(rows, dtype=torch.bool)
             if bool(covered.any()):
-                probs = probs[covered] * nucleus_mask(probs[covered], self.top_p)
+                probs = probs[covered]
+                probs = probs * nucleus_mask(probs, self.top_p)
                 width = int((probs > 0).sum(-1).max())
                 groups.append((rows[covered], idx[covered][:, :width], probs[:, :width]))
             rows = rows[~covered]
-            if not len(rows):
+            if not len(rows) or k >= vocab:
                 break
         return groups
 
     def kept(self, scores: torch.Tensor) -> torch.Tensor:
         """(B, V) logits -> (B, V) bool: the tokens each row may draw."""
-        out = torch.zeros_like(scores, dtype=torch.bool)
-        logits = scores.float() / self.temperature
         if self.top_p >= 1.0:
-            return out | True
-        for rows, idx, probs in self._groups(logits):
+            return torch.ones_like(scores, dtype=torch.bool)
+        out = torch.zeros_like(scores, dtype=torch.bool)
+        for rows, idx, probs in self._groups(scores.float() / self.temperature):
             out[rows.unsqueeze(-1), idx] = probs > 0
         return out
 

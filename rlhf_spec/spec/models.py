@@ -192,7 +192,8 @@ class DatasetSpec(_Strict):
         """The raw columns this adapter reads: ``(role, column, spec field that names it, required)``.
 
         ``role`` is ``prompt``, ``completion``, ``messages``, ``input``, ``system``, ``label``, ``chosen``,
-        ``rejected``, or for ``alpaca-eval`` ``output_1``, ``output_2`` and ``preference``; the field is ``adapter`` where the column is the adapter's default.
+        ``rejected``, or for ``alpaca-eval`` ``output_1``, ``output_2`` and ``preference``; the field is
+        ``adapter`` where the column is the adapter's default.
         """
         def pick(field: str, default: str) -> tuple[str, str]:
             value = getattr(self, field)

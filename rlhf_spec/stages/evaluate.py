@@ -25,7 +25,7 @@ from ..errors import Problem
 from ..hookspecs import hookimpl
 from ..records import METRICS, PAIRS, POLICY, BackendSpec, DatasetRef, ModelRef, NotInKey, StageImpl, StageResult
 from ..runtime import sampling_seed
-from .judging import Judges, cell, heldout_pairs, is_pairwise, num, primary_problems, score_sides
+from .judging import Judges, cell, heldout_pairs, is_pairwise, num, primary_problems, row_columns, score_sides
 from .sample import prepare_prompts
 
 
@@ -79,13 +79,11 @@ def _answers(ctx, name: str, src, rows, p: EvaluateParams) -> tuple[list, list]:
     reference policy answers once for every evaluate stage that compares against it on the same
     prompts (each round of a ``repeat``, and reruns with other judges).
     """
-    import hashlib
-
-    from ..hashing import canonical_json
+    from ..hashing import hash_json
     from ..refs import key_view
 
     ids = [list(t) for t in rows["token_ids"]]
-    preimage = {"policy": src.identity, "prompt_tokens": hashlib.sha256(canonical_json(ids)).hexdigest(),
+    preimage = {"policy": src.identity, "prompt_tokens": hash_json(ids),
                 "sampling": p.sampling().model_dump(mode="json"), "backend": key_view(p)["backend"],
                 "seed": ctx.seed, "seed_stride": p.seed_stride, "samples_per_prompt": p.samples_per_prompt}
 
@@ -132,14 +130,14 @@ def _log_ratios(ctx, rows, pol_texts, p: EvaluateParams) -> list[list[float]]:
 
 def _judge(ctx, name: str, rows, pol: list, ref: list) -> dict:
     """Judge ``name``'s verdicts on both policies' answers: ``{"scores": ((P, k), (P, k))}`` from a
-    pointwise reward (both policies' answers scored in one call, :func:`score_sides`), or ``{"preferences": (P, k), "disagreement": rate}`` from a pairwise judge
-    (policy answer j against reference answer j, both orders averaged)."""
+    pointwise reward (both policies' answers scored in one call, :func:`score_sides`), or
+    ``{"preferences": (P, k), "disagreement": rate}`` from a pairwise judge (policy answer j against
+    reference answer j, both orders averaged)."""
     k = len(pol[0])
     n = len(rows)
     with ctx.timer(f"judge_{name}"):
         reward = ctx.reward(f"judges.{name}")
-        cols = {c: [v for v in rows[c] for _ in range(k)] for c in rows.column_names
-                if c not in ("prompt_id", "prompt", "token_ids", "prompt_tokens", "chosen", "rejected")}
+        cols = row_columns(rows, k)
         prompts = [pr for pr in rows["prompt"] for _ in range(k)]
         flat_pol, flat_ref = [a for per in pol for a in per], [a for per in ref for a in per]
         if is_pairwise(ctx, f"judges.{name}"):

@@ -1,6 +1,6 @@
 """What the judging ``evaluate`` stages (``reward-winrate``, ``reward-accuracy``) share: the ``judges``
-field and its primary judge, the held-out rows of a pairs input, scoring several sides of the same
-rows in one reward call, and markdown table cells."""
+field and its primary judge, the held-out rows of a pairs input, the row columns a reward reads,
+scoring several sides of the same rows in one reward call, and markdown table cells."""
 
 from __future__ import annotations
 
@@ -74,6 +74,16 @@ def score_sides(reward, prompts: list, sides: list[list[str]], columns: dict) ->
                         {c: list(v) * s for c, v in columns.items()})
     scores = list(reward.score(batch).scores)
     return [scores[i * n:(i + 1) * n] for i in range(s)]
+
+
+#: Columns of a judged row that are the stage's own, not data a reward reads (a reference answer is).
+_OWN_COLUMNS = ("prompt_id", "prompt", "token_ids", "prompt_tokens", "chosen", "rejected", "split")
+
+
+def row_columns(rows, repeat: int = 1) -> dict[str, list]:
+    """The columns of ``rows`` (a datasets.Dataset of N rows) that a reward may read, such as a math
+    reference answer, each value repeated ``repeat`` times in place: ``{name: (N * repeat,) list}``."""
+    return {c: [v for v in rows[c] for _ in range(repeat)] for c in rows.column_names if c not in _OWN_COLUMNS}
 
 
 def cell(s: str, n: int = 160) -> str:

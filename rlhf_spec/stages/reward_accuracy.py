@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import Problem
 from ..hookspecs import hookimpl
 from ..records import METRICS, PAIRS, DatasetRef, NotInKey, StageImpl, StageResult
-from .judging import Judges, cell, heldout_pairs, is_pairwise, num, primary_problems, score_sides
+from .judging import Judges, cell, heldout_pairs, is_pairwise, num, primary_problems, row_columns, score_sides
 
 
 class RewardAccuracyParams(BaseModel):
@@ -72,8 +72,7 @@ def _verdicts(ctx, name: str, rows) -> dict:
             p, dis = reward.compare(prompts, list(rows["chosen"]), list(rows["rejected"]))
             out = {"p_chosen": list(p), "disagreement": list(dis)}
         else:
-            cols = {c: list(rows[c]) for c in rows.column_names if c not in ("prompt_id", "prompt", "chosen", "rejected", "split")}
-            chosen, rejected = score_sides(reward, prompts, [list(rows["chosen"]), list(rows["rejected"])], cols)
+            chosen, rejected = score_sides(reward, prompts, [list(rows["chosen"]), list(rows["rejected"])], row_columns(rows))
             out = {"chosen": chosen, "rejected": rejected}
         ctx.progress.advance(1)
     return out
