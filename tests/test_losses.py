@@ -167,6 +167,46 @@ def test_sequence_logprobs_inf_outside_mask_contributes_nothing():
     torch.testing.assert_close(got, torch.tensor([2 * -math.log(3.0)]), rtol=1e-6, atol=1e-6)
 
 
+def test_response_aligned_layout_puts_every_response_in_the_same_columns():
+    """Prompts left-padded, responses right-padded; positions count from each row's first real token."""
+    from rlhf_spec.algorithms.batching import pad_response_aligned
+
+    b = pad_response_aligned([[5, 6, 7, 8], [9, 10, 11, 12, 13, 14]], 0, [3, 2])
+    assert b["keep"] == 5
+    assert b["input_ids"].tolist() == [[5, 6, 7, 8, 0, 0, 0], [0, 9, 10, 11, 12, 13, 14]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 1, 0, 0, 0], [0, 1, 1, 1, 1, 1, 1]]
+    assert b["response_mask"].int().tolist() == [[0, 0, 0, 1, 0, 0, 0], [0, 0, 0, 1, 1, 1, 1]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 6], [0, 0, 1, 2, 3, 4, 5]]
+    with pytest.raises(ValueError, match="sequence 1: response start 0"):
+        pad_response_aligned([[5, 6], [7, 8]], 0, [1, 0])
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_response_only_logits_equal_the_full_right_padded_pass(attn):
+    """pair_logprobs/completion_logprobs compute logits for the response columns only (logits_to_keep on
+    the aligned layout); the logprobs and their gradients equal those of the full right-padded pass,
+    with prompts of different lengths and an empty response."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhf_spec.algorithms.batching import pad_batch
+    from rlhf_spec.algorithms.logprobs import _response_logits
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, attn_implementation=attn))
+    seqs = [torch.randint(1, 64, (n,)).tolist() for n in (12, 30, 7, 20, 9)]
+    starts = [5, 25, 3, 8, 9]
+    full = pad_batch(seqs, 0, starts)
+    want = sequence_logprobs(model(input_ids=full["input_ids"], attention_mask=full["attention_mask"]).logits,
+                             full["input_ids"], full["response_mask"], temperature=0.8)
+    want_grad = torch.autograd.grad(want.sum(), model.lm_head.weight)[0]
+    logits, ids, mask = _response_logits(model, seqs, starts, 0)
+    got = sequence_logprobs(logits, ids, mask, temperature=0.8)
+    assert logits.shape[1] == 13 and got[4].item() == 0.0  # longest response 12 tokens + 1; row 4 has none
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), model.lm_head.weight)[0], want_grad, atol=1e-5, rtol=1e-4)
+
+
 # ---------------------------------------------------------------------------
 # REBEL
 # ---------------------------------------------------------------------------

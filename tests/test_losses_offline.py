@@ -324,3 +324,39 @@ def test_kl_controllers_reject_bad_arguments():
         ctl.update(1.0, -1)
     with pytest.raises(ValueError):
         ctl.load_state_dict({"target": 1.0})
+
+
+# ---------------------------------------------------------------------------
+# The pair trainers' divergence guard reading (kl_ref)
+# ---------------------------------------------------------------------------
+
+
+def test_pair_trainer_kl_reading_is_k2_over_chosen_and_rejected():
+    """kl_ref = mean over the 2B responses of (log pi - log pi_ref)^2 / 2: a chosen answer pushed up 8 nats
+    and a rejected one pushed down 8 read 32 nats each, where whole-response k3 would read e^8 - 9 ~ 2972
+    on the chosen one (the reading that stopped round 2 of iterative DPO on a policy moved ~0.25 nats per
+    token). A reference-free batch reads NaN."""
+    from rlhf_spec.algorithms.policy import PairBatch, _kl_stat
+
+    pol_c, pol_r = _t(-10.0, -20.0), _t(-38.0, -29.0)
+    ref_c, ref_r = _t(-18.0, -20.5), _t(-30.0, -30.0)
+    rewards, lengths = _t(0.0, 0.0), _t(32.0, 32.0)
+    b = PairBatch(pol_c, pol_r, ref_c, ref_r, rewards, rewards, lengths, lengths)
+    expected = (8.0 ** 2 + 0.5 ** 2 + 8.0 ** 2 + 1.0 ** 2) / 2 / 4
+    assert _kl_stat(b) == pytest.approx(expected, rel=1e-12)
+    assert math.isnan(_kl_stat(PairBatch(pol_c, pol_r, None, None, rewards, rewards, lengths, lengths)))
+
+
+def test_autocast_runs_reference_passes_at_the_trainers_precision():
+    """``autocast(device, mixed_precision)``: bf16 makes a linear layer compute in bfloat16 (so the reference
+    side of a log-ratio shares the policy's numerics under accelerate's bf16), "no" leaves float32, and an
+    unknown value is refused by name."""
+    from rlhf_spec.algorithms.training import autocast
+
+    layer, x = torch.nn.Linear(4, 3), torch.randn(2, 4)
+    with autocast("cpu", "bf16"):
+        assert layer(x).dtype == torch.bfloat16
+    with autocast(torch.device("cpu"), "no"):
+        assert layer(x).dtype == torch.float32
+    with pytest.raises(ValueError, match="'int8'"):
+        autocast("cpu", "int8")

@@ -127,6 +127,53 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, response_starts: 
     return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
 
 
+def pad_response_aligned(sequences: Sequence[Sequence[int]], pad_id: int, response_starts: Sequence[int], device=None) -> dict:
+    """Pad (prompt + response) sequences so that every response starts in the same column: prompts
+    left-padded to the longest prompt, responses right-padded to the longest response.
+
+    With this layout the logits a logprob needs (the last prompt position and every response
+    position) are the last ``keep`` columns for every row, so a causal LM can compute only those
+    (transformers' ``logits_to_keep``): the (B, T, V) logits of the prompt positions are never
+    built. ``position_ids`` count from each row's first real token, so every token sees the
+    positions it has in the right-padded layout of :func:`pad_batch`.
+
+    Args:
+        sequences: B lists of token ids, prompt then response.
+        pad_id: the id written into padding.
+        response_starts: B ints >= 1: where each sequence's response begins.
+        device: optional torch device for the tensors.
+
+    Returns:
+        ``{"input_ids", "attention_mask", "position_ids": (B, T) long, "response_mask": (B, T) bool,
+        "keep": int}`` with ``T = max start + max response length`` and ``keep = max response
+        length + 1``.
+
+    Raises:
+        ValueError: if ``sequences`` is empty or a start is outside ``[1, len(sequence)]``.
+    """
+    import torch
+
+    if not sequences:
+        raise ValueError("pad_response_aligned needs at least one sequence")
+    for i, (seq, start) in enumerate(zip(sequences, response_starts)):
+        if not 1 <= start <= len(seq):
+            raise ValueError(f"sequence {i}: response start {start} is outside [1, {len(seq)}]")
+    prompt_width = max(response_starts)
+    response_width = max(len(s) - st for s, st in zip(sequences, response_starts))
+    shape = (len(sequences), prompt_width + response_width)
+    batch = {"input_ids": torch.full(shape, pad_id, dtype=torch.long), "attention_mask": torch.zeros(shape, dtype=torch.long),
+             "position_ids": torch.zeros(shape, dtype=torch.long), "response_mask": torch.zeros(shape, dtype=torch.bool)}
+    for i, (seq, start) in enumerate(zip(sequences, response_starts)):
+        lo, hi = prompt_width - start, prompt_width - start + len(seq)
+        batch["input_ids"][i, lo:hi] = torch.tensor(list(seq), dtype=torch.long)
+        batch["attention_mask"][i, lo:hi] = 1
+        batch["position_ids"][i, lo:] = torch.arange(shape[1] - lo)
+        batch["response_mask"][i, prompt_width:hi] = True
+    out = {k: v.to(device) for k, v in batch.items()} if device is not None else batch
+    out["keep"] = response_width + 1
+    return out
+
+
 def length_batches(lengths: list[int], batch_size: int, max_batch_tokens: Optional[int] = None) -> list[list[int]]:
     """Batches of indices, longest first, each with at most ``batch_size`` rows and, when
     ``max_batch_tokens`` is set, at most that many padded tokens (rows x longest row).

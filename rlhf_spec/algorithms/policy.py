@@ -40,8 +40,9 @@ class PolicyTrainParams(OptimParams):
         None, ge=1, description="Evaluate the loss on the test split every N updates (REBEL: 200). Not part of the key.")
     logprob_batch_size: Annotated[int, NotInKey()] = Field(8, ge=1, description="Pairs per forward pass for reference logprobs. Not part of the key.")
     max_kl: Annotated[Optional[float], NotInKey()] = Field(
-        None, gt=0, description="Stop (TrainingDiverged, last checkpoint kept) when an update's mean KL(pi_0 || pi) on its responses "
-                                "(k3, nats per response, logged as kl_ref) exceeds this. Not part of the key: it never changes a finished model.")
+        None, gt=0, description="Stop (TrainingDiverged, last checkpoint kept) when an update's mean k2 divergence from the reference "
+                                "policy, (log pi - log pi_ref)^2 / 2 per response in nats (logged as kl_ref), exceeds this. "
+                                "Not part of the key: it never changes a finished model.")
 
 
 @dataclass
@@ -75,7 +76,9 @@ def reference_logprobs(ctx, p: PolicyTrainParams, rows, tok) -> tuple[list[float
     """Reference-policy logprobs of every pair's chosen and rejected response, computed once.
 
     Stored as a shared cache entry keyed by the pairs, the reference model's identity, the
-    temperature and the truncation lengths, so DPO and REBEL runs on the same pairs reuse it.
+    temperature and the truncation lengths, so DPO and REBEL runs on the same pairs reuse it. Under
+    ``mixed_precision`` bf16/fp16 the forward passes run under the same autocast as the policy's
+    (part of the entry's key), so both sides of a log-ratio share their numerics.
 
     Returns:
         (chosen, rejected): one float (nats) per row of ``rows``.
@@ -86,10 +89,13 @@ def reference_logprobs(ctx, p: PolicyTrainParams, rows, tok) -> tuple[list[float
     import torch
 
     from .logprobs import pair_logprobs
+    from .training import autocast
 
     src = ctx.model("reference" if p.reference else "policy")
     preimage = {"pairs": ctx.inputs[0].key if ctx.inputs else _rows_digest(rows), "reference": src.identity, "temperature": p.logprob_temperature,
                 "max_prompt_tokens": p.max_prompt_tokens, "max_response_tokens": p.max_response_tokens}
+    if p.mixed_precision != "no":  # absent at full precision: those entries keep their keys
+        preimage["autocast"] = p.mixed_precision
 
     def compute(tmp: Path) -> dict:
         model = src.load_causal_lm(device=ctx.device)
@@ -97,7 +103,7 @@ def reference_logprobs(ctx, p: PolicyTrainParams, rows, tok) -> tuple[list[float
         ch, rj = [], []
         ctx.progress.note("reference logprobs")
         ctx.progress.start(len(items))
-        with torch.no_grad():
+        with torch.no_grad(), autocast(ctx.device, p.mixed_precision):
             for i in range(0, len(items), p.logprob_batch_size):
                 c, r = pair_logprobs(model, tok.pad_token_id, items[i : i + p.logprob_batch_size], p.logprob_temperature)
                 ch += c.tolist()
@@ -171,7 +177,17 @@ class _PairData:
 
 
 def _kl_stat(b: PairBatch) -> float:
-    """KL(pi_0 || pi) on the stored responses, sampled from pi_0: k3 with log r = log pi_0 - log pi."""
+    """The divergence guard's reading: k2 = (log pi(y) - log pi_ref(y))^2 / 2 per response (nats),
+    averaged over the chosen and rejected responses of the batch, shape (2B,) -> scalar.
+
+    Schulman's k2 estimator (http://joschu.net/blog/kl-approx.html), taken on whole responses. It
+    grows with the square of a response's log-ratio. k3 on whole responses grows with its exponent:
+    once DPO has pushed a response's logprob a few nats from the reference's (32 tokens moved 0.2
+    nats each), k3 reads hundreds of nats on a policy that has barely moved per token, and after a
+    round of iterative DPO the pairs are sampled from neither policy, so no estimator is unbiased
+    there; k2 stays a bounded, non-negative measure of how far the responses' logprobs have moved.
+    Returns NaN for a reference-free loss.
+    """
     import torch
 
     from .kl import kl_estimate
@@ -179,8 +195,8 @@ def _kl_stat(b: PairBatch) -> float:
     if b.reference_chosen_logps is None:
         return float("nan")
     with torch.no_grad():
-        return float(kl_estimate(torch.cat([b.reference_chosen_logps, b.reference_rejected_logps]),
-                                 torch.cat([b.policy_chosen_logps, b.policy_rejected_logps]).detach(), kind="k3").mean())
+        return float(kl_estimate(torch.cat([b.policy_chosen_logps, b.policy_rejected_logps]).detach(),
+                                 torch.cat([b.reference_chosen_logps, b.reference_rejected_logps]), kind="k2").mean())
 
 
 def _pair_splits(pairs, eval_size: int):

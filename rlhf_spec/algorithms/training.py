@@ -142,6 +142,27 @@ def latest_checkpoint(ckpt_dir: Path) -> Optional[tuple[Path, dict]]:
     return (path, pos) if path.is_dir() else None
 
 
+def autocast(device, mixed_precision: str):
+    """A ``torch.autocast`` context for forward passes outside accelerate (reference logprobs, the KL
+    pass of ``evaluate``), so they run at the trainer's precision: ``"bf16"`` or ``"fp16"`` autocast on
+    ``device``'s type, ``"no"`` a null context. Logits come out in the autocast dtype;
+    :func:`~rlhf_spec.algorithms.ops.gather_logprobs` upcasts them before the log-softmax.
+
+    Raises:
+        ValueError: on another ``mixed_precision``.
+    """
+    import contextlib
+
+    import torch
+
+    if mixed_precision == "no":
+        return contextlib.nullcontext()
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if mixed_precision not in dtypes:
+        raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', not {mixed_precision!r}")
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtypes[mixed_precision])
+
+
 def make_accelerator(params: OptimParams, log_dir: Path):
     """An ``accelerate.Accelerator`` for the params: gradient accumulation, mixed precision, the
     trackers of ``params.log_with`` writing under ``log_dir``, and gloo for DeepSpeed without CUDA."""

@@ -138,7 +138,8 @@ def kto_reference_logprobs(ctx, p: KTOParams, parts: list[_Tokenized], pad_id: i
     """Reference-policy logprobs (nats) of every matched and mismatched sequence of ``parts``, computed once.
 
     A shared cache entry (``kto-reference-logprobs``) keyed by the token ids, the reference model's
-    identity and the temperature; a rerun, or another KTO stage on the same rows, reads it back.
+    identity and the temperature; a rerun, or another KTO stage on the same rows, reads it back. Under
+    ``mixed_precision`` bf16/fp16 the passes run under the policy's autocast (part of the key).
 
     Returns:
         for each part, ``(matched, kl)``: one float per row.
@@ -148,16 +149,20 @@ def kto_reference_logprobs(ctx, p: KTOParams, parts: list[_Tokenized], pad_id: i
     """
     from ..hashing import hash_json
     from .logprobs import batched_completion_logprobs
+    from .training import autocast
 
     src = ctx.model("reference" if p.reference else "policy")
     seqs = [s for part in parts for s in part.matched + part.kl]
     preimage = {"sequences": hash_json([part.digest() for part in parts]), "reference": src.identity,
                 "temperature": p.logprob_temperature, "format": "kto-1"}
+    if p.mixed_precision != "no":  # absent at full precision: those entries keep their keys
+        preimage["autocast"] = p.mixed_precision
 
     def compute(tmp: Path) -> dict:
         model = src.load_causal_lm(device=ctx.device)
         ctx.progress.note("reference logprobs")
-        values = batched_completion_logprobs(model, pad_id, seqs, p.logprob_temperature, p.logprob_batch_size)
+        with autocast(ctx.device, p.mixed_precision):
+            values = batched_completion_logprobs(model, pad_id, seqs, p.logprob_temperature, p.logprob_batch_size)
         (tmp / "logprobs.json").write_text(json.dumps({"n": len(seqs), "logprobs": values}))
         return {"sequences": len(seqs)}
 

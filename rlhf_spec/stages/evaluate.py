@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 from pydantic import Field
 
@@ -46,6 +46,9 @@ class EvaluateParams(SamplingParams):
     confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Level of the reported intervals.")
     bootstrap_resamples: int = Field(4000, ge=100, le=100000, description="Bootstrap resamples over prompts.")
     logprob_batch_size: int = Field(8, ge=1, description="Answers per forward pass for the KL estimate.")
+    mixed_precision: Literal["no", "bf16"] = Field(
+        "no", description="Autocast of the KL pass (both policies' logprobs of the policy's answers); bf16 is about twice as fast "
+                          "on CPUs with AVX-512 bf16. The answers come from the backend at its own dtype.")
     examples: Annotated[int, NotInKey()] = Field(8, ge=0, description="Example rows written to examples.md. Not part of the key.")
     alpaca_eval_outputs: bool = Field(False, description="Also write alpaca_eval/model_outputs.json and reference_outputs.json (AlpacaEval's format).")
     generator_name: str = Field("rlhf-spec-policy", description="The 'generator' field of the AlpacaEval outputs.")
@@ -108,8 +111,10 @@ def _answers(ctx, name: str, src, rows, p: EvaluateParams) -> tuple[list, list]:
 
 
 def _log_ratios(ctx, rows, pol_texts, p: EvaluateParams) -> list[list[float]]:
-    """log pi(y|x) - log pi_ref(y|x) (nats) of every policy answer, with logits at the sampling temperature."""
+    """log pi(y|x) - log pi_ref(y|x) (nats) of every policy answer, with logits at the sampling temperature,
+    both sides under the same autocast (``mixed_precision``)."""
     from ..algorithms.logprobs import batched_completion_logprobs
+    from ..algorithms.training import autocast
 
     temp = p.temperature if p.temperature > 0 else 1.0
     k = p.samples_per_prompt
@@ -121,8 +126,9 @@ def _log_ratios(ctx, rows, pol_texts, p: EvaluateParams) -> list[list[float]]:
             src = ctx.model(param)
             tok = src.load_tokenizer(padding_side="right")
             model = src.load_causal_lm(device=ctx.device)
-            lps.append(batched_completion_logprobs(model, tok.pad_token_id, tokenize_completions(tok, prompts, answers), temp,
-                                                   p.logprob_batch_size))
+            with autocast(ctx.device, p.mixed_precision):
+                lps.append(batched_completion_logprobs(model, tok.pad_token_id, tokenize_completions(tok, prompts, answers), temp,
+                                                       p.logprob_batch_size))
             del model
     flat = [a - b for a, b in zip(*lps)]
     return [flat[i * k:(i + 1) * k] for i in range(len(rows))]
