@@ -45,13 +45,19 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 CALLS = os.environ.get("VLLM_STAND_IN_LOG")
 
 
-@dataclass
+SAMPLING_DEFAULTS = {"n": 1, "temperature": 1.0, "top_p": 1.0, "max_tokens": 16, "seed": None}
+
+
 class SamplingParams:
-    n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_tokens: int = 16
-    seed: int = None
+    """vLLM's defaults for the fields the plugin sets; ``given`` keeps the keywords actually passed."""
+
+    def __init__(self, **kwargs):
+        unknown = sorted(set(kwargs) - set(SAMPLING_DEFAULTS))
+        if unknown:
+            raise TypeError(f"SamplingParams got unexpected keyword arguments {unknown}")
+        self.given = dict(kwargs)
+        for k, v in dict(SAMPLING_DEFAULTS, **kwargs).items():
+            setattr(self, k, v)
 
 
 @dataclass
@@ -95,7 +101,7 @@ class LLM:
             out.append(res)
         if CALLS:
             with open(CALLS, "a") as f:
-                f.write(json.dumps({"generate": len(prompts), "n": sampling_params.n, "seed": sampling_params.seed}) + "\\n")
+                f.write(json.dumps({"generate": len(prompts), "sampling": sampling_params.given}) + "\\n")
         return out
 '''
 
@@ -199,30 +205,36 @@ def test_backend_contract(tiny):
 
 def test_sampling_through_the_plugin_matches_the_contract(tiny, tmp_path):
     """The sample stage runs the plugin's own load and generate against the stand-in engine: the output has the
-    built-in backend's columns, every pass p is one call seeded spec.seed + 50 p, and a rerun gives the same rows."""
+    built-in backend's columns, every pass p is one call seeded spec.seed + 50 p that passes the spec's
+    temperature, top_p and max_new_tokens (as max_tokens) by keyword, and a rerun gives the same rows."""
     import datasets
 
     log = tmp_path / "calls.jsonl"
     env = {"PYTHONPATH": str(tiny["stand_in"]), "VLLM_STAND_IN_LOG": str(log)}
-    r = cli("run", str(write(tmp_path, spec_dict(tiny, n=3, num_shards=1))), "--cache-dir", str(tmp_path / "cache"),
+    # values unlike the stand-in's defaults and unlike each other, so a dropped or swapped keyword shows
+    sampling = {"temperature": 0.7, "top_p": 0.85, "max_new_tokens": 6}
+    spec = spec_dict(tiny, n=3, num_shards=1, **sampling)
+    r = cli("run", str(write(tmp_path, spec)), "--cache-dir", str(tmp_path / "cache"),
             "--report", str(tmp_path / "r.json"), cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr + r.stdout[-2000:]
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     init = calls[0]["init"]
     assert init["model"] == str(tiny["policy"]) and init["tensor_parallel_size"] == 1 and init["trust_remote_code"] is False
-    assert [(c["generate"], c["n"], c["seed"]) for c in calls[1:]] == [(len(PROMPTS), 1, 0), (len(PROMPTS), 1, 50), (len(PROMPTS), 1, 100)]
+    assert [c["generate"] for c in calls[1:]] == [len(PROMPTS)] * 3
+    assert [c["sampling"] for c in calls[1:]] == [{"n": 1, "temperature": 0.7, "top_p": 0.85, "max_tokens": 6, "seed": seed}
+                                                  for seed in (0, 50, 100)]
     out = Path(json.loads((tmp_path / "r.json").read_text())["stages"][0]["output"])
     ds = datasets.load_from_disk(str(out / "data"))
     from rlhf_spec.stages.sample import SAMPLE_COLUMNS
 
     assert tuple(ds.column_names) == SAMPLE_COLUMNS and len(ds) == 3 * len(PROMPTS)
-    assert all(n >= 1 for n in ds["completion_tokens"])
+    assert all(1 <= n <= sampling["max_new_tokens"] for n in ds["completion_tokens"])
     by_prompt: dict = {}
     for pid, c in zip(ds["prompt_id"], ds["completion"]):
         by_prompt.setdefault(pid, set()).add(c)
     assert all(len(cs) > 1 for cs in by_prompt.values()), "passes with different seeds gave equal completions"
     # the stand-in's result depends only on the request and its seed: a fresh cache gives the same rows
-    r2 = cli("run", str(write(tmp_path, spec_dict(tiny, n=3, num_shards=1))), "--cache-dir", str(tmp_path / "cache2"),
+    r2 = cli("run", str(write(tmp_path, spec)), "--cache-dir", str(tmp_path / "cache2"),
              "--report", str(tmp_path / "r2.json"), cwd=tmp_path, env=env)
     assert r2.returncode == 0, r2.stderr
     out2 = Path(json.loads((tmp_path / "r2.json").read_text())["stages"][0]["output"])
