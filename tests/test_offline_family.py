@@ -316,6 +316,53 @@ def test_eval_size_holds_out_train_pairs_when_there_is_no_test_split(tmp_path, t
     assert m["test_pairs"] == 2 and m["train_pairs"] == pairs - 2 and "eval_preference_accuracy" in m
 
 
+def test_figures_before_training_are_read_from_the_reference_logprobs(tiny_models, hh_file):
+    """At its starting weights a LoRA policy is its reference (the adapters' B is zero), so the held-out
+    figures before training are read from the reference logprobs with no forward pass: DPO's loss log 2,
+    a zero margin and ties (one half each). A forward pass of the LoRA-wrapped policy over other batches
+    (other padding) agrees up to round-off, and a policy that has moved does not."""
+    import contextlib
+    import math
+    import types
+
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf_spec.algorithms.batching import tokenize_pairs
+    from rlhf_spec.algorithms.logprobs import pair_logprobs
+    from rlhf_spec.algorithms.policy import _evaluator, _PairData
+    from rlhf_spec.algorithms.training import LoraParams, apply_lora
+    from rlhf_spec.testing import hh_rows
+    from rlhf_spec.stages.train import DPOParams, dpo_loss, dpo_rewards
+
+    raw = hh_rows(hh_file, 8)
+    rows = Dataset.from_dict({"prompt_id": [f"p{i}" for i in range(8)],
+                              "prompt": [[{"role": "user", "content": r["chosen"][:120]}] for r in raw],
+                              "chosen": [r["chosen"][-80:] for r in raw], "rejected": [r["rejected"][-80:] for r in raw],
+                              "chosen_reward": [0.0] * 8, "rejected_reward": [0.0] * 8})
+    tok = AutoTokenizer.from_pretrained(str(tiny_models["policy"]), padding_side="right")
+    p = DPOParams(policy="policy", beta=0.5, max_prompt_tokens=24, max_response_tokens=16, logprob_batch_size=3)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_models["policy"])).eval()
+    with torch.no_grad():  # the reference pass: all 8 pairs in one batch
+        c, r = pair_logprobs(base, tok.pad_token_id, tokenize_pairs(tok, rows, 24, 16), 1.0)
+    held = _PairData(rows, tok, p, (c.tolist(), r.tolist()), {f"p{i}": i for i in range(8)})
+    ctx = types.SimpleNamespace(timer=lambda name: contextlib.nullcontext())
+    evaluate = _evaluator(ctx, held, dpo_loss(p), dpo_rewards, tok.pad_token_id, p)
+    read = evaluate(None)
+    assert read["loss"] == pytest.approx(math.log(2), abs=1e-6), read
+    assert read["implicit_reward_margin"] == 0.0 and read["preference_accuracy"] == 0.5 and read["pairs"] == 8, read
+    policy = apply_lora(base, LoraParams(r=4, target_modules=["q_proj", "v_proj"])).eval()
+    fwd = evaluate(policy)  # batches of 3: other padding than the reference pass
+    assert fwd["loss"] == pytest.approx(read["loss"], abs=1e-5) and abs(fwd["implicit_reward_margin"]) < 1e-5, fwd
+    with torch.no_grad():
+        for name, w in policy.named_parameters():
+            if "lora_B" in name:
+                w.add_(0.05)
+    moved_policy = evaluate(policy)
+    assert abs(moved_policy["loss"] - read["loss"]) > 1e-3, moved_policy
+
+
 def test_dpo_reports_heldout_accuracy(tmp_path, tiny_models, base_cache):
     """``dpo`` reports the held-out accuracy of its implicit reward and reuses the shared reference logprobs."""
     from rlhf_spec.context import InputArtifact
@@ -476,8 +523,8 @@ def test_pair_trainers_read_a_preference_dataset(tmp_path, tiny_models, registry
     for algo in ("dpo", "ipo"):
         m = st[algo]["metrics"]
         assert m["train_pairs"] == 8 and m["test_pairs"] == 4 and "eval_preference_accuracy" in m, m
-        # before any update the policy is its reference, so the implicit reward margin is 0 up to rounding
-        assert "eval_preference_accuracy_before" in m and abs(m["eval_implicit_reward_margin_before"]) < 1e-3, m
+        # before any update the policy is its reference: the figures are read from its logprobs, every margin 0
+        assert m["eval_preference_accuracy_before"] == 0.5 and m["eval_implicit_reward_margin_before"] == 0.0, m
         assert m["eval_loss_before"] != m["eval_loss"], m
         assert moved(st[algo]["output"], tiny_models["policy"])
     # one entry per precision: the bf16 trainer's reference pass runs under its autocast, so the two agree

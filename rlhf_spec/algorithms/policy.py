@@ -167,9 +167,16 @@ class _PairData:
         return len(self.items)
 
     def batch(self, model, pad_id: int, idx: list[int], temperature: float) -> PairBatch:
+        """The micro-batch ``idx`` with the policy's logprobs from ``model``; ``model=None`` takes the
+        reference logprobs as the policy's (the starting policy when it is the reference policy)."""
         from .logprobs import pair_logprobs
 
-        pc, pr = pair_logprobs(model, pad_id, [self.items[i] for i in idx], temperature)
+        if model is None:
+            if self.ref is None:
+                raise ValueError("a reference-free loss has no reference logprobs to start from")
+            pc, pr = self.ref[0][idx], self.ref[1][idx]
+        else:
+            pc, pr = pair_logprobs(model, pad_id, [self.items[i] for i in idx], temperature)
         dev = pc.device
         ref = (None, None) if self.ref is None else (self.ref[0][idx].to(dev), self.ref[1][idx].to(dev))
         return PairBatch(pc, pr, ref[0], ref[1], self.rewards[0][idx].to(dev), self.rewards[1][idx].to(dev),
@@ -212,7 +219,8 @@ def _pair_splits(pairs, eval_size: int):
 
 def _evaluator(ctx, held: Optional[_PairData], loss_fn, rewards: Optional[Callable], pad_id: int, p) -> Optional[Callable]:
     """``evaluate(model)`` over the held-out pairs: mean loss and, given ``rewards``, the implicit-reward
-    accuracy (ties count one half) and mean margin."""
+    accuracy (ties count one half) and mean margin. ``evaluate(None)`` gives the same figures for the
+    reference policy from its logprobs, with no forward pass."""
     if held is None or len(held) == 0:
         return None
 
@@ -291,7 +299,7 @@ def train_on_pairs(ctx, make_loss: Callable, reference_free: bool = False, rewar
     trainer = Trainer(p, model, len(train), step, ctx.partial_dir / "checkpoints", ctx.partial_dir / "tensorboard",
                       seed=ctx.seed + 555134, progress=ctx.progress, eval_every=p.eval_every, run_name=ctx.stage_id,
                       evaluate=evaluate)
-    before = metrics_before(trainer, evaluate) if evaluate else {}
+    before = metrics_before(trainer, evaluate, starts_at_reference(p, reference_free)) if evaluate else {}
     ctx.progress.note("training")
     with ctx.timer("train"):
         metrics = trainer.train()
@@ -302,16 +310,30 @@ def train_on_pairs(ctx, make_loss: Callable, reference_free: bool = False, rewar
     return StageResult(metrics=metrics)
 
 
-def metrics_before(trainer, evaluate: Callable) -> dict:
+def starts_at_reference(p: PolicyTrainParams, reference_free: bool = False) -> bool:
+    """True when the starting policy is the reference policy: a reference-based loss with no
+    ``reference`` model named, so the reference logprobs are those of the starting weights (LoRA's B
+    matrices start at zero, so the adapters add nothing before the first update)."""
+    return not reference_free and not p.reference
+
+
+def metrics_before(trainer, evaluate: Callable, at_reference: bool = False) -> dict:
     """``evaluate`` at the starting weights, before any update: each numeric figure ``k`` as
     ``eval_<k>_before`` (``eval_loss_before``, ``eval_preference_accuracy_before``, ...), so a run's
-    held-out figures can be read against where the policy started."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    model.eval()
-    try:
-        out = evaluate(model)
-    finally:
-        model.train()
+    held-out figures can be read against where the policy started.
+
+    With ``at_reference`` (see :func:`starts_at_reference`) the starting policy's logprobs are the
+    reference logprobs already computed, so ``evaluate(None)`` reads them instead of running the
+    held-out pass again; the figures are the same up to the batch's padding round-off."""
+    if at_reference:
+        out = evaluate(None)
+    else:
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        model.eval()
+        try:
+            out = evaluate(model)
+        finally:
+            model.train()
     return {f"eval_{k}_before": v for k, v in out.items() if isinstance(v, float)}
 
 

@@ -28,7 +28,7 @@ from pydantic import Field
 
 from ..errors import Problem
 from ..records import DatasetRef, StageResult
-from .policy import PolicyTrainParams, metrics_before, save_policy, seconds_per_update, split_rows
+from .policy import PolicyTrainParams, metrics_before, save_policy, seconds_per_update, split_rows, starts_at_reference
 from .training import Trainer
 
 _PARTNER_SEED = 8191  # the seeded shuffle that fixes each row's mismatched completion
@@ -265,16 +265,17 @@ def kto_evaluator(ctx, held: Optional[_KTOData], loss_fn, pad_id: int, p: KTOPar
     """``evaluate(model)`` on the held-out rows: the KTO loss with ``z0`` estimated over all of them,
     ``label_accuracy`` (desirable rows with ``r > z0``, undesirable ones with ``r < z0``, r the log-ratio;
     ``r == z0`` counts one half, so the starting policy, where every ``r`` is 0, scores 0.5) and, for
-    rows from pairs, ``preference_accuracy`` (chosen ``beta r`` above rejected, ties one half)."""
+    rows from pairs, ``preference_accuracy`` (chosen ``beta r`` above rejected, ties one half).
+    ``evaluate(None)`` gives them for the reference policy from its logprobs, with no forward pass."""
     if held is None:
         return None
 
     def evaluate(model) -> dict:
         import torch
 
-        lps, kls = [], []
+        lps, kls = ([held.ref], [held.ref_kl]) if model is None else ([], [])
         with ctx.timer("eval"), torch.no_grad():
-            for i in range(0, len(held), p.logprob_batch_size):
+            for i in range(0, len(held) if model is not None else 0, p.logprob_batch_size):
                 lp, kl = held.logps(model, pad_id, list(range(i, min(i + p.logprob_batch_size, len(held)))), p.logprob_temperature)
                 lps.append(lp.float().cpu())
                 kls.append(kl.float().cpu())
@@ -348,7 +349,7 @@ def train_kto(ctx) -> StageResult:
     trainer = Trainer(p, model, len(train), kto_step(loss_fn, train, tok.pad_token_id, p), ctx.partial_dir / "checkpoints",
                       ctx.partial_dir / "tensorboard", seed=ctx.seed + 424242, progress=ctx.progress, eval_every=p.eval_every,
                       evaluate=evaluate, run_name=ctx.stage_id)
-    before = metrics_before(trainer, evaluate) if evaluate else {}
+    before = metrics_before(trainer, evaluate, starts_at_reference(p)) if evaluate else {}
     ctx.progress.note("training")
     with ctx.timer("train"):
         metrics = trainer.train()
