@@ -159,7 +159,9 @@ def test_algorithm_learns_moves_weights_and_logs_every_field(algo, tmp_path, onl
     import torch
     from safetensors.torch import load_file
 
-    st = _run(tmp_path, online_spec(algo, tiny_models, prompts_file))
+    # the length penalty as the one component of a combination: the same scores, logged per component too
+    reward = {"uses": "combine", "params": {"components": {"short": {"uses": "length", "params": {"unit": "characters", "per_unit": -0.1}}}}}
+    st = _run(tmp_path, online_spec(algo, tiny_models, prompts_file, reward=reward))
     assert st["status"] == "ran", st.get("reason")
     m, entry = st["metrics"], _entry(tmp_path, st["key"])
 
@@ -179,6 +181,8 @@ def test_algorithm_learns_moves_weights_and_logs_every_field(algo, tmp_path, onl
         missing = [k for k in want if k not in row or not isinstance(row[k], (int, float))]
         assert not missing, (algo, row["step"], missing)
         assert all(v == v for v in row.values() if isinstance(v, float)), row  # no NaN
+        assert row["reward/short_mean"] == pytest.approx(row["reward_mean"]), row
+        assert row["reward/short_std"] == pytest.approx(row["reward_std"]), row
     assert history[0]["kl"] == pytest.approx(0.0, abs=1e-5)  # the first rollouts come from the reference weights
     assert [r["step"] for r in history if "eval_reward_mean" in r] == [5, 10]
     assert m["eval_steps"] == [0, 5, 10] and "eval_reward_mean_first" in m and "eval_reward_mean_last" in m
@@ -191,7 +195,7 @@ def test_algorithm_learns_moves_weights_and_logs_every_field(algo, tmp_path, onl
     acc = EventAccumulator(str(events[0].parent))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {f"train/{k}" for k in want if k != "step"} | {"train/eval_reward_mean"} <= tags, sorted(tags)
+    assert {f"train/{k}" for k in want if k != "step"} | {"train/eval_reward_mean", "train/reward/short_std"} <= tags, sorted(tags)
     assert [e.step for e in acc.Scalars("train/reward_mean")] == list(range(1, STEPS + 1))
 
     # the reward goes up: the last three steps' mean reward beats the first three's clearly

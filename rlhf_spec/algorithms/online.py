@@ -725,7 +725,9 @@ class _Loop:
         row.update(self._mean({"kl": float(kl_seq.mean()), "kl_k3": float(k3.mean()),
                                "entropy": float(masked_mean(exp.entropy, exp.mask))}))
         for name, vals in info["components"].items():
-            row[f"reward/{name}_mean"] = float(self._gather(vals).mean())
+            got = self._gather(vals)
+            row[f"reward/{name}_mean"] = float(got.mean())
+            row[f"reward/{name}_std"] = float(got.std(unbiased=False))
         return row
 
     def optimise(self, exp: Experience, step: int) -> dict:

@@ -43,7 +43,8 @@ def run(ctx) -> StageResult:
     """Add ``reward`` (and ``reward/<component>``) columns to the input samples.
 
     Metrics: ``scored``; mean, std, min and max of the reward and of every component; the reward's
-    event counts (``unparseable``, ``correct``, ...) summed over shards.
+    event counts (``unparseable``, ``correct``, ...) summed over shards. The same figures, and a
+    histogram of every reward column, go to TensorBoard under ``tensorboard/`` in the output.
     """
     rows = ctx.input_dataset(0)
     with ctx.timer("load_reward"):
@@ -62,11 +63,34 @@ def run(ctx) -> StageResult:
     with ctx.timer("score"):
         out = ctx.run_shards(rows, process, ctx.params.num_shards)
     ctx.save_dataset(out)
-    metrics = {"scored": len(out), **_stats("reward", list(out["reward"]) if len(out) else [])}
-    for col in out.column_names:
-        if col.startswith("reward/"):
-            metrics.update(_stats(col, list(out[col])))
+    columns = ["reward"] + [c for c in out.column_names if c.startswith("reward/")]
+    metrics = {"scored": len(out)}
+    for col in columns:
+        metrics.update(_stats(col, list(out[col]) if len(out) else []))
+    write_tensorboard(ctx.out_dir / "tensorboard", {c: list(out[c]) for c in columns} if len(out) else {}, metrics)
     return StageResult(metrics=metrics, rows=len(out))
+
+
+def write_tensorboard(folder, columns: dict[str, list[float]], metrics: dict) -> None:
+    """TensorBoard events for a score stage: one histogram per reward column (``reward``,
+    ``reward/<component>``; N floats each, the reward's own units) and the scalars of ``metrics``
+    (mean, std, min, max of each), all at step 0, under ``folder``.
+
+    Raises:
+        OSError: if ``folder`` cannot be written.
+    """
+    import numpy as np
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(folder))
+    try:
+        for name, values in columns.items():
+            writer.add_histogram(name, np.asarray(values, dtype=np.float64), global_step=0)
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                writer.add_scalar(key, float(value), global_step=0)
+    finally:
+        writer.close()
 
 
 def _check(params: ScoreParams, spec, inputs) -> list:
