@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,26 @@ def cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: f
     e.setdefault("PYTHONUNBUFFERED", "1")
     return subprocess.run([sys.executable, "-m", "rlhf_spec", *args], cwd=str(cwd) if cwd else None, env=e,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def manifests(cache: Path) -> dict:
+    """Every committed cache entry's manifest under ``cache``, by entry key (its folder's name)."""
+    return {m.parent.name: json.loads(m.read_text()) for m in Path(cache).glob("entries/*/*/manifest.json")}
+
+
+def make_plugin_dist(root: Path, dist: str, version: str, package: str, source: str) -> Path:
+    """Write an importable plugin distribution into ``root``: package ``package`` (one ``__init__.py``
+    holding ``source``) and ``<dist>-<version>.dist-info`` with METADATA and an ``rlhf_spec`` entry point.
+
+    Returns ``root``, the folder to put on ``PYTHONPATH``.
+    """
+    root = Path(root)
+    pkg = root / package
+    pkg.mkdir(parents=True, exist_ok=True)
+    (pkg / "__init__.py").write_text(textwrap.dedent(source))
+    info = root / f"{dist.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    (info / "entry_points.txt").write_text(f"[rlhf_spec]\n{package} = {package}\n")
+    (info / "RECORD").write_text("")
+    return root

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, cli, write_spec
+from conftest import ROOT, cli, manifests, write_spec
 from test_cache_integrity import mini_spec, run_inprocess, stages_of, statuses
 from test_malformed_specs import make_plugin_dist
 
@@ -75,18 +75,14 @@ def test_workers_report_their_keys_timings_and_counters(tmp_path, tiny_models, h
     assert code == 0, rep.get("error")
     rebel = stages_of(rep)["rebel"]
     man = json.loads((Path(rebel["output"]) / "manifest.json").read_text())
-    memo = [k for k, m in _manifests(cache).items() if m["stage"].get("memo") == "reference-logprobs"]
+    memo = [k for k, m in manifests(cache).items() if m["stage"].get("memo") == "reference-logprobs"]
     assert len(memo) == 1 and man["used_keys"] == memo, man["used_keys"]
     assert man["metrics"]["processes"] == 2 and man["metrics"]["seconds_train"] > 0
     assert man["metrics"]["seconds_reference_logprobs"] > 0
     r = cli("cache", "gc", "--keep-last", "1", "--cache-dir", str(cache))
-    assert r.returncode == 0 and memo[0] in _manifests(cache), r.stdout
+    assert r.returncode == 0 and memo[0] in manifests(cache), r.stdout
     code, rep2 = run_inprocess(path, cache, tmp_path / "r2.json")
     assert code == 0 and set(statuses(rep2).values()) == {"cached"}
-
-
-def _manifests(cache: Path) -> dict:
-    return {m.parent.name: json.loads(m.read_text()) for m in cache.glob("entries/*/*/manifest.json")}
 
 
 # ----------------------------------------------------------------------------- --force and trash

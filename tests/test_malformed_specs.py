@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import pytest
 
-from conftest import cli, write_spec
+from conftest import cli, make_plugin_dist, write_spec
 from rlhf_spec.cli import main
 
 # Stage indexes of the tiny spec (see conftest.tiny_spec_dict).
@@ -25,24 +25,6 @@ RM, SAMPLE, SCORE, FILTER, PAIR, REBEL, EVALUATE = range(7)
 
 
 # ----------------------------------------------------------------------------- real plugin distributions
-
-
-def make_plugin_dist(root: Path, dist: str, version: str, package: str, source: str) -> Path:
-    """Write an importable plugin distribution into ``root``: package ``package`` (one ``__init__.py``
-    holding ``source``) and ``<dist>-<version>.dist-info`` with METADATA and an ``rlhf_spec`` entry point.
-
-    Returns ``root``, the folder to put on ``PYTHONPATH``.
-    """
-    root = Path(root)
-    pkg = root / package
-    pkg.mkdir(parents=True, exist_ok=True)
-    (pkg / "__init__.py").write_text(textwrap.dedent(source))
-    info = root / f"{dist.replace('-', '_')}-{version}.dist-info"
-    info.mkdir(exist_ok=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
-    (info / "entry_points.txt").write_text(f"[rlhf_spec]\n{package} = {package}\n")
-    (info / "RECORD").write_text("")
-    return root
 
 
 DUP_PLUGIN = """

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import data_file, write_spec
+from conftest import data_file, manifests, write_spec
 from rlhf_spec.errors import SpecError
 
 ALPACA = "alpaca_eval/gpt4__model_outputs.json"
@@ -65,10 +65,6 @@ def run_spec_inprocess(spec: dict, folder: Path, cache: Path, *extra: str) -> di
     rep = json.loads(report.read_text()) if report.exists() else {}
     assert code == 0, rep.get("error")
     return {s["id"]: s for s in rep["stages"]}
-
-
-def manifests(cache: Path) -> dict:
-    return {m.parent.name: json.loads(m.read_text()) for m in Path(cache).glob("entries/*/*/manifest.json")}
 
 
 def memo_keys(cache: Path, name: str) -> list[str]:
@@ -361,6 +357,41 @@ def test_figures_before_training_are_read_from_the_reference_logprobs(tiny_model
                 w.add_(0.05)
     moved_policy = evaluate(policy)
     assert abs(moved_policy["loss"] - read["loss"]) > 1e-3, moved_policy
+
+
+def test_kto_figures_before_training_are_read_from_the_reference_logprobs(tiny_models, hh_file):
+    """KTO's held-out figures at the starting weights, read from the reference logprobs (no forward pass),
+    on unbalanced rows (4 desirable, 2 undesirable, so a wrong log-ratio cannot average out to a tie):
+    every log-ratio and z0 is 0, the loss 1 - sigmoid(0) = 0.5 and every verdict a tie (one half). A
+    forward pass of the LoRA-wrapped policy over other batches agrees up to round-off."""
+    import contextlib
+    import types
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf_spec.algorithms.kto import KTOLoss
+    from rlhf_spec.algorithms.logprobs import completion_logprobs
+    from rlhf_spec.algorithms.training import LoraParams, apply_lora
+    from rlhf_spec.algorithms.unpaired import KTOParams, UnpairedRows, _KTOData, _Tokenized, kto_evaluator
+    from rlhf_spec.testing import hh_rows
+
+    raw = hh_rows(hh_file, 6)
+    rows = UnpairedRows([f"p{i}" for i in range(6)], [[{"role": "user", "content": r["chosen"][:120]}] for r in raw],
+                        [r["chosen"][-80:] for r in raw], [True] * 4 + [False] * 2, [-1] * 6)
+    tok = AutoTokenizer.from_pretrained(str(tiny_models["policy"]), padding_side="right")
+    p = KTOParams(policy="policy", beta=0.5, max_prompt_tokens=24, max_response_tokens=16, logprob_batch_size=4)
+    parts = _Tokenized(tok, rows, p, "held-out")
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_models["policy"])).eval()
+    with torch.no_grad():  # the reference pass: all 6 rows in one batch
+        ref = [completion_logprobs(base, tok.pad_token_id, seqs, 1.0).tolist() for seqs in (parts.matched, parts.kl)]
+    ctx = types.SimpleNamespace(timer=lambda name: contextlib.nullcontext())
+    evaluate = kto_evaluator(ctx, _KTOData(rows, parts, ref), KTOLoss(p.beta), tok.pad_token_id, p)
+    read = evaluate(None)
+    assert read["loss"] == pytest.approx(0.5, abs=1e-6) and read["kl"] == 0.0, read
+    assert read["label_accuracy"] == 0.5 and read["rows"] == 6, read
+    fwd = evaluate(apply_lora(base, LoraParams(r=4, target_modules=["q_proj", "v_proj"])).eval())  # batches of 4
+    assert fwd["loss"] == pytest.approx(read["loss"], abs=1e-5) and fwd["kl"] == pytest.approx(0.0, abs=1e-5), fwd
 
 
 def test_dpo_reports_heldout_accuracy(tmp_path, tiny_models, base_cache):

@@ -11,13 +11,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from conftest import cli, write_spec
-from test_malformed_specs import make_plugin_dist
+from conftest import cli, make_plugin_dist, manifests, tiny_spec_dict, write_spec
 
 FAULTY = """
 from pydantic import BaseModel, ConfigDict
@@ -49,24 +47,19 @@ def rlhf_spec_register_rewards(register):
 
 
 def _spec(tiny_models, hh_file, reward: dict) -> dict:
-    return {"name": "score-stage", "seed": 0, "models": {"policy": {"path": str(tiny_models["policy"])}},
-            "datasets": {"prompts": {"path": str(hh_file), "adapter": "hh-rlhf", "hash_range": [0.5, 0.75], "limit": 4}},
-            "stages": [
-                {"id": "sample", "kind": "sample", "uses": "generate",
-                 "params": {"policy": "policy", "prompts": "prompts", "n": 2, "max_new_tokens": 4, "num_shards": 1,
-                            "backend": {"uses": "transformers", "params": {"batch_size": 8}}}},
-                {"id": "score", "kind": "score", "uses": "reward", "inputs": ["sample"],
-                 "params": {"reward": reward, "num_shards": 1}}]}
+    """The tiny spec's sample and score stages: 4 prompts x 2 completions in one shard, scored by ``reward``."""
+    spec = tiny_spec_dict(tiny_models, hh_file)
+    spec["datasets"]["prompts"]["limit"] = 4
+    sample, score = (next(s for s in spec["stages"] if s["id"] == i) for i in ("sample", "score"))
+    sample["params"].update(n=2, max_new_tokens=4, num_shards=1)
+    score["params"].update(reward=reward, num_shards=1)
+    spec["stages"] = [sample, score]
+    return spec
 
 
 def _entries(cache: Path, stage: str) -> dict:
-    """A stage's committed outputs: manifest key -> (folder, manifest)."""
-    out = {}
-    for m in cache.glob("entries/*/*/manifest.json"):
-        data = json.loads(m.read_text())
-        if data["stage"].get("id") == stage:
-            out[data["key"]] = (m.parent, data)
-    return out
+    """A stage's committed outputs: entry key -> (folder, manifest)."""
+    return {k: (cache / "entries" / k[:2] / k, m) for k, m in manifests(cache).items() if m["stage"].get("id") == stage}
 
 
 def _sample_entry(cache: Path) -> dict:

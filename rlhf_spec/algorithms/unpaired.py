@@ -273,13 +273,16 @@ def kto_evaluator(ctx, held: Optional[_KTOData], loss_fn, pad_id: int, p: KTOPar
     def evaluate(model) -> dict:
         import torch
 
-        lps, kls = ([held.ref], [held.ref_kl]) if model is None else ([], [])
-        with ctx.timer("eval"), torch.no_grad():
-            for i in range(0, len(held) if model is not None else 0, p.logprob_batch_size):
-                lp, kl = held.logps(model, pad_id, list(range(i, min(i + p.logprob_batch_size, len(held)))), p.logprob_temperature)
-                lps.append(lp.float().cpu())
-                kls.append(kl.float().cpu())
-        lp, kl = torch.cat(lps), torch.cat(kls)
+        if model is None:  # the reference policy: its logprobs are already here
+            lp, kl = held.ref, held.ref_kl
+        else:
+            lps, kls = [], []
+            with ctx.timer("eval"), torch.no_grad():
+                for i in range(0, len(held), p.logprob_batch_size):
+                    lp, kl = held.logps(model, pad_id, list(range(i, min(i + p.logprob_batch_size, len(held)))), p.logprob_temperature)
+                    lps.append(lp.float().cpu())
+                    kls.append(kl.float().cpu())
+            lp, kl = torch.cat(lps), torch.cat(kls)
         z0 = (kl - held.ref_kl).mean().clamp_min(0.0)
         loss, _ = loss_fn(lp, held.ref, held.labels, z0)
         r = lp - held.ref

@@ -63,18 +63,19 @@ def run(ctx) -> StageResult:
     with ctx.timer("score"):
         out = ctx.run_shards(rows, process, ctx.params.num_shards)
     ctx.save_dataset(out)
-    columns = ["reward"] + [c for c in out.column_names if c.startswith("reward/")]
+    names = ["reward"] + [c for c in out.column_names if c.startswith("reward/")]
+    columns = {c: list(out[c]) if len(out) else [] for c in names}
     metrics = {"scored": len(out)}
-    for col in columns:
-        metrics.update(_stats(col, list(out[col]) if len(out) else []))
-    write_tensorboard(ctx.out_dir / "tensorboard", {c: list(out[c]) for c in columns} if len(out) else {}, metrics)
+    for name, values in columns.items():
+        metrics.update(_stats(name, values))
+    write_tensorboard(ctx.out_dir / "tensorboard", columns, metrics)
     return StageResult(metrics=metrics, rows=len(out))
 
 
 def write_tensorboard(folder, columns: dict[str, list[float]], metrics: dict) -> None:
     """TensorBoard events for a score stage: one histogram per reward column (``reward``,
-    ``reward/<component>``; N floats each, the reward's own units) and the scalars of ``metrics``
-    (mean, std, min, max of each), all at step 0, under ``folder``.
+    ``reward/<component>``; N floats each, the reward's own units; none for N = 0) and the numeric
+    scalars of ``metrics`` (mean, std, min, max of each), all at step 0, under ``folder``.
 
     Raises:
         OSError: if ``folder`` cannot be written.
@@ -85,7 +86,8 @@ def write_tensorboard(folder, columns: dict[str, list[float]], metrics: dict) ->
     writer = SummaryWriter(log_dir=str(folder))
     try:
         for name, values in columns.items():
-            writer.add_histogram(name, np.asarray(values, dtype=np.float64), global_step=0)
+            if values:  # an empty histogram has no bins
+                writer.add_histogram(name, np.asarray(values, dtype=np.float64), global_step=0)
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 writer.add_scalar(key, float(value), global_step=0)
