@@ -19,6 +19,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -336,6 +337,12 @@ def _completion_row(row: dict, ds) -> dict:
             out = {"prompt": msgs, "chosen": response_text(row[cols["chosen"]]), "rejected": response_text(row[cols["rejected"]])}
         else:
             out = split_conversation(msgs)
+    elif ds.adapter == "gsm8k":
+        prompt = [{"role": "user", "content": str(row[cols["prompt"]])}]
+        solution = str(row[cols["completion"]])
+        completion = gsm8k_reply(solution, ds.completion_template)
+        out = {"prompt": prompt, "completion": completion, "messages": prompt + [{"role": "assistant", "content": completion}],
+               "reference": solution}
     else:
         if ds.adapter == "alpaca":
             prompt = _alpaca_prompt(row[cols["prompt"]], row.get(cols["input"]))
@@ -348,6 +355,29 @@ def _completion_row(row: dict, ds) -> dict:
     if "reference" in cols:
         out["reference"] = _reference_text(row[cols["reference"]])
     return out
+
+
+_CALCULATOR = re.compile(r"<<[^<>]*>>")
+GSM8K_REPLY = "{reasoning}\n#### {answer}"
+
+
+def gsm8k_reply(solution: str, template: Optional[str] = None) -> str:
+    """A GSM8K worked solution (``"... 48/2 = <<48/2=24>>24 ...\n#### 72"``) rewritten as a reply.
+
+    ``template`` (default ``"{reasoning}\n#### {answer}"``) gets ``{reasoning}``, the text before the
+    last ``####`` without the calculator annotations ``<<...>>`` (Cobbe et al. 2021, "Training Verifiers
+    to Solve Math Word Problems", section 2: they drive a calculator, they are not prose), and
+    ``{answer}``, the text after it with thousands separators removed.
+
+    Raises:
+        ValueError: if the solution has no ``####`` line.
+    """
+    head, sep, tail = solution.rpartition("####")
+    if not sep:
+        raise ValueError(f"a GSM8K solution ends with '#### <number>'; this one does not: {solution[-80:]!r}")
+    reasoning = _CALCULATOR.sub("", head).strip()
+    answer = tail.strip().replace(",", "")
+    return (template or GSM8K_REPLY).replace("{reasoning}", reasoning).replace("{answer}", answer)
 
 
 def _reference_text(value: Any) -> str:

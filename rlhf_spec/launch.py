@@ -104,6 +104,8 @@ def launch_stage(ctx: StageContext) -> StageResult:
     cfg = str(resolve(p.accelerate_config, ctx.base_dir)) if getattr(p, "accelerate_config", None) else None
     env = dict(os.environ, **{WORKER_ENV: "1"})
     env.setdefault("OMP_NUM_THREADS", "1")
+    # a worker killed by a signal (SIGSEGV, SIGABRT from C++) writes its Python stack to launch.log
+    env.setdefault("PYTHONFAULTHANDLER", "1")
     ctx.progress.note(f"{p.num_processes} processes")
     code = _run_filtered(launch_command(p.num_processes, cfg, job_path, free_port()), env, ctx.base_dir,
                          ctx.partial_dir / "launch.log")

@@ -119,6 +119,8 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TQDM_DISABLE", "1")  # e.g. transformers' GGUF dequantisation bar
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    # transformers 5 renamed the property that peft and accelerate still read; nothing for a user to change
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     for name, needles in _NOISE.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) for f in logger.filters):

@@ -383,3 +383,49 @@ def test_combine_check_rule_params():
         CombineParams.model_validate({"components": {}})
     with pytest.raises(ValidationError):
         CombineParams.model_validate(spec_params(components={"a.b": {"uses": "x"}}))
+
+
+R1_REPLY = "<think>\n{reasoning}\n</think>\n<answer>\n{answer}\n</answer>"
+
+
+def test_gsm8k_adapter_writes_replies_that_the_rule_rewards_accept():
+    """The ``gsm8k`` adapter on GSM8K's real test set: the solution goes verbatim into ``reference`` and, through
+    the completion template, into a reply without calculator annotations; every such reply is correct by
+    math-answer against its own reference and, in DeepSeek-R1's template, matches the strict format rule."""
+    from conftest import data_file
+    from rlhf_spec.data import load_spec_dataset
+    from rlhf_spec.spec import DatasetSpec
+
+    spec = DatasetSpec(path=str(data_file("gsm8k/test.jsonl")), adapter="gsm8k", completion_template=R1_REPLY,
+                       prompt_template="{prompt}\nReply with <answer>.", dedupe_prompts=False)
+    assert spec.columns() == ("prompt_id", "prompt", "reference", "completion", "messages")
+    ds = load_spec_dataset(spec, Path("."))
+    raw = _gsm8k()
+    assert len(ds) == len(raw)
+    assert ds["reference"] == [r["answer"] for r in raw]
+    assert [p[0]["content"] for p in ds["prompt"]] == [r["question"] + "\nReply with <answer>." for r in raw]
+    assert not [c for c in ds["completion"] if "<<" in c or "####" in c]
+    assert all(m[-1] == {"role": "assistant", "content": c} for m, c in zip(ds["messages"], ds["completion"]))
+    correct = run_reward("math-answer", {}, ds["completion"], columns={"reference": ds["reference"]})
+    assert correct.counts == {"correct": 1319, "unparseable": 0}
+    strict = run_reward("format", {"pattern": r"^\s*<think>.*?</think>\s*<answer>.*?</answer>\s*$", "mode": "fullmatch",
+                                   "flags": ["dotall"]}, ds["completion"])
+    assert sum(strict.scores) == 1319
+    # the default template keeps GSM8K's own '#### n' ending
+    plain = load_spec_dataset(DatasetSpec(path=str(data_file("gsm8k/test.jsonl")), adapter="gsm8k", limit=5), Path("."))
+    assert all(re.search(r"\n#### -?[\d.]+$", c) for c in plain["completion"])
+
+
+def test_gsm8k_reply_by_hand_and_its_errors():
+    from rlhf_spec.data import gsm8k_reply
+    from rlhf_spec.spec import DatasetSpec
+
+    solution = "She pays 1,000/4 = $<<1000/4=250>>250 a week.\nIn all 250*4 = <<250*4=1000>>1000.\n#### 1,000"
+    assert gsm8k_reply(solution) == "She pays 1,000/4 = $250 a week.\nIn all 250*4 = 1000.\n#### 1000"
+    assert gsm8k_reply(solution, "[{answer}] {reasoning}") == "[1000] She pays 1,000/4 = $250 a week.\nIn all 250*4 = 1000."
+    with pytest.raises(ValueError, match="ends with '#### <number>'"):
+        gsm8k_reply("no final line")
+    with pytest.raises(ValidationError, match="completion_template must contain '{answer}'"):
+        DatasetSpec(path="x.jsonl", adapter="gsm8k", completion_template="{reasoning}")
+    with pytest.raises(ValidationError, match="does not read completion_template"):
+        DatasetSpec(path="x.jsonl", adapter="alpaca", completion_template="{answer}")

@@ -76,12 +76,13 @@ class ModelSpec(_Strict):
 
 
 #: Adapters that read one completion per row (SFT and unpaired data): they provide ``completion`` and ``messages``.
-COMPLETION_ADAPTERS = ("messages", "prompt-completion", "alpaca", "sharegpt", "kto")
+COMPLETION_ADAPTERS = ("messages", "prompt-completion", "alpaca", "sharegpt", "kto", "gsm8k")
 
 #: Fields added after the first release. Left out of a dump while unset, so the dataset identities (and
 #: cache keys) of specs written before they existed stay the same.
 _LATER_FIELDS = ("completion_column", "messages_column", "input_column", "system_column", "label_column",
-                 "reference_column", "prompt_template", "negative_path", "encoding", "rows", "prompt_words")
+                 "reference_column", "prompt_template", "negative_path", "encoding", "rows", "prompt_words",
+                 "completion_template")
 
 _ADAPTER_HELP = (
     "How rows become normalised columns. 'generic': read prompt_column (a string is one user turn; a list of "
@@ -99,7 +100,9 @@ _ADAPTER_HELP = (
     "negative in negative_path); prompts are each sentence's first prompt_words words, pairs put a positive "
     "sentence's rest over a negative one's. 'alpaca-eval': AlpacaEval's pairwise annotations (instruction, output_1, "
     "output_2, preference): the output the annotator preferred (preference 1 or 2) is chosen, the other rejected; "
-    "ties (0 or 1.5) are dropped."
+    "ties (0 or 1.5) are dropped. 'gsm8k': GSM8K's question (prompt_column; the default 'prompt' means 'question') as the "
+    "user turn and its worked solution (completion_column, default 'answer') twice: verbatim in 'reference' (for the "
+    "math-answer reward) and, through completion_template, as the reply to train on."
 )
 
 
@@ -114,7 +117,8 @@ class DatasetSpec(_Strict):
     config: Optional[str] = Field(None, description="Hub dataset configuration name.")
     split: str = Field("train", description="Split to read.")
     path: Optional[str] = Field(None, description="Local file or folder (json, jsonl, jsonl.gz, parquet, csv, or save_to_disk folder).")
-    adapter: Literal["generic", "hh-rlhf", "messages", "prompt-completion", "alpaca", "sharegpt", "kto", "rt-polarity", "alpaca-eval"] = Field(
+    adapter: Literal["generic", "hh-rlhf", "messages", "prompt-completion", "alpaca", "sharegpt", "kto", "rt-polarity", "alpaca-eval",
+                     "gsm8k"] = Field(
         "generic", description=_ADAPTER_HELP)
     prompt_column: str = Field("prompt", description="Column holding the prompt (string or chat messages); for 'alpaca' the instruction.")
     chosen_column: Optional[str] = Field(None, description="Column with the preferred response, for preference data ('generic', 'sharegpt').")
@@ -137,6 +141,10 @@ class DatasetSpec(_Strict):
         None, description="'rt-polarity': 'prompts' (default; one row per sentence, its first prompt_words words) or 'pairs' (a positive "
                           "sentence's rest chosen over a negative one's, the prompt taken from either sentence in turn).")
     prompt_words: Optional[int] = Field(None, ge=1, le=64, description="'rt-polarity': words of each sentence that form the prompt (default 4).")
+    completion_template: Optional[str] = Field(
+        None, description="'gsm8k': the reply made from a worked solution: '{reasoning}' is the text before '####' with the "
+                          "calculator annotations '<<48/2=24>>' removed, '{answer}' the number after it. Default "
+                          "'{reasoning}\n#### {answer}'; DeepSeek-R1's format is '<think>\n{reasoning}\n</think>\n<answer>\n{answer}\n</answer>'.")
     hash_range: tuple[float, float] = Field(
         (0.0, 1.0),
         description="Keep rows whose prompt hash falls in [lo, hi) of [0, 1). Disjoint ranges give disjoint prompt sets (by content, independent of row order).",
@@ -157,6 +165,8 @@ class DatasetSpec(_Strict):
             raise ValueError("adapter 'rt-polarity' reads two local files: set 'path' (positive sentences) and 'negative_path'")
         if self.prompt_template is not None and "{prompt}" not in self.prompt_template:
             raise ValueError("prompt_template must contain '{prompt}', where the prompt's text goes")
+        if self.completion_template is not None and "{answer}" not in self.completion_template:
+            raise ValueError("completion_template must contain '{answer}', where the final number goes")
         if self.adapter == "sharegpt" and bool(self.chosen_column) != bool(self.rejected_column):
             raise ValueError("adapter 'sharegpt': give both chosen_column and rejected_column (preference data) or neither (SFT data)")
         return self
@@ -212,11 +222,14 @@ class DatasetSpec(_Strict):
             out.append(("reference", self.reference_column, "reference_column", True))
         if a in ("generic", "prompt-completion"):
             out.append(("prompt", self.prompt_column, "prompt_column", True))
+        if a in ("alpaca", "gsm8k"):
+            default = "instruction" if a == "alpaca" else "question"
+            out.append(("prompt", *((self.prompt_column, "prompt_column") if self.prompt_column != "prompt" else (default, "adapter")), True))
         if a == "alpaca":
-            out.append(("prompt", *((self.prompt_column, "prompt_column") if self.prompt_column != "prompt" else ("instruction", "adapter")), True))
             out.append(("input", *pick("input_column", "input"), False))
-        if a in ("prompt-completion", "alpaca"):
-            out.append(("completion", *pick("completion_column", "completion" if a == "prompt-completion" else "output"), True))
+        if a in ("prompt-completion", "alpaca", "gsm8k"):
+            default = {"prompt-completion": "completion", "alpaca": "output", "gsm8k": "answer"}[a]
+            out.append(("completion", *pick("completion_column", default), True))
         if a in ("messages", "kto", "sharegpt"):
             out.append(("messages", *pick("messages_column", "conversations" if a == "sharegpt" else "messages"), True))
         if a == "sharegpt":
@@ -230,8 +243,9 @@ class DatasetSpec(_Strict):
     def columns(self) -> tuple[str, ...]:
         """Normalised columns this dataset provides: ``prompt_id`` and ``prompt`` always; ``chosen`` and
         ``rejected`` for preference data; ``completion`` and ``messages`` for SFT/unpaired data; ``label``
-        for KTO data (or a ``label_column``); ``reference`` with a ``reference_column``."""
-        cols = ["prompt_id", "prompt"] + (["reference"] if self.reference_column is not None else [])
+        for KTO data (or a ``label_column``); ``reference`` with a ``reference_column`` and for ``gsm8k``."""
+        has_reference = self.reference_column is not None or self.adapter == "gsm8k"
+        cols = ["prompt_id", "prompt"] + (["reference"] if has_reference else [])
         if self.is_preference():
             return tuple(cols + ["chosen", "rejected"])
         if self.adapter in COMPLETION_ADAPTERS:
@@ -252,6 +266,7 @@ _FIELDS_READ = {
     "kto": ("messages_column", "label_column", "reference_column", "prompt_template"),
     "rt-polarity": ("negative_path", "encoding", "rows", "prompt_words", "prompt_template"),
     "alpaca-eval": ("prompt_template",),
+    "gsm8k": ("completion_column", "completion_template", "prompt_template"),
 }
 
 
