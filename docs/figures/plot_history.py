@@ -2,13 +2,14 @@
 
 Usage::
 
-    python docs/figures/plot_history.py OUT.svg LABEL=ENTRY_DIR [LABEL=ENTRY_DIR ...]
+    python docs/figures/plot_history.py [--panels KEY,KEY,...] OUT.svg LABEL=ENTRY_DIR [LABEL=ENTRY_DIR ...]
 
 Each ``ENTRY_DIR`` is a cache entry of an online train stage (``.rlhf-cache/entries/<kk>/<key>``); its
 ``history.json`` holds one row per rollout step. The figure has four panels sharing the step axis: the mean
 training reward of the rollouts (reward units), the mean held-out reward ``eval_reward_mean`` where it was
 measured (step 0 is the starting policy, from the manifest), the mean per-sequence KL to the reference policy (k1, nats) and
-the mean response length (tokens).
+the mean response length (tokens). ``--panels`` picks other ``history.json`` columns instead, e.g.
+``reward/format_mean`` (the share of rollouts a ``format`` component of a ``combine`` reward accepts).
 
 Needs matplotlib (``pip install -e .[docs]``). Raises ``SystemExit`` for a missing ``history.json``.
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 
 PANELS = (("reward_mean", "training reward (rollouts)"), ("eval_reward_mean", "held-out reward"),
           ("kl", "KL to reference (nats/sequence)"), ("response_length_mean", "response length (tokens)"))
+TITLES = {**dict(PANELS), "reward/format_mean": "strict format (share of rollouts)"}
 
 
 def load(entry: Path) -> list[dict]:
@@ -39,11 +41,16 @@ def main(argv: list[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    panels = PANELS
+    if argv[:1] == ["--panels"] and len(argv) > 1:
+        panels = tuple((k, TITLES.get(k, k)) for k in argv[1].split(","))
+        argv = argv[2:]
     if len(argv) < 2 or any("=" not in a for a in argv[1:]):
         raise SystemExit(__doc__)
     runs = [(label, load(Path(d))) for label, d in (a.split("=", 1) for a in argv[1:])]
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.2))
-    for ax, (key, title) in zip(axes, PANELS):
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    axes = axes[0]
+    for ax, (key, title) in zip(axes, panels):
         for label, rows in runs:
             pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
             if pts:
