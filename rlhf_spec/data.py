@@ -216,7 +216,7 @@ def local_column_problem(ds, base: Path) -> Optional[tuple[str, str]]:
         fields = [(field, col) for _, col, field, required in ds.source_columns() if required]
     missing = [(f, c) for f, c in fields if c not in rec]
     if missing:
-        cols = ", ".join(repr(c) for _, c in missing)
+        cols = ", ".join(dict.fromkeys(repr(c) for _, c in missing))  # one column may feed two roles (gsm8k)
         return missing[0][0], f"{ds.path} has no column(s) {cols}; it has {', '.join(repr(k) for k in rec)}"
     return None
 
@@ -326,7 +326,8 @@ def _alpaca_prompt(instruction: Any, extra: Any) -> list[dict]:
 
 def _completion_row(row: dict, ds) -> dict:
     """One row of a completion adapter (``messages``, ``prompt-completion``, ``alpaca``, ``sharegpt``,
-    ``kto``) as normalised columns (``prompt``, ``completion``, ``messages``, maybe ``label``)."""
+    ``kto``, ``gsm8k``) as normalised columns (``prompt``, ``completion``, ``messages``, maybe ``label`` and
+    ``reference``)."""
     cols = {role: col for role, col, _, _ in ds.source_columns()}
     if ds.adapter in ("messages", "kto", "sharegpt"):
         msgs = normalize_messages(row[cols["messages"]])
@@ -337,18 +338,15 @@ def _completion_row(row: dict, ds) -> dict:
             out = {"prompt": msgs, "chosen": response_text(row[cols["chosen"]]), "rejected": response_text(row[cols["rejected"]])}
         else:
             out = split_conversation(msgs)
-    elif ds.adapter == "gsm8k":
-        prompt = [{"role": "user", "content": str(row[cols["prompt"]])}]
-        solution = str(row[cols["completion"]])
-        completion = gsm8k_reply(solution, ds.completion_template)
-        out = {"prompt": prompt, "completion": completion, "messages": prompt + [{"role": "assistant", "content": completion}],
-               "reference": solution}
     else:
         if ds.adapter == "alpaca":
             prompt = _alpaca_prompt(row[cols["prompt"]], row.get(cols["input"]))
         else:
             prompt = normalize_messages(row[cols["prompt"]])
-        completion = response_text(row[cols["completion"]])
+        if ds.adapter == "gsm8k":
+            completion = gsm8k_reply(str(row[cols["completion"]]), ds.completion_template)
+        else:
+            completion = response_text(row[cols["completion"]])
         out = {"prompt": prompt, "completion": completion, "messages": prompt + [{"role": "assistant", "content": completion}]}
     if "label" in cols:
         out["label"] = parse_label(row[cols["label"]])

@@ -544,7 +544,7 @@ def rlhf_spec_register_stages(register):
 
 
 def test_plugin_that_raises_is_named_with_its_distribution(tmp_path):
-    from test_malformed_specs import make_plugin_dist
+    from conftest import make_plugin_dist
 
     site = make_plugin_dist(tmp_path / "site", "rlhf-spec-explode-test", "0.4.2", "explode_plugin", RAISING_PLUGIN)
     spec = write_spec(tmp_path, {

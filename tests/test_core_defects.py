@@ -9,16 +9,14 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, cli, manifests, write_spec
+from conftest import ROOT, cli, make_plugin_dist, manifests, write_spec
 from test_cache_integrity import mini_spec, run_inprocess, stages_of, statuses
-from test_malformed_specs import make_plugin_dist
 
 # ----------------------------------------------------------------------------- the command line
 

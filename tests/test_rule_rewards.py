@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from conftest import data_file
+
 from rlhf_spec.records import RewardBatch, RewardOutput
 from rlhf_spec.rewards import combine, rules
 from rlhf_spec.rewards.combine import (CombineParams, Normalization, llama2_combine, logit, weighted_sum, zscore)
@@ -392,7 +394,6 @@ def test_gsm8k_adapter_writes_replies_that_the_rule_rewards_accept():
     """The ``gsm8k`` adapter on GSM8K's real test set: the solution goes verbatim into ``reference`` and, through
     the completion template, into a reply without calculator annotations; every such reply is correct by
     math-answer against its own reference and, in DeepSeek-R1's template, matches the strict format rule."""
-    from conftest import data_file
     from rlhf_spec.data import load_spec_dataset
     from rlhf_spec.spec import DatasetSpec
 
@@ -429,3 +430,9 @@ def test_gsm8k_reply_by_hand_and_its_errors():
         DatasetSpec(path="x.jsonl", adapter="gsm8k", completion_template="{reasoning}")
     with pytest.raises(ValidationError, match="does not read completion_template"):
         DatasetSpec(path="x.jsonl", adapter="alpaca", completion_template="{answer}")
+    # the solution column feeds both the reply and the reference; a missing one is named once, by its field
+    from rlhf_spec.data import local_column_problem
+
+    field, msg = local_column_problem(DatasetSpec(path=str(data_file("gsm8k/test.jsonl")), adapter="gsm8k",
+                                                  completion_column="solution"), Path("."))
+    assert field == "completion_column" and msg.count("'solution'") == 1, msg

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli, write_spec
+from conftest import cli, make_plugin_dist, write_spec
 from test_cache_integrity import RAISING_PLUGIN, mini_spec
-from test_malformed_specs import make_plugin_dist
 
 # ----------------------------------------------------------------------------- where the cache is
 

@@ -230,6 +230,8 @@ class DatasetSpec(_Strict):
         if a in ("prompt-completion", "alpaca", "gsm8k"):
             default = {"prompt-completion": "completion", "alpaca": "output", "gsm8k": "answer"}[a]
             out.append(("completion", *pick("completion_column", default), True))
+        if a == "gsm8k":  # the worked solution is also the reference that math-answer reads
+            out.append(("reference", *pick("completion_column", "answer"), True))
         if a in ("messages", "kto", "sharegpt"):
             out.append(("messages", *pick("messages_column", "conversations" if a == "sharegpt" else "messages"), True))
         if a == "sharegpt":
@@ -243,8 +245,9 @@ class DatasetSpec(_Strict):
     def columns(self) -> tuple[str, ...]:
         """Normalised columns this dataset provides: ``prompt_id`` and ``prompt`` always; ``chosen`` and
         ``rejected`` for preference data; ``completion`` and ``messages`` for SFT/unpaired data; ``label``
-        for KTO data (or a ``label_column``); ``reference`` with a ``reference_column`` and for ``gsm8k``."""
-        has_reference = self.reference_column is not None or self.adapter == "gsm8k"
+        for KTO data (or a ``label_column``); ``reference`` when a source column feeds it (a ``reference_column``,
+        or ``gsm8k``'s solution)."""
+        has_reference = any(role == "reference" for role, *_ in self.source_columns())
         cols = ["prompt_id", "prompt"] + (["reference"] if has_reference else [])
         if self.is_preference():
             return tuple(cols + ["chosen", "rejected"])
