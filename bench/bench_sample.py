@@ -7,8 +7,9 @@ template and kept when at most ``--max-prompt-tokens`` long, as the stage does.
 Part 1 (``BENCH_THREADS`` threads, float32, dynamic KV cache, ``--batch-size``), sides alternating:
 
 * ``ours_arrival``: :class:`rlhf_spec.backends.transformers.TransformersEngine` with
-  ``sort_by_length=False`` and generate's own sampler (``sampler="transformers"``): prompt token
-  ids from ``rlhf_spec.backends.prompt_token_ids``, then ``engine.generate``;
+  ``sort_by_length=False``, generate's own sampler (``sampler="transformers"``) and generate's own
+  prefill (``prefill_batch_tokens=0``): prompt token ids from ``rlhf_spec.backends.prompt_token_ids``,
+  then ``engine.generate``;
 * ``plain``: a hand-written loop over the same batches in the same order: render and tokenize each
   batch, left-pad it, seed it as the backend seeds a batch, ``model.generate`` with the same
   temperature, top_p (``top_k=0``, nucleus only) and max_new_tokens, ``batch_decode``. With the same
@@ -17,16 +18,22 @@ Part 1 (``BENCH_THREADS`` threads, float32, dynamic KV cache, ``--batch-size``),
 * ``ours_sorted``: the same engine with ``sort_by_length=True`` (``sample.sorted_vs_arrival``);
 * ``ours_1x``, ``ours_2x``: ``ours_sorted`` on 1/4 and 1/2 of the prompts (marginal cost per prompt).
 
-Part 2 (every core, ``torch.set_num_threads(os.cpu_count())``), sides alternating:
+Part 2 (every core, ``torch.set_num_threads(os.cpu_count())``), sides alternating, on the sample
+stage's workload: ``--fast-prompts`` (64) prompts of at most ``--fast-max-prompt-tokens`` (128, the
+quickstart's ``max_prompt_tokens``), ``--fast-n`` (4) samples each, ``--fast-new-tokens`` (48):
 
 * ``fast``: the backend at its fast settings, loaded by the backend's own ``load``: bfloat16 when
-  the CPU multiplies bf16 matrices natively (else float32), static KV cache, the candidate nucleus
-  sampler (the default), sorted, batch
-  ``--fast-batch-size`` (128), ``--fast-new-tokens`` (48) new tokens;
-* ``plain32``: the plain loop as users run it today: float32, dynamic cache, batch
-  ``--plain-batch-size`` (32), arrival order, same prompts and sampling settings;
+  the CPU multiplies bf16 matrices natively (else float32), static KV cache, each distinct prompt
+  prefilled once in length buckets (``prefill_batch_tokens``, the default), the candidate nucleus
+  sampler (the default), sorted, ``--fast-batch-size`` (256) rows per call;
+* ``plain32``: the plain loop as users run it today: float32, dynamic cache, ``--plain-batch-size``
+  (32) rows per call (8 prompts, ``num_return_sequences=4``), arrival order, same prompts and
+  sampling settings;
 * ``mm_fp32``, ``mm_bf16``: the best of 3 ``torch.mm`` of two ``--mm-size`` square matrices (2 n^3
   FLOPs each), in the same process on the same threads.
+
+Then the same ``fast`` side and matmuls on one sample for each of ``--long-prompts`` (128) prompts of
+up to ``--max-prompt-tokens`` (256): a prefill-bound workload, reported without a target.
 
 Tokens are useful tokens: each completion's tokens up to and including its end-of-turn token,
 counted the same way on every side. Generation FLOP/s = 2 x parameters x useful tokens / s (prefill
@@ -57,11 +64,12 @@ def useful_tokens(row: list[int], stop: set[int]) -> int:
     return min(k + 1, len(row))
 
 
-def plain_loop(model, tok, prompts: list, batch_size: int, sp, seed: int) -> tuple[list[str], int]:
+def plain_loop(model, tok, prompts: list, batch_size: int, sp, seed: int, n: int = 1) -> tuple[list[str], int]:
     """A plain sampling loop: arrival order, left-padded batches, one ``generate`` per batch.
 
-    Each batch is seeded with the backend's rule (a hash of its prompt tokens), so that the same
-    batches give the same completions; the seed costs nothing either way.
+    A batch holds ``batch_size`` rows: ``batch_size // n`` prompts, each repeated ``n`` times by
+    ``num_return_sequences``. Each batch is seeded with the backend's rule (a hash of its prompt
+    tokens), so that with n = 1 the same batches give the same completions; the seed costs nothing.
     """
     import torch
 
@@ -69,35 +77,36 @@ def plain_loop(model, tok, prompts: list, batch_size: int, sp, seed: int) -> tup
 
     tok.padding_side = "left"
     stop = {tok.pad_token_id, tok.eos_token_id}
-    outs, ntok = [], 0
-    for start in range(0, len(prompts), batch_size):
-        texts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in prompts[start : start + batch_size]]
+    outs, ntok, per_call = [], 0, max(1, batch_size // n)
+    for start in range(0, len(prompts), per_call):
+        texts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in prompts[start : start + per_call]]
         ids = tok(texts, add_special_tokens=False)["input_ids"]
         enc = tok.pad({"input_ids": ids}, padding=True, return_tensors="pt")
         torch.manual_seed(derive_seed(seed, zlib.crc32(repr(ids).encode())))
         with torch.no_grad():
             out = model.generate(**enc, do_sample=True, temperature=sp.temperature, top_p=sp.top_p, top_k=0,
-                                 max_new_tokens=sp.max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+                                 max_new_tokens=sp.max_new_tokens, num_return_sequences=n, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=tok.eos_token_id)
         gen = out[:, enc["input_ids"].shape[1]:]
         outs += [t.strip() for t in tok.batch_decode(gen, skip_special_tokens=True)]
         ntok += sum(useful_tokens(r, stop) for r in gen.tolist())
     return outs, ntok
 
 
-def engine_side(engine, tok, prompts: list, sp, seed: int, outputs: dict, name: str):
-    """A side that runs our backend as the stage does: prompt token ids, then ``generate``."""
+def engine_side(engine, tok, prompts: list, sp, seed: int, outputs: dict, name: str, n: int = 1):
+    """A side that runs our backend as the stage does: prompt token ids, then ``generate`` (``n`` per prompt)."""
     from rlhf_spec.backends import prompt_token_ids
 
     def run():
-        comps = [c[0] for c in engine.generate(prompt_token_ids(tok, prompts), sp, 1, seed)]
+        comps = [c for per in engine.generate(prompt_token_ids(tok, prompts), sp, n, seed) for c in per]
         outputs[name] = [c.text for c in comps]
         return {"tokens": sum(len(c.token_ids) for c in comps), "prompts": len(prompts)}
     return run
 
 
-def plain_side(model, tok, prompts: list, bs: int, sp, seed: int, outputs: dict, name: str):
+def plain_side(model, tok, prompts: list, bs: int, sp, seed: int, outputs: dict, name: str, n: int = 1):
     def run():
-        texts, ntok = plain_loop(model, tok, prompts, bs, sp, seed)
+        texts, ntok = plain_loop(model, tok, prompts, bs, sp, seed, n)
         outputs[name] = texts
         return {"tokens": ntok, "prompts": len(prompts)}
     return run
@@ -126,9 +135,10 @@ def load_prompts(tok, max_prompt_tokens: int, hash_range=(0.7, 0.85)) -> tuple[l
 def engine(model, tok, bs: int, sort: bool):
     from rlhf_spec.backends.transformers import TransformersEngine, TransformersParams
 
-    # generate's own sampler, so that the plain loop with the same seeds writes the same tokens
+    # generate's own sampler and generate's own prefill, so that the plain loop with the same seeds writes the same
+    # tokens through the same work: the figure is the wrapper's cost
     return TransformersEngine(model, tok, TransformersParams(batch_size=bs, sort_by_length=sort, dtype="float32", cache="dynamic",
-                                                             sampler="transformers"))
+                                                             sampler="transformers", prefill_batch_tokens=0))
 
 
 def like_for_like(args, model, tok, prompts: list, lengths: list[int]) -> None:
@@ -228,42 +238,54 @@ def fast_backend(src, tok, args):
     return load(src, params, types.SimpleNamespace(device=torch.device("cpu"))), params
 
 
-def generation_vs_peak(args, src, model, tok, prompts: list) -> None:
-    """Part 2: the fast backend vs today's plain loop, and its FLOP/s vs torch's fp32 matmul FLOP/s."""
+def generation_vs_peak(args, src, model, tok, prompts: list, name: str, n: int, with_plain: bool) -> None:
+    """Part 2: the fast backend's generation FLOP/s vs torch's fp32 matmul FLOP/s (and vs today's plain loop)."""
     import torch
 
-    from rlhf_spec.backends import SamplingParams
+    from rlhf_spec.backends import SamplingParams, prompt_token_ids
 
     cores = os.cpu_count() or 1
     torch.set_num_threads(cores)
     fast, params = fast_backend(src, tok, args)
     n_params = sum(p.numel() for p in fast.model.parameters())
+    prompt_tokens = sum(len(x) for x in prompt_token_ids(tok, prompts))
     sp, seed = SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=args.fast_new_tokens), 1234
-    sides = [("fast", engine_side(fast, tok, prompts, sp, seed, {}, "fast")),
-             ("plain32", plain_side(model, tok, prompts, args.plain_batch_size, sp, seed, {}, "plain32")),
-             ("mm_fp32", mm_side(args.mm_size, "float32")), ("mm_bf16", mm_side(args.mm_size, "bfloat16"))]
-    log(f"sample: {len(prompts)} prompts on {cores} threads: fast backend vs plain generate (batch "
-        f"{args.plain_batch_size}) vs fp32 and bf16 matmul; one untimed run of each side first")
+    sides = [("fast", engine_side(fast, tok, prompts, sp, seed, {}, "fast", n))]
+    if with_plain:
+        sides.append(("plain32", plain_side(model, tok, prompts, args.plain_batch_size, sp, seed, {}, "plain32", n)))
+    sides += [("mm_fp32", mm_side(args.mm_size, "float32")), ("mm_bf16", mm_side(args.mm_size, "bfloat16"))]
+    log(f"sample: {len(prompts)} prompts x {n} samples ({prompt_tokens} prompt tokens) on {cores} threads: fast backend"
+        + (f" vs plain generate ({args.plain_batch_size} rows per call)" if with_plain else "")
+        + " vs fp32 and bf16 matmul; one untimed run of each generation side first")
     first = {}
-    for name, fn in sides[:2]:  # first-call costs (oneDNN primitives, cache allocation): reported, not in the figures
+    for side, fn in sides[: 2 if with_plain else 1]:  # first-call costs (oneDNN primitives, allocation): reported, not in the figures
         t0 = time.perf_counter()
         fn()
-        first[f"first_run_seconds_{name}"] = round(time.perf_counter() - t0, 2)
+        first[f"first_run_seconds_{side}"] = round(time.perf_counter() - t0, 2)
     runs = alternate(sides, args.fast_reps)
     torch.set_num_threads(common.threads())
     peak = {k: max(r["flops"] / r["seconds"] for r in runs[k]) / 1e9 for k in ("mm_fp32", "mm_bf16")}
     tps = rate(runs["fast"], "tokens")
-    settings = {"fast_settings": params.model_dump(), "max_new_tokens": sp.max_new_tokens, "threads": cores,
-                "reps": args.fast_reps, **first, "threads_note": "all cores (torch.set_num_threads(os.cpu_count())) on every side"}
-    emit("sample.generation_flops_vs_mm_fp32", 2.0 * n_params * tps / 1e9, peak["mm_fp32"], "GFLOP/s", len(prompts),
-         POLICY_NAME, target=">=0.35", mm_bf16_gflops=round(peak["mm_bf16"], 1), parameters=n_params,
-         useful_tokens_per_s=round(tps, 2), mm_size=args.mm_size, **settings,
-         note="2 x parameters x useful generated tokens/s of the fast backend (prefill not counted) vs the best "
-              f"{args.mm_size}x{args.mm_size} fp32 torch.mm FLOP/s (2 n^3 per mm, best of 3 per repetition, best repetition)")
-    emit("sample.fast_backend_vs_plain_generate", tps, rate(runs["plain32"], "tokens"), "useful tokens/s", len(prompts),
-         POLICY_NAME, target=">=2.0", plain_batch_size=args.plain_batch_size, plain_dtype="float32", plain_cache="dynamic",
-         prompts_per_s_ratio=round(rate(runs["fast"], "prompts") / rate(runs["plain32"], "prompts"), 3), **settings,
-         note="the backend at its fast settings vs today's plain model.generate loop (float32, dynamic cache, arrival order)")
+    settings = {"fast_settings": params.model_dump(), "samples_per_prompt": n, "max_new_tokens": sp.max_new_tokens,
+                "prompt_tokens": prompt_tokens, "threads": cores, "reps": args.fast_reps, **first,
+                "threads_note": "all cores (torch.set_num_threads(os.cpu_count())) on every side"}
+    prefill_s = prompt_tokens / common.seconds(runs["fast"])
+    what = ("2 x parameters x useful generated tokens/s of the fast backend (prefill not counted) vs the best "
+            f"{args.mm_size}x{args.mm_size} fp32 torch.mm FLOP/s (2 n^3 per mm, best of 3 per repetition, best repetition)")
+    emit(name, 2.0 * n_params * tps / 1e9, peak["mm_fp32"], "GFLOP/s", f"{len(prompts)}x{n}", POLICY_NAME,
+         target=">=0.35" if with_plain else None, mm_bf16_gflops=round(peak["mm_bf16"], 1), parameters=n_params,
+         useful_tokens_per_s=round(tps, 2), prompt_tokens_per_s=round(prefill_s, 1),
+         gflops_with_prefill=round(2.0 * n_params * (tps + prefill_s) / 1e9, 1), mm_size=args.mm_size, **settings,
+         note=what if with_plain else what + ". No target: one sample per prompt after prompts of up to "
+         f"{args.max_prompt_tokens} tokens, a workload bound by prefill, which the figure does not count as work "
+         "(gflops_with_prefill counts it); the target is read on the sample stage's workload")
+    if with_plain:
+        emit("sample.fast_backend_vs_plain_generate", tps, rate(runs["plain32"], "tokens"), "useful tokens/s",
+             f"{len(prompts)}x{n}", POLICY_NAME, target=">=2.0", plain_batch_size=args.plain_batch_size,
+             plain_dtype="float32", plain_cache="dynamic",
+             prompts_per_s_ratio=round(rate(runs["fast"], "prompts") / rate(runs["plain32"], "prompts"), 3), **settings,
+             note="the backend at its fast settings vs today's plain model.generate loop (float32, dynamic cache, "
+                  "arrival order, num_return_sequences for the n samples)")
 
 
 def main(argv=None) -> None:
@@ -273,9 +295,12 @@ def main(argv=None) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--max-prompt-tokens", type=int, default=256)
     ap.add_argument("--reps", type=int, default=4)
-    ap.add_argument("--fast-prompts", type=int, default=128)
-    ap.add_argument("--fast-batch-size", type=int, default=128)
+    ap.add_argument("--fast-prompts", type=int, default=64)
+    ap.add_argument("--fast-n", type=int, default=4)
+    ap.add_argument("--fast-max-prompt-tokens", type=int, default=128)
+    ap.add_argument("--fast-batch-size", type=int, default=256)
     ap.add_argument("--fast-new-tokens", type=int, default=48)
+    ap.add_argument("--long-prompts", type=int, default=128)
     ap.add_argument("--plain-batch-size", type=int, default=32)
     ap.add_argument("--mm-size", type=int, default=2048)
     ap.add_argument("--fast-reps", type=int, default=3)
@@ -289,7 +314,11 @@ def main(argv=None) -> None:
     prompts, lengths = load_prompts(tok, args.max_prompt_tokens)
     like_for_like(args, model, tok, prompts[: args.prompts], lengths[: args.prompts])
     padding_ceiling(tok, args.batch_size, args.max_prompt_tokens)
-    generation_vs_peak(args, src, model, tok, prompts[: args.fast_prompts])
+    stage_prompts, _ = load_prompts(tok, args.fast_max_prompt_tokens)
+    generation_vs_peak(args, src, model, tok, stage_prompts[: args.fast_prompts], "sample.generation_flops_vs_mm_fp32",
+                       args.fast_n, with_plain=True)
+    generation_vs_peak(args, src, model, tok, prompts[: args.long_prompts],
+                       "sample.generation_flops_vs_mm_fp32_one_sample_long_prompts", 1, with_plain=False)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ ORDER = ["shards", "score", "sample", "train", "runner"]
 # --quick: tiny sizes, to check that everything runs (the figures mean nothing)
 QUICK = {
     "sample": ["--prompts", "8", "--batch-size", "4", "--max-new-tokens", "4", "--reps", "1", "--fast-prompts", "4",
-               "--fast-batch-size", "4", "--fast-new-tokens", "4", "--plain-batch-size", "2", "--mm-size", "512",
+               "--fast-batch-size", "4", "--fast-new-tokens", "4", "--fast-n", "2", "--long-prompts", "4", "--plain-batch-size", "2",
+               "--mm-size", "512",
                "--fast-reps", "1"],
     "score": ["--sequences", "16", "--reps", "1"],
     "train": ["--steps", "1", "--max-prompt-tokens", "16", "--max-response-tokens", "8", "--reps", "1"],

@@ -67,6 +67,19 @@ def test_processor_output_makes_greedy_pick_the_draw():
     assert out.argmax(-1).tolist() == again.tolist()
 
 
+@pytest.mark.parametrize("top_p", [0.9, 1.0])
+def test_row_groups_draw_as_separate_samplers(top_p):
+    """Rows given their own generators draw what a sampler over those rows alone draws with that generator."""
+    scores = torch.randn(7, 300) * 3
+    a, b = torch.tensor([0, 2, 3, 6]), torch.tensor([1, 4, 5])
+    grouped = NucleusSampler(0.7, top_p, [(a, torch.Generator().manual_seed(1)), (b, torch.Generator().manual_seed(2))],
+                             candidates=4).draw(scores)
+    alone_a = NucleusSampler(0.7, top_p, torch.Generator().manual_seed(1), candidates=4).draw(scores[a])
+    alone_b = NucleusSampler(0.7, top_p, torch.Generator().manual_seed(2), candidates=4).draw(scores[b])
+    assert grouped[a].tolist() == alone_a.tolist() and grouped[b].tolist() == alone_b.tolist()
+    assert grouped[a].tolist() != NucleusSampler(0.7, top_p, torch.Generator().manual_seed(2), candidates=4).draw(scores[a]).tolist()
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="temperature"):
         NucleusSampler(0.0, 0.9, torch.Generator())
@@ -120,3 +133,85 @@ def test_engine_candidate_sampler_is_seeded_per_batch(tiny):
     assert all(per[0] != per[1] for per in first)  # a prompt's n samples differ
     greedy = texts(engine.generate(ids, SamplingParams(temperature=0.0, max_new_tokens=16), 1, seed=5))
     assert greedy == texts(engine.generate(ids, SamplingParams(temperature=0.0, max_new_tokens=16), 1, seed=9))
+
+
+def test_buckets_by_hand():
+    from rlhf_spec.backends.prefill import buckets
+
+    # longest first: 9 (idx 1), 7 (idx 3), 4 (idx 0), 4 (idx 4), 2 (idx 2); budget 16 padded tokens
+    assert buckets([4, 9, 2, 7, 4], 16) == [[1], [3, 0], [4, 2]]
+    assert buckets([4, 9, 2, 7, 4], 1) == [[1], [3], [0], [4], [2]]  # a prompt over budget is a bucket of its own
+    assert buckets([3, 3, 3], 1000) == [[0, 1, 2]]
+
+
+def _varied_prompts(tok):
+    texts = ["What is the capital of France?", "Hi", "Tell me a joke about a very long and winding road.",
+             "How do I bake bread at home without yeast, and how long does it take?", "Hi"]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    return ids + [ids[0][:1]]  # a one-token prompt has nothing to prefill
+
+
+@pytest.mark.parametrize("cache,bucket_tokens", [("static", 8), ("static", 1000), ("dynamic", 1000)])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_shared_prefill_writes_what_generate_writes_alone(tiny, cache, bucket_tokens, temperature):
+    """Each distinct prompt prefilled once (in one-prompt buckets, or all in one padded bucket), copied to its n
+    rows: the same tokens as generate running every row's padded prompt itself (float32, so the two paths agree
+    to rounding)."""
+    model, tok = tiny
+    sampling = SamplingParams(temperature=temperature, top_p=0.9, max_new_tokens=10)
+    ids = _varied_prompts(tok)
+    out = {}
+    for tokens in (0, bucket_tokens):
+        engine = TransformersEngine(model, tok, TransformersParams(batch_size=7, cache=cache, prefill_batch_tokens=tokens))
+        out[tokens] = [[c.token_ids for c in per] for per in engine.generate(ids, sampling, 3, seed=21)]
+    assert out[bucket_tokens] == out[0]
+    assert len({tuple(r) for per in out[0] for r in per}) > 3  # not one answer everywhere
+
+
+@pytest.mark.parametrize("bucket_tokens", [10, 1000])
+def test_prefill_cache_holds_each_rows_prompt_keys(tiny, bucket_tokens):
+    """The assembled cache equals, at every row's real positions, the keys and values of a forward pass over the
+    left-padded batch (generate's position ids); padded positions stay zero."""
+    from transformers import DynamicCache
+
+    from rlhf_spec.backends.prefill import cache_kwarg, left_padded, prefill_cache
+
+    model, tok = tiny
+    seqs = _varied_prompts(tok)[:5]
+    width = max(map(len, seqs)) - 1
+    cache = prefill_cache(model, seqs, tok.pad_token_id, DynamicCache(config=model.config), bucket_tokens)
+    ids, mask = left_padded([s[:-1] for s in seqs], width, tok.pad_token_id, "cpu")
+    ref = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
+              **{cache_kwarg(model): ref})
+    real = mask.bool()
+    for got, want in zip(cache.layers, ref.layers):
+        assert got.keys.shape == want.keys.shape == (len(seqs), want.keys.shape[1], width, want.keys.shape[3])
+        for name in ("keys", "values"):
+            g, w = getattr(got, name).transpose(1, 2), getattr(want, name).transpose(1, 2)  # (B, W, heads, dim)
+            torch.testing.assert_close(g[real], w[real], atol=1e-5, rtol=1e-4)
+            assert not g[~real].any()
+    assert prefill_cache(model, [[5], [7]], 0, DynamicCache(config=model.config), 8) is None
+    with pytest.raises(ValueError, match="no tokens"):
+        prefill_cache(model, [[5], []], 0, DynamicCache(config=model.config), 8)
+
+
+def test_passes_generated_together_keep_their_own_seeds(tiny):
+    """Sampling passes in one call: each pass's samples come from its own seed, not from its place in the
+    batch (swapping the seeds swaps the passes), the passes differ, and one pass equals ``generate``."""
+    from rlhf_spec.backends import generate_passes
+
+    model, tok = tiny
+    sampling = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=10)
+    engine = TransformersEngine(model, tok, TransformersParams(batch_size=12))
+    ids = _varied_prompts(tok)
+    tokens = lambda passes: [[c.token_ids for c in per] for per in passes]  # noqa: E731
+    first = tokens(generate_passes(engine, ids, sampling, [5, 9]))
+    assert tokens(generate_passes(engine, ids, sampling, [9, 5])) == first[::-1]
+    assert first[0] != first[1]
+    assert tokens(generate_passes(engine, ids, sampling, [5])) == [[c[0].token_ids for c in engine.generate(ids, sampling, 1, 5)]]
+    # generate's own sampler draws from the global RNG: one call per pass, as a backend without generate_passes
+    plain = TransformersEngine(model, tok, TransformersParams(batch_size=12, sampler="transformers"))
+    per_call = [[c[0].token_ids for c in plain.generate(ids, sampling, 1, s)] for s in (5, 9)]
+    assert tokens(generate_passes(plain, ids, sampling, [5, 9])) == per_call

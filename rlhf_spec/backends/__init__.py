@@ -27,6 +27,19 @@ class SamplingParams(BaseModel):
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens)
 
 
+def generate_passes(engine, prompt_token_ids: list[list[int]], sampling: SamplingParams, seeds: list[int]) -> list:
+    """One completion per prompt for each sampling pass; returns one list of P ``Completion`` per seed.
+
+    Pass ``p`` is drawn with ``seeds[p]`` (docs/spec.md, "Seeds"). An engine that defines
+    ``generate_passes(prompt_token_ids, sampling, seeds)`` gets all passes at once, so that it can share
+    the prompts' prefill and batch the passes together; any other engine gets one
+    ``generate(prompt_token_ids, sampling, 1, seed)`` call per pass.
+    """
+    if hasattr(engine, "generate_passes"):
+        return engine.generate_passes(prompt_token_ids, sampling, list(seeds))
+    return [[c[0] for c in engine.generate(prompt_token_ids, sampling, 1, seed)] for seed in seeds]
+
+
 def chat_prompt_texts(tokenizer, prompts: list[list[dict]]) -> list[str]:
     """Render chat messages with the tokenizer's chat template and the generation prompt.
 

@@ -45,7 +45,10 @@ class NucleusSampler:
     Args:
         temperature: softmax temperature (> 0).
         top_p: nucleus mass in (0, 1]; 1 samples from the whole distribution.
-        generator: the ``torch.Generator`` draws come from (seed it per batch for reproducible samples).
+        generator: the ``torch.Generator`` draws come from (seed it per batch for reproducible samples),
+            or a list of ``(rows, generator)`` pairs: the rows (a (R,) int64 tensor of batch rows) drawn
+            with each generator, together covering every row once. A row's draws depend only on its
+            own generator and the other rows of its group.
         candidates: how many most-likely tokens are ranked per row before falling back to a full sort.
 
     Call: ``(input_ids (B, T) int64, scores (B, V) float logits) -> (B, V) float``, 0 at the drawn
@@ -55,7 +58,7 @@ class NucleusSampler:
         ValueError: if temperature ≤ 0 or top_p is outside (0, 1].
     """
 
-    def __init__(self, temperature: float, top_p: float, generator: torch.Generator, candidates: int = 256):
+    def __init__(self, temperature: float, top_p: float, generator, candidates: int = 256):
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
         if not 0.0 < top_p <= 1.0:
@@ -103,11 +106,19 @@ class NucleusSampler:
     def draw(self, scores: torch.Tensor) -> torch.Tensor:
         """One token id per row: (B, V) logits -> (B,) int64."""
         logits = scores.float() / self.temperature
+        if isinstance(self.generator, torch.Generator):
+            return self._draw(logits, self.generator)
+        out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+        for rows, generator in self.generator:
+            out[rows] = self._draw(logits[rows], generator)
+        return out
+
+    def _draw(self, logits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if self.top_p >= 1.0:
-            return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=self.generator).squeeze(-1)
+            return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
         out = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
         for rows, idx, probs in self._groups(logits):
-            out[rows] = idx.gather(-1, torch.multinomial(probs, 1, generator=self.generator)).squeeze(-1)
+            out[rows] = idx.gather(-1, torch.multinomial(probs, 1, generator=generator)).squeeze(-1)
         return out
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:

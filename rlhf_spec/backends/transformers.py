@@ -34,6 +34,10 @@ class TransformersParams(BaseModel):
     cache: Literal["static", "dynamic"] = Field(
         "static", description="KV cache: 'static' preallocates it for the batch's prompt plus max_new_tokens (fewer reallocations; "
         "needed for compile), 'dynamic' grows it token by token.")
+    prefill_batch_tokens: int = Field(
+        2048, ge=0, le=1_048_576, description="Prefill each distinct prompt once, in length buckets of at most this many "
+        "padded tokens, and copy its keys and values to the rows that share it (rlhf_spec.backends.prefill); 0 lets "
+        "generate run every row's prompt, padded to the batch's longest. Bucket shapes change bf16 rounding, so it is part of the key.")
     compile: bool = Field(
         False, description="torch.compile the forward pass (static cache only). Compiling takes about a minute per batch shape "
         "and paid off on GPUs, not on a 2-core CPU in our measurements (docs/benchmarks.md).")
@@ -71,7 +75,7 @@ class TransformersEngine:
 
         greedy = sampling.temperature <= 0 or self._own_sampler(sampling)
         extra: dict = {}
-        if self.p.cache == "static":
+        if self.p.cache == "static" and not self.p.prefill_batch_tokens:  # else the engine passes its own cache
             extra["cache_implementation"] = "static"
         if self.p.compile:
             from transformers.generation.configuration_utils import CompileConfig
@@ -88,6 +92,13 @@ class TransformersEngine:
             max_new_tokens=sampling.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id, **extra)
 
+    def _empty_cache(self, max_cache_len: int):
+        from transformers import DynamicCache, StaticCache
+
+        if self.p.cache == "static":
+            return StaticCache(config=self.model.config, max_cache_len=max_cache_len)
+        return DynamicCache(config=self.model.config)
+
     def _completion(self, row: list[int]) -> Completion:
         k = 0
         while k < len(row) and row[k] not in self.stop:
@@ -98,44 +109,87 @@ class TransformersEngine:
         return Completion(token_ids=ids, text=text, finish_reason="stop" if stopped else "length")
 
     def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams, n: int, seed: int) -> list[list[Completion]]:
-        """``n`` completions for each of P prompts (token-id lists); returns P lists of ``n``.
+        """``n`` completions for each of P prompts (token-id lists), all drawn with ``seed``; returns P lists of ``n``.
 
         Raises:
             torch.OutOfMemoryError / MemoryError: lower ``batch_size`` or ``max_new_tokens``.
         """
+        return self._generate(prompt_token_ids, sampling, [seed] * n)
+
+    def generate_passes(self, prompt_token_ids: list[list[int]], sampling: SamplingParams, seeds: list[int]) -> list[list[Completion]]:
+        """One completion per prompt for each seed in ``seeds`` (the stages' sampling passes); returns one list of P
+        completions per seed.
+
+        With the candidate sampler the passes are generated together: a prompt's samples share one prefill and
+        one decoding batch, and each is drawn with a generator seeded by its own pass seed and its batch.
+        generate's own sampler draws from the global RNG, one seed per call, so it runs one call per pass.
+
+        Raises:
+            torch.OutOfMemoryError / MemoryError: lower ``batch_size`` or ``max_new_tokens``.
+        """
+        if len(set(seeds)) > 1 and sampling.temperature > 0 and not self._own_sampler(sampling):
+            return [[c[0] for c in self._generate(prompt_token_ids, sampling, [s])] for s in seeds]
+        out = self._generate(prompt_token_ids, sampling, list(seeds))
+        return [[per[j] for per in out] for j in range(len(seeds))]
+
+    def _generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams, seeds: list[int]) -> list[list[Completion]]:
+        """Sample ``j`` of every prompt drawn with ``seeds[j]``; returns P lists of ``len(seeds)``."""
         import torch
 
-        requests = [i for i in range(len(prompt_token_ids)) for _ in range(n)]
+        from .prefill import cache_kwarg, left_padded, prefill_cache
+
+        requests = [(i, j) for i in range(len(prompt_token_ids)) for j in range(len(seeds))]
         order = list(range(len(requests)))
         if self.p.sort_by_length:
-            order.sort(key=lambda r: -len(prompt_token_ids[requests[r]]))
-        cfg, device = self._config(sampling), next(self.model.parameters()).device
-        out: list[list[Completion]] = [[] for _ in prompt_token_ids]
+            order.sort(key=lambda r: -len(prompt_token_ids[requests[r][0]]))
+        cfg = self._config(sampling)
         done: dict[int, Completion] = {}
         pad = self.tokenizer.pad_token_id
         for start in range(0, len(order), self.p.batch_size):
             idx = order[start : start + self.p.batch_size]
-            seqs = [prompt_token_ids[requests[r]] for r in idx]
+            seqs = [prompt_token_ids[requests[r][0]] for r in idx]
             width = max(len(s) for s in seqs)
-            ids = torch.tensor([[pad] * (width - len(s)) + list(s) for s in seqs], device=device)
-            mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], device=device)
-            batch_seed = derive_seed(seed, zlib.crc32(repr(seqs).encode()))
-            torch.manual_seed(batch_seed)
+            ids, mask = left_padded(seqs, width, pad, self.device)
             extra = {}
+            if self.p.prefill_batch_tokens:
+                cache = prefill_cache(self.model, seqs, pad, self._empty_cache(width + sampling.max_new_tokens),
+                                      self.p.prefill_batch_tokens)
+                if cache is not None:
+                    extra[cache_kwarg(self.model)] = cache
+            batch_hash = zlib.crc32(repr(seqs).encode())
+            torch.manual_seed(derive_seed(seeds[requests[idx[0]][1]], batch_hash))  # generate's own sampler: one seed
             if self._own_sampler(sampling):
-                from transformers import LogitsProcessorList
-
-                from .nucleus import NucleusSampler
-
-                gen_rng = torch.Generator(device=device).manual_seed(batch_seed)
-                extra["logits_processor"] = LogitsProcessorList([NucleusSampler(sampling.temperature, sampling.top_p, gen_rng)])
+                extra["logits_processor"] = self._sampler(sampling, [seeds[requests[r][1]] for r in idx], batch_hash)
             with torch.no_grad():
                 gen = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg, **extra)
             for r, row in zip(idx, gen[:, width:].tolist()):
                 done[r] = self._completion(row)
-        for r in range(len(requests)):
-            out[requests[r]].append(done[r])
+        out: list[list[Completion]] = [[] for _ in prompt_token_ids]
+        for r, (i, _) in enumerate(requests):
+            out[i].append(done[r])
         return out
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    def _sampler(self, sampling: SamplingParams, row_seeds: list[int], batch_hash: int):
+        """The candidate nucleus sampler for one batch: a generator per distinct seed, seeded with the batch's hash."""
+        import torch
+        from transformers import LogitsProcessorList
+
+        from .nucleus import NucleusSampler
+
+        def rng(seed: int):
+            return torch.Generator(device=self.device).manual_seed(derive_seed(seed, batch_hash))
+
+        distinct = sorted(set(row_seeds))
+        if len(distinct) == 1:
+            generator = rng(distinct[0])
+        else:
+            generator = [(torch.tensor([k for k, s in enumerate(row_seeds) if s == seed], device=self.device), rng(seed))
+                         for seed in distinct]
+        return LogitsProcessorList([NucleusSampler(sampling.temperature, sampling.top_p, generator)])
 
 
 def load(policy, params: TransformersParams, ctx) -> TransformersEngine:
@@ -162,5 +216,5 @@ def _check(params: TransformersParams, spec) -> list:
 
 @hookimpl
 def rlhf_spec_register_backends(register):
-    register(BackendImpl(name="transformers", params=TransformersParams, load=load, version="2", check=_check,
+    register(BackendImpl(name="transformers", params=TransformersParams, load=load, version="3", check=_check,
                          description="batched transformers generate on CPU or one GPU"))

@@ -20,7 +20,7 @@ from typing import Annotated, Literal, Optional
 from pydantic import Field
 
 from ..algorithms.batching import tokenize_completions
-from ..backends import SamplingParams
+from ..backends import SamplingParams, generate_passes
 from ..errors import Problem
 from ..hookspecs import hookimpl
 from ..records import METRICS, PAIRS, POLICY, BackendSpec, DatasetRef, ModelRef, NotInKey, StageImpl, StageResult
@@ -93,8 +93,8 @@ def _answers(ctx, name: str, src, rows, p: EvaluateParams) -> tuple[list, list]:
     def compute(tmp) -> dict:
         ctx.progress.note(f"{name} answers")
         engine = ctx.backend("backend", src)
-        passes = [[c[0] for c in engine.generate(ids, p.sampling(), 1, sampling_seed(ctx.seed, k, p.seed_stride))]
-                  for k in range(p.samples_per_prompt)]
+        passes = generate_passes(engine, ids, p.sampling(),
+                                 [sampling_seed(ctx.seed, k, p.seed_stride) for k in range(p.samples_per_prompt)])
         del engine
         texts = [[passes[k][i].text for k in range(len(passes))] for i in range(len(ids))]
         ntok = [[len(passes[k][i].token_ids) for k in range(len(passes))] for i in range(len(ids))]

@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 
 from pydantic import Field
 
-from ..backends import SamplingParams, prompt_token_ids
+from ..backends import SamplingParams, generate_passes, prompt_token_ids
 from ..hookspecs import hookimpl
 from ..records import POLICY, SAMPLES, BackendSpec, DatasetRef, ModelRef, StageImpl, StageResult
 from ..runtime import sampling_seed
@@ -90,8 +90,7 @@ def run(ctx) -> StageResult:
 
     def process(rows, shard: int):
         ids = [list(t) for t in rows["token_ids"]]
-        per_pass = [[c[0] for c in engine.generate(ids, sampling, 1, sampling_seed(ctx.seed, pas, p.seed_stride))]
-                    for pas in range(p.n)]
+        per_pass = generate_passes(engine, ids, sampling, [sampling_seed(ctx.seed, pas, p.seed_stride) for pas in range(p.n)])
         out = samples_of(rows, per_pass, list(range(p.n)))
         ctx.count("generated_tokens_now", sum(out["completion_tokens"]))
         ctx.progress.advance(len(rows))
