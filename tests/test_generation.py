@@ -3,6 +3,8 @@ and the engine with each sampler on a tiny random model."""
 
 from __future__ import annotations
 
+import copy
+import inspect
 import zlib
 
 import pytest
@@ -215,3 +217,15 @@ def test_passes_generated_together_keep_their_own_seeds(tiny):
     plain = TransformersEngine(model, tok, TransformersParams(batch_size=12, sampler="transformers"))
     per_call = [[c[0].token_ids for c in plain.generate(ids, sampling, 1, s)] for s in (5, 9)]
     assert tokens(generate_passes(plain, ids, sampling, [5, 9])) == per_call
+
+
+def test_a_peft_policy_takes_the_cache_by_its_base_models_keyword(tiny):
+    """Online training hands the engine a LoRA-wrapped policy, whose forward takes ``**kwargs``."""
+    from peft import LoraConfig, get_peft_model
+
+    from rlhf_spec.backends.prefill import cache_kwarg
+
+    model, _ = tiny
+    wrapped = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert cache_kwarg(wrapped) == cache_kwarg(model)
+    assert cache_kwarg(model) in inspect.signature(model.forward).parameters

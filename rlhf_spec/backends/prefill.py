@@ -25,8 +25,10 @@ import torch
 
 
 def cache_kwarg(model) -> str:
-    """The keyword ``forward`` and ``generate`` take a KV cache by: ``cache`` (transformers 5.x), else ``past_key_values``."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    """The keyword ``forward`` and ``generate`` take a KV cache by: ``cache`` (newer transformers), else
+    ``past_key_values``. A peft model is asked through the model it wraps (its own ``forward`` takes ``**kwargs``)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def left_padded(seqs: list[list[int]], width: int, pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -123,11 +123,15 @@ class TransformersEngine:
         With the candidate sampler the passes are generated together: a prompt's samples share one prefill and
         one decoding batch, and each is drawn with a generator seeded by its own pass seed and its batch.
         generate's own sampler draws from the global RNG, one seed per call, so it runs one call per pass.
+        Greedy passes (temperature 0) do not depend on their seeds and are decoded once.
 
         Raises:
             torch.OutOfMemoryError / MemoryError: lower ``batch_size`` or ``max_new_tokens``.
         """
-        if len(set(seeds)) > 1 and sampling.temperature > 0 and not self._own_sampler(sampling):
+        if sampling.temperature <= 0:  # greedy passes ignore their seeds: decode once
+            once = self._generate(prompt_token_ids, sampling, seeds[:1])
+            return [[per[0] for per in once] for _ in seeds]
+        if len(set(seeds)) > 1 and not self._own_sampler(sampling):
             return [[c[0] for c in self._generate(prompt_token_ids, sampling, [s])] for s in seeds]
         out = self._generate(prompt_token_ids, sampling, list(seeds))
         return [[per[j] for per in out] for j in range(len(seeds))]
