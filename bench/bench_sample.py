@@ -238,7 +238,7 @@ def fast_backend(src, tok, args):
     return load(src, params, types.SimpleNamespace(device=torch.device("cpu"))), params
 
 
-def generation_vs_peak(args, src, model, tok, prompts: list, name: str, n: int, with_plain: bool) -> None:
+def generation_vs_peak(args, fast, params, model, tok, prompts: list, name: str, n: int, with_plain: bool) -> None:
     """Part 2: the fast backend's generation FLOP/s vs torch's fp32 matmul FLOP/s (and vs today's plain loop)."""
     import torch
 
@@ -246,7 +246,6 @@ def generation_vs_peak(args, src, model, tok, prompts: list, name: str, n: int, 
 
     cores = os.cpu_count() or 1
     torch.set_num_threads(cores)
-    fast, params = fast_backend(src, tok, args)
     n_params = sum(p.numel() for p in fast.model.parameters())
     prompt_tokens = sum(len(x) for x in prompt_token_ids(tok, prompts))
     sp, seed = SamplingParams(temperature=0.8, top_p=0.9, max_new_tokens=args.fast_new_tokens), 1234
@@ -314,10 +313,13 @@ def main(argv=None) -> None:
     prompts, lengths = load_prompts(tok, args.max_prompt_tokens)
     like_for_like(args, model, tok, prompts[: args.prompts], lengths[: args.prompts])
     padding_ceiling(tok, args.batch_size, args.max_prompt_tokens)
-    stage_prompts, _ = load_prompts(tok, args.fast_max_prompt_tokens)
-    generation_vs_peak(args, src, model, tok, stage_prompts[: args.fast_prompts], "sample.generation_flops_vs_mm_fp32",
+    if args.fast_max_prompt_tokens > args.max_prompt_tokens:
+        ap.error("--fast-max-prompt-tokens may not exceed --max-prompt-tokens (part 2 reads part 1's prompts)")
+    stage_prompts = [p for p, k in zip(prompts, lengths) if k <= args.fast_max_prompt_tokens]
+    fast, params = fast_backend(src, tok, args)  # loaded once for both workloads
+    generation_vs_peak(args, fast, params, model, tok, stage_prompts[: args.fast_prompts], "sample.generation_flops_vs_mm_fp32",
                        args.fast_n, with_plain=True)
-    generation_vs_peak(args, src, model, tok, prompts[: args.long_prompts],
+    generation_vs_peak(args, fast, params, model, tok, prompts[: args.long_prompts],
                        "sample.generation_flops_vs_mm_fp32_one_sample_long_prompts", 1, with_plain=False)
 
 

@@ -137,8 +137,12 @@ def test_engine_candidate_sampler_is_seeded_per_batch(tiny):
     assert greedy == texts(engine.generate(ids, SamplingParams(temperature=0.0, max_new_tokens=16), 1, seed=9))
 
 
-def test_buckets_by_hand():
-    from rlhf_spec.backends.prefill import buckets
+def test_prefill_buckets_by_hand():
+    """The prefill cuts its prompts with the project's length batching, capped by padded tokens only."""
+    from rlhf_spec.algorithms.batching import length_batches
+
+    def buckets(lengths, bucket_tokens):
+        return length_batches(lengths, len(lengths), bucket_tokens)
 
     # longest first: 9 (idx 1), 7 (idx 3), 4 (idx 0), 4 (idx 4), 2 (idx 2); budget 16 padded tokens
     assert buckets([4, 9, 2, 7, 4], 16) == [[1], [3, 0], [4, 2]]

@@ -34,6 +34,18 @@ def generate_passes(engine, prompt_token_ids: list[list[int]], sampling: Samplin
     ``generate_passes(prompt_token_ids, sampling, seeds)`` gets all passes at once, so that it can share
     the prompts' prefill and batch the passes together; any other engine gets one
     ``generate(prompt_token_ids, sampling, 1, seed)`` call per pass.
+
+    Args:
+        engine: a loaded backend engine (``generate``, maybe ``generate_passes``).
+        prompt_token_ids: P prompts as token-id lists (chat template applied).
+        sampling: the sampling settings, shared by every pass.
+        seeds: one int seed per pass.
+
+    Returns:
+        ``len(seeds)`` lists of P completions, pass by pass, prompts in input order.
+
+    Raises:
+        whatever the engine raises (out of memory: lower its batch size or ``max_new_tokens``).
     """
     if hasattr(engine, "generate_passes"):
         return engine.generate_passes(prompt_token_ids, sampling, list(seeds))

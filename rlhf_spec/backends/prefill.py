@@ -6,9 +6,12 @@ prompt lengths vary, most of a long batch's prefill work is padding. On a CPU, w
 the matmul rate and a 48-token answer costs less than a 110-token prompt, both dominate the time.
 
 :func:`prefill_cache` computes each distinct prompt once. Prompts are sorted longest first and cut into
-buckets of at most ``bucket_tokens`` padded tokens, so a bucket pads to similar lengths. Each bucket's
+buckets of at most ``bucket_tokens`` padded tokens (:func:`~rlhf_spec.algorithms.batching.length_batches`),
+so a bucket pads to similar lengths. Each bucket's
 keys and values are copied into the rows of the batch's KV cache that hold that prompt, aligned to the
-right as the batch's left padding puts them. The prompt's last token is left out: ``generate`` sees a
+right as the batch's left padding puts them: the prefix sharing that vLLM's paged KV cache does across
+a request's samples (Kwon et al. 2023, "Efficient Memory Management for Large Language Model Serving
+with PagedAttention", section 4.4), here by copying. The prompt's last token is left out: ``generate`` sees a
 cache one token shorter than the batch and computes that token for every row itself, which gives it
 the first logits and keeps its own bookkeeping (cache position, attention mask, position ids).
 
@@ -22,6 +25,8 @@ from __future__ import annotations
 import inspect
 
 import torch
+
+from ..algorithms.batching import length_batches
 
 
 def cache_kwarg(model) -> str:
@@ -38,29 +43,13 @@ def left_padded(seqs: list[list[int]], width: int, pad: int, device) -> tuple[to
     return ids, mask
 
 
-def buckets(lengths: list[int], bucket_tokens: int) -> list[list[int]]:
-    """Indices of ``lengths`` (sorted longest first) cut into runs of at most ``bucket_tokens`` padded tokens.
-
-    A run's padded size is its length times its first (longest) member's length; a single sequence
-    longer than ``bucket_tokens`` is a run of its own.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    out: list[list[int]] = []
-    for i in order:
-        if out and (len(out[-1]) + 1) * lengths[out[-1][0]] <= bucket_tokens:
-            out[-1].append(i)
-        else:
-            out.append([i])
-    return out
-
-
 @torch.no_grad()
 def prefill_cache(model, seqs: list[list[int]], pad: int, cache, bucket_tokens: int):
     """Fill ``cache`` with the keys and values of every row's prompt but its last token.
 
     Args:
-        model: a decoder-only transformers model (``config``, ``forward`` with ``position_ids`` and
-            ``past_key_values``), in eval mode.
+        model: a decoder-only transformers model (``config``, ``forward`` with ``position_ids`` and a
+            KV cache keyword, :func:`cache_kwarg`), in eval mode.
         seqs: the batch's B prompts as token-id lists, in row order (repeats are computed once).
         pad: the pad token id (its value does not matter: padded positions are masked).
         cache: an empty transformers ``Cache`` (``StaticCache`` sized for the batch's longest prompt
@@ -82,20 +71,20 @@ def prefill_cache(model, seqs: list[list[int]], pad: int, cache, bucket_tokens: 
     width = max(len(s) for s in seqs) - 1
     if width == 0:
         return None
-    device = next(model.parameters()).device
+    device, kwarg = next(model.parameters()).device, cache_kwarg(model)
     rows_of: dict[tuple, list[int]] = {}
     for row, s in enumerate(seqs):
         rows_of.setdefault(tuple(s[:-1]), []).append(row)
     prompts = [p for p in rows_of if p]
     parts = []  # (bucket width, rows in the batch, the bucket row each copies, the bucket's cache)
-    for bucket in buckets([len(p) for p in prompts], bucket_tokens):
+    for bucket in length_batches([len(p) for p in prompts], len(prompts), bucket_tokens):
         members = [prompts[i] for i in bucket]
         w = len(members[0])
         ids, mask = left_padded(members, w, pad, device)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         bucket_cache = DynamicCache(config=model.config)  # filled in place by the forward pass
         model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True, logits_to_keep=1,
-              **{cache_kwarg(model): bucket_cache})
+              **{kwarg: bucket_cache})
         dst = [r for p in members for r in rows_of[p]]
         src = [j for j, p in enumerate(members) for _ in rows_of[p]]
         parts.append((w, torch.tensor(dst, device=device), torch.tensor(src, device=device), bucket_cache))

@@ -146,7 +146,7 @@ class TransformersEngine:
         order = list(range(len(requests)))
         if self.p.sort_by_length:
             order.sort(key=lambda r: -len(prompt_token_ids[requests[r][0]]))
-        cfg = self._config(sampling)
+        cfg, kwarg = self._config(sampling), cache_kwarg(self.model)
         done: dict[int, Completion] = {}
         pad = self.tokenizer.pad_token_id
         for start in range(0, len(order), self.p.batch_size):
@@ -159,7 +159,7 @@ class TransformersEngine:
                 cache = prefill_cache(self.model, seqs, pad, self._empty_cache(width + sampling.max_new_tokens),
                                       self.p.prefill_batch_tokens)
                 if cache is not None:
-                    extra[cache_kwarg(self.model)] = cache
+                    extra[kwarg] = cache
             batch_hash = zlib.crc32(repr(seqs).encode())
             torch.manual_seed(derive_seed(seeds[requests[idx[0]][1]], batch_hash))  # generate's own sampler: one seed
             if self._own_sampler(sampling):
