@@ -5,7 +5,7 @@ pairs (prompt, chosen, rejected), left-truncated to ``--max-prompt-tokens`` prom
 ``--max-response-tokens`` response tokens, with fixed made-up rewards (the loss's cost does not
 depend on their values).
 
-* ``ours``: the ``train``/``rebel`` stage itself (``rlhf_spec.stages.train.run_rebel``) driven
+* ``ours``: the ``train``/``rebel`` stage itself (``rlhf_spec.stages.train.preference.run_rebel``) driven
   through a :class:`rlhf_spec.context.StageContext`: the accelerate-based ``Trainer``,
   ``pair_logprobs``, ``REBELLoss`` with its logging statistics and KL estimate, TensorBoard
   logging. The time is the stage's own ``train`` timer, so loading the policy, the (cached)
@@ -44,7 +44,7 @@ LR = 1e-5
 
 def params(args, updates: int = 0):
     """The stage's params; ``updates`` > 0 stops after that many updates (``total_episodes``)."""
-    from rlhf_spec.stages.train import RebelParams
+    from rlhf_spec.stages.train.preference import RebelParams
 
     extra = {"total_episodes": updates * args.batch_pairs} if updates else {}
     return RebelParams.model_validate({
@@ -100,7 +100,7 @@ def run_ours(args, pairs_dir: Path, updates: int = 0) -> dict:
 
     ``updates`` > 0 stops after that many updates (same pairs, so the same reference log-probs).
     """
-    from rlhf_spec.stages.train import run_rebel
+    from rlhf_spec.stages.train.preference import run_rebel
 
     ctx, run_dir = stage_context(args, pairs_dir, "ours", updates)
     try:

@@ -92,7 +92,7 @@ _GGUF_DIGEST: list[str] = []
 def policy_source():
     """SmolLM2-135M-Instruct from its GGUF file, dequantised once into ``bench/.work/converted/<sha256>``."""
     from rlhf_spec.hashing import sha256_file
-    from rlhf_spec.models import ModelSource
+    from rlhf_spec.model_source import ModelSource
 
     if not _GGUF_DIGEST:
         _GGUF_DIGEST.append(sha256_file(ROOT / GGUF_DIR / GGUF_FILE))
@@ -103,7 +103,7 @@ def policy_source():
 
 def reward_source():
     """all-MiniLM-L6-v2 as a sequence classifier with one (seeded, untrained) output."""
-    from rlhf_spec.models import ModelSource
+    from rlhf_spec.model_source import ModelSource
 
     return ModelSource(name="reward_model", origin="spec", path=str(ROOT / MINILM_DIR), identity={"bench": RM_NAME})
 

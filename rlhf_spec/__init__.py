@@ -29,10 +29,11 @@ _EXPORTS = {
     # errors
     "Problem": "errors", "RLHFSpecError": "errors", "SpecError": "errors", "StageFailed": "errors",
     # training: shared params and loop, pairs -> batches, logprobs, saving a policy
-    "OptimParams": "algorithms.training", "LoraParams": "algorithms.training", "Trainer": "algorithms.training",
-    "TrainingDiverged": "algorithms.training", "PolicyTrainParams": "algorithms.policy", "PairBatch": "algorithms.policy",
-    "pair_trainer": "algorithms.policy", "train_on_pairs": "algorithms.policy", "save_policy": "algorithms.policy",
-    "reference_logprobs": "algorithms.policy", "tokenize_pairs": "algorithms.batching",
+    "OptimParams": "loops.trainer", "LoraParams": "loops.trainer", "Trainer": "loops.trainer",
+    "TrainingDiverged": "loops.trainer", "PolicyTrainParams": "stages.train.pair_trainer",
+    "PairBatch": "stages.train.pair_trainer", "pair_trainer": "stages.train.pair_trainer",
+    "train_on_pairs": "stages.train.pair_trainer", "save_policy": "loops.save",
+    "reference_logprobs": "stages.train.pair_trainer", "tokenize_pairs": "algorithms.batching",
     "tokenize_completions": "algorithms.batching", "pad_batch": "algorithms.batching", "length_batches": "algorithms.batching", "TokenizedPair": "algorithms.batching",
     "TokenizedCompletion": "algorithms.batching", "pair_logprobs": "algorithms.logprobs",
     "completion_logprobs": "algorithms.logprobs", "sequence_logprobs": "algorithms.ops", "token_logprobs": "algorithms.ops",

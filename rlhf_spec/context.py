@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Optional
 
 from pydantic import BaseModel
 
-from .models import ModelSource
+from .model_source import ModelSource
 from .records import ComponentSpec, Completion, Engine, Reward, RewardBatch, RewardOutput
 from .refs import get_path
 from .runtime import local_device

@@ -36,9 +36,3 @@ def rlhf_spec_register_rewards(register):
 def rlhf_spec_register_backends(register):
     """Register generation backends: call ``register(BackendImpl(...))`` once per backend."""
 
-
-# Deprecated import location (one release): import these from ``rlhf_spec`` instead.
-from .records import (  # noqa: E402,F401
-    ARTIFACT_TYPES, KINDS, METRICS, PAIRS, POLICY, REWARD_MODEL, SAMPLES, SCORED, DatasetRef, ModelRef, NotInKey,
-    StageImpl, StageResult,
-)

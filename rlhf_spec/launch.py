@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from .context import InputArtifact, StageContext, StageInputs, StageOutput
-from .models import ModelSource
+from .model_source import ModelSource
 from .paths import resolve
 from .records import StageResult
 from .runtime import WORKER_ENV, in_worker, quiet_libraries

@@ -20,7 +20,7 @@ from .context import InputArtifact, Progress, StageContext, StageInputs, StageOu
 from .errors import RLHFSpecError, StageFailed, UsageError, did_you_mean
 from .graph import Pipeline, Stage
 from .launch import execute_stage
-from .models import ModelSource
+from .model_source import ModelSource
 from .progress import make_progress
 from .records import StageResult
 from .runtime import quiet_libraries, seed_everything
@@ -290,7 +290,3 @@ def stage_error(st: Stage, exc: BaseException) -> StageFailed:
             t in str(exc) for t in ("No space left on device", "StorageFull", "code: 28")):  # also when a library wraps it
         return StageFailed(f"{where}: out of disk space; free space or use --cache-dir on a larger disk (cached entries are intact)")
     return StageFailed(f"{where} failed: {name}: {exc}")
-
-
-_stage_error = stage_error  # deprecated private name
-

@@ -510,7 +510,7 @@ def test_max_kl_stops_training_and_keeps_the_cache(mini_run, own_cache, tmp_path
 RAISING_PLUGIN = """
 import datasets
 from pydantic import BaseModel, ConfigDict
-from rlhf_spec.hookspecs import SAMPLES, StageImpl, StageResult, hookimpl
+from rlhf_spec import SAMPLES, StageImpl, StageResult, hookimpl
 
 
 class RowsParams(BaseModel):
@@ -572,8 +572,8 @@ def _stage(tiny_spec, sid: str):
 
 
 def test_out_of_disk_space_message_has_a_hint(tiny_spec):
-    from rlhf_spec.cache import _oserror_text
-    from rlhf_spec.runner import _stage_error
+    from rlhf_spec.cache import oserror_text as _oserror_text
+    from rlhf_spec.runner import stage_error as _stage_error
 
     exc = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/some/cache/tmp/x.arrow")
     msg = str(_stage_error(_stage(tiny_spec, "sample"), exc))
@@ -588,7 +588,7 @@ def test_out_of_disk_space_message_has_a_hint(tiny_spec):
 def test_out_of_memory_message_has_a_hint(tiny_spec):
     import torch
 
-    from rlhf_spec.runner import _stage_error
+    from rlhf_spec.runner import stage_error as _stage_error
 
     msg = str(_stage_error(_stage(tiny_spec, "sample"), MemoryError()))
     assert "stage 'sample'" in msg and "ran out of memory" in msg

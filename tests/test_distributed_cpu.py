@@ -62,7 +62,7 @@ def _train(tmp: Path, pairs: Path, policy: Path, name: str, processes: int, accu
     from safetensors.torch import load_file
 
     from rlhf_spec import InputArtifact, ModelSource
-    from rlhf_spec.stages.train import RebelParams, run_rebel
+    from rlhf_spec.stages.train.preference import RebelParams, run_rebel
     from rlhf_spec.testing import execute, make_context
 
     params = RebelParams(policy="policy", eta=1.0, learning_rate=LR, per_device_batch_size=1, gradient_accumulation_steps=accum,

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 
 from rlhf_spec.context import InputArtifact  # noqa: E402
 from rlhf_spec.data import render_transcript  # noqa: E402
-from rlhf_spec.models import ModelSource  # noqa: E402
+from rlhf_spec.model_source import ModelSource  # noqa: E402
 from rlhf_spec.plugins import load_registry  # noqa: E402
 from rlhf_spec.records import RewardBatch, RewardSpec  # noqa: E402
 from rlhf_spec.rewards import judge as judge_mod  # noqa: E402

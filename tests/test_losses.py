@@ -1,4 +1,4 @@
-"""Tests for rlhf_spec.losses: logprob helpers, REBEL, DPO, Bradley-Terry, KL, PPO, GAE."""
+"""Tests for the losses in rlhf_spec.algorithms: logprob helpers, REBEL, DPO, Bradley-Terry, KL, PPO, GAE."""
 
 import math
 
@@ -6,20 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rlhf_spec.losses import (
-    DPOLoss,
-    PairwiseRewardLoss,
-    PolicyLossPPO,
-    REBELLoss,
-    ValueLoss,
-    gae_advantages,
-    gather_logprobs,
-    kl_estimate,
-    masked_mean,
-    pairwise_accuracy,
-    rebel_stats,
-    sequence_logprobs,
-)
+from rlhf_spec.algorithms.kl import kl_estimate
+from rlhf_spec.algorithms.ops import gather_logprobs, masked_mean, sequence_logprobs
+from rlhf_spec.algorithms.pairwise import DPOLoss, PairwiseRewardLoss, REBELLoss, pairwise_accuracy, rebel_stats
+from rlhf_spec.algorithms.ppo import PolicyLossPPO, ValueLoss, gae_advantages
 
 EPS = 1e-7  # the temperature offset used by gather_logprobs
 

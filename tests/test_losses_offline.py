@@ -12,7 +12,8 @@ import torch
 
 from rlhf_spec.algorithms.kl import AdaptiveKLController, FixedKLController
 from rlhf_spec.algorithms.kto import KTOLoss, kto_reference_point
-from rlhf_spec.algorithms.pairwise import IPOLoss, ORPOLoss, SimPOLoss, log1mexp
+from rlhf_spec.algorithms.pairwise import IPOLoss
+from rlhf_spec.algorithms.reference_free import ORPOLoss, SimPOLoss, log1mexp
 
 
 def _sigmoid(x):
@@ -336,7 +337,7 @@ def test_pair_trainer_kl_reading_is_k2_over_chosen_and_rejected():
     and a rejected one pushed down 8 read 32 nats each, where whole-response k3 would read e^8 - 9 ~ 2972
     on the chosen one (the reading that stopped round 2 of iterative DPO on a policy moved ~0.25 nats per
     token). A reference-free batch reads NaN."""
-    from rlhf_spec.algorithms.policy import PairBatch, _kl_stat
+    from rlhf_spec.stages.train.pair_trainer import PairBatch, _kl_stat
 
     pol_c, pol_r = _t(-10.0, -20.0), _t(-38.0, -29.0)
     ref_c, ref_r = _t(-18.0, -20.5), _t(-30.0, -30.0)
@@ -351,7 +352,7 @@ def test_autocast_runs_reference_passes_at_the_trainers_precision():
     """``autocast(device, mixed_precision)``: bf16 makes a linear layer compute in bfloat16 (so the reference
     side of a log-ratio shares the policy's numerics under accelerate's bf16), "no" leaves float32, and an
     unknown value is refused by name."""
-    from rlhf_spec.algorithms.training import autocast
+    from rlhf_spec.loops.trainer import autocast
 
     layer, x = torch.nn.Linear(4, 3), torch.randn(2, 4)
     with autocast("cpu", "bf16"):

@@ -29,7 +29,7 @@ RM, SAMPLE, SCORE, FILTER, PAIR, REBEL, EVALUATE = range(7)
 
 DUP_PLUGIN = """
 from pydantic import BaseModel, ConfigDict
-from rlhf_spec.hookspecs import SAMPLES, StageImpl, hookimpl
+from rlhf_spec import SAMPLES, StageImpl, hookimpl
 
 
 class Params(BaseModel):
@@ -51,7 +51,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict
 from rlhf_spec.errors import Problem
-from rlhf_spec.hookspecs import REWARD_MODEL, SAMPLES, SCORED, ModelRef, StageImpl, hookimpl
+from rlhf_spec import REWARD_MODEL, SAMPLES, SCORED, ModelRef, StageImpl, hookimpl
 
 
 class Params(BaseModel):

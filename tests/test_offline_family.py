@@ -132,7 +132,7 @@ def test_assistant_mask_is_exactly_the_assistant_tokens(tok, tiny_models):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rlhf_spec.algorithms.sft import assistant_nll, assistant_spans, collate, mask_by_token_prefix, tokenize_conversation
+    from rlhf_spec.algorithms.conversation import assistant_nll, assistant_spans, collate, mask_by_token_prefix, tokenize_conversation
 
     want_ids, want_mask = hand_built(tok, CONVERSATION, {1, 3})
     ex = tokenize_conversation(tok, CONVERSATION)
@@ -157,7 +157,7 @@ def test_assistant_mask_is_exactly_the_assistant_tokens(tok, tiny_models):
 
 
 def test_a_template_that_rewrites_earlier_turns_is_refused(tok):
-    from rlhf_spec.algorithms.sft import tokenize_conversation
+    from rlhf_spec.algorithms.conversation import tokenize_conversation
 
     t = tok.__class__.from_pretrained(tok.name_or_path)
     t.chat_template = ("{% for m in messages %}{% if loop.last %}[last]{% endif %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>"
@@ -170,7 +170,7 @@ def test_a_template_that_rewrites_earlier_turns_is_refused(tok):
 
 
 def test_packing_gives_blocks_of_exactly_max_length(tok):
-    from rlhf_spec.algorithms.sft import pack_examples, tokenize_conversation
+    from rlhf_spec.algorithms.conversation import pack_examples, tokenize_conversation
 
     convs = [[{"role": "user", "content": f"question {i} about bread"}, {"role": "assistant", "content": "Mix flour and water " * (i + 1)}]
              for i in range(6)]
@@ -327,10 +327,10 @@ def test_figures_before_training_are_read_from_the_reference_logprobs(tiny_model
 
     from rlhf_spec.algorithms.batching import tokenize_pairs
     from rlhf_spec.algorithms.logprobs import pair_logprobs
-    from rlhf_spec.algorithms.policy import _evaluator, _PairData
-    from rlhf_spec.algorithms.training import LoraParams, apply_lora
+    from rlhf_spec.stages.train.pair_trainer import _evaluator, _PairData
+    from rlhf_spec.loops.trainer import LoraParams, apply_lora
     from rlhf_spec.testing import hh_rows
-    from rlhf_spec.stages.train import DPOParams, dpo_loss, dpo_rewards
+    from rlhf_spec.stages.train.preference import DPOParams, dpo_loss, dpo_rewards
 
     raw = hh_rows(hh_file, 8)
     rows = Dataset.from_dict({"prompt_id": [f"p{i}" for i in range(8)],
@@ -372,8 +372,8 @@ def test_kto_figures_before_training_are_read_from_the_reference_logprobs(tiny_m
 
     from rlhf_spec.algorithms.kto import KTOLoss
     from rlhf_spec.algorithms.logprobs import completion_logprobs
-    from rlhf_spec.algorithms.training import LoraParams, apply_lora
-    from rlhf_spec.algorithms.unpaired import KTOParams, UnpairedRows, _KTOData, _Tokenized, kto_evaluator
+    from rlhf_spec.loops.trainer import LoraParams, apply_lora
+    from rlhf_spec.stages.train.unpaired import KTOParams, UnpairedRows, _KTOData, _Tokenized, kto_evaluator
     from rlhf_spec.testing import hh_rows
 
     raw = hh_rows(hh_file, 6)
@@ -397,8 +397,8 @@ def test_kto_figures_before_training_are_read_from_the_reference_logprobs(tiny_m
 def test_dpo_reports_heldout_accuracy(tmp_path, tiny_models, base_cache):
     """``dpo`` reports the held-out accuracy of its implicit reward and reuses the shared reference logprobs."""
     from rlhf_spec.context import InputArtifact
-    from rlhf_spec.models import ModelSource
-    from rlhf_spec.stages.train import DPOParams, run_dpo
+    from rlhf_spec.model_source import ModelSource
+    from rlhf_spec.stages.train.preference import DPOParams, run_dpo
     from rlhf_spec.testing import execute, make_context
 
     key = next(k for k, m in manifests(base_cache).items() if m["stage"].get("id") == "pair")
@@ -417,7 +417,7 @@ def test_dpo_reports_heldout_accuracy(tmp_path, tiny_models, base_cache):
 def test_kto_partners_and_reference_point():
     import torch
 
-    from rlhf_spec.algorithms.unpaired import kl_partners, reference_point
+    from rlhf_spec.stages.train.unpaired import kl_partners, reference_point
 
     pids = ["a", "a", "b", "c", "c", "c"]
     partners = kl_partners(pids)
@@ -481,9 +481,9 @@ def test_qlora_save_merges_the_adapters_into_a_full_precision_copy(tiny_models):
 
     import torch
 
-    from rlhf_spec.algorithms.sft import MergedQLoRA, SFTParams
-    from rlhf_spec.algorithms.training import apply_lora
-    from rlhf_spec.models import ModelSource
+    from rlhf_spec.stages.train.sft import MergedQLoRA, SFTParams
+    from rlhf_spec.loops.trainer import apply_lora
+    from rlhf_spec.model_source import ModelSource
 
     src = ModelSource(name="policy", origin="spec", path=str(tiny_models["policy"]))
     p = SFTParams(policy="policy", dataset="d", lora={"r": 4, "target_modules": ["q_proj", "v_proj"]})

@@ -33,7 +33,7 @@ REQUIRED = ("policy_loss", "kl", "kl_coef", "entropy", "clip_fraction", "reward_
 DRIVER = """
 import sys
 from rlhf_spec.plugins import load_registry, set_registry
-import rlhf_spec.stages.online as online
+import rlhf_spec.stages.train.online as online
 reg = load_registry()
 if ("train", "ppo") not in reg.stages:
     reg = load_registry(extra=[online])
@@ -79,7 +79,7 @@ def online_registry():
     """The installed plugins, the online stages (unless installed already) and the NaN test reward."""
     import torch
 
-    import rlhf_spec.stages.online as online
+    import rlhf_spec.stages.train.online as online
     from rlhf_spec.plugins import load_registry, set_registry
 
     installed = load_registry()

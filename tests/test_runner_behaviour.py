@@ -222,7 +222,7 @@ def test_rebel_step_loss_matches_an_independent_computation(tmp_path, tiny_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlhf_spec import InputArtifact, ModelSource
-    from rlhf_spec.stages.train import RebelParams, run_rebel
+    from rlhf_spec.stages.train.preference import RebelParams, run_rebel
     from rlhf_spec.testing import execute, make_context, make_tiny_policy
 
     n, eta, temp = 5, 2.0, 0.8

@@ -166,7 +166,7 @@ def test_third_party_plugin_registers_and_conflict_is_named(tmp_path, tiny_spec)
     site.mkdir()
     body = '''
     from pydantic import BaseModel, ConfigDict
-    from rlhf_spec.hookspecs import StageImpl, hookimpl
+    from rlhf_spec import StageImpl, hookimpl
 
     class P(BaseModel):
         model_config = ConfigDict(extra="forbid")

@@ -4,5 +4,3 @@
 from .fs import atomic_write_json, fsync_dir, oserror_text  # noqa: F401
 from .lease import HEARTBEAT, LEASE_TTL, Lease  # noqa: F401
 from .store import KEY_FORMAT, MANIFEST, Cache  # noqa: F401
-
-_oserror_text = oserror_text  # deprecated private name

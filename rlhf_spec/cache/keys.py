@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..hashing import hash_json
-from ..models import ModelSource, resolve_revision
+from ..model_source import ModelSource, resolve_revision
 from ..paths import looks_local, resolve
 from ..refs import key_view
 from .store import KEY_FORMAT

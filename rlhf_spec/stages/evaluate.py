@@ -114,7 +114,7 @@ def _log_ratios(ctx, rows, pol_texts, p: EvaluateParams) -> list[list[float]]:
     """log pi(y|x) - log pi_ref(y|x) (nats) of every policy answer, with logits at the sampling temperature,
     both sides under the same autocast (``mixed_precision``)."""
     from ..algorithms.logprobs import batched_completion_logprobs
-    from ..algorithms.training import autocast
+    from ..loops.trainer import autocast
 
     temp = p.temperature if p.temperature > 0 else 1.0
     k = p.samples_per_prompt

@@ -10,17 +10,17 @@ An offline preference algorithm is one function ``make_loss(params) -> loss_fn``
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
 from pydantic import Field
 
-from ..errors import Problem
-from ..records import POLICY, DatasetRef, ModelRef, NotInKey, StageResult
-from .batching import tokenize_pairs
-from .training import OptimParams, Trainer
+from ...algorithms.batching import tokenize_pairs
+from ...errors import Problem
+from ...loops.save import metrics_before, save_policy, seconds_per_update
+from ...loops.trainer import OptimParams, Trainer
+from ...records import POLICY, DatasetRef, ModelRef, NotInKey, StageResult
 
 
 class PolicyTrainParams(OptimParams):
@@ -88,8 +88,8 @@ def reference_logprobs(ctx, p: PolicyTrainParams, rows, tok) -> tuple[list[float
     """
     import torch
 
-    from .logprobs import pair_logprobs
-    from .training import autocast
+    from ...algorithms.logprobs import pair_logprobs
+    from ...loops.trainer import autocast
 
     src = ctx.model("reference" if p.reference else "policy")
     preimage = {"pairs": ctx.inputs[0].key if ctx.inputs else _rows_digest(rows), "reference": src.identity, "temperature": p.logprob_temperature,
@@ -124,7 +124,7 @@ def _rows_digest(rows) -> str:
     """sha256 of the pairs' content (prompt ids and both responses), for pairs read from a dataset."""
     import hashlib
 
-    from ..hashing import canonical_json
+    from ...hashing import canonical_json
 
     return hashlib.sha256(canonical_json([list(rows["prompt_id"]), list(rows["chosen"]), list(rows["rejected"])])).hexdigest()
 
@@ -169,7 +169,7 @@ class _PairData:
     def batch(self, model, pad_id: int, idx: list[int], temperature: float) -> PairBatch:
         """The micro-batch ``idx`` with the policy's logprobs from ``model``; ``model=None`` takes the
         reference logprobs as the policy's (the starting policy when it is the reference policy)."""
-        from .logprobs import pair_logprobs
+        from ...algorithms.logprobs import pair_logprobs
 
         if model is None:
             if self.ref is None:
@@ -197,7 +197,7 @@ def _kl_stat(b: PairBatch) -> float:
     """
     import torch
 
-    from .kl import kl_estimate
+    from ...algorithms.kl import kl_estimate
 
     if b.reference_chosen_logps is None:
         return float("nan")
@@ -208,7 +208,7 @@ def _kl_stat(b: PairBatch) -> float:
 
 def _pair_splits(pairs, eval_size: int):
     """(train pairs, held-out pairs): the 'test' split, else ``eval_size`` train pairs by prompt hash."""
-    from ..data import hold_out_by_prompt
+    from ...data import hold_out_by_prompt
 
     train, test = split_rows(pairs, "train"), split_rows(pairs, "test")
     if len(test) == 0 and eval_size:
@@ -227,7 +227,7 @@ def _evaluator(ctx, held: Optional[_PairData], loss_fn, rewards: Optional[Callab
     def evaluate(model) -> dict:
         import torch
 
-        from .pairwise import pairwise_accuracy
+        from ...algorithms.pairwise import pairwise_accuracy
 
         losses, cs, rs = 0.0, [], []
         with ctx.timer("eval"), torch.no_grad():
@@ -246,18 +246,6 @@ def _evaluator(ctx, held: Optional[_PairData], loss_fn, rewards: Optional[Callab
         return out
 
     return evaluate
-
-
-def seconds_per_update(ctx, metrics: dict) -> Optional[float]:
-    """Seconds of training per optimizer update run in this attempt: the ``train`` timer less the
-    ``eval`` timer (evaluation inside training), over the updates not resumed from a checkpoint.
-
-    Returns:
-        seconds (float), or None when no update ran here (everything resumed).
-    """
-    ran = metrics.get("updates", 0) - metrics.get("resumed_from_update", 0)
-    secs = ctx.output.timings.get("train", 0.0) - ctx.output.timings.get("eval", 0.0)
-    return round(secs / ran, 4) if ran > 0 else None
 
 
 def train_on_pairs(ctx, make_loss: Callable, reference_free: bool = False, rewards: Optional[Callable] = None) -> StageResult:
@@ -317,26 +305,6 @@ def starts_at_reference(p: PolicyTrainParams, reference_free: bool = False) -> b
     return not reference_free and not p.reference
 
 
-def metrics_before(trainer, evaluate: Callable, at_reference: bool = False) -> dict:
-    """``evaluate`` at the starting weights, before any update: each numeric figure ``k`` as
-    ``eval_<k>_before`` (``eval_loss_before``, ``eval_preference_accuracy_before``, ...), so a run's
-    held-out figures can be read against where the policy started.
-
-    With ``at_reference`` (see :func:`starts_at_reference`) the starting policy's logprobs are the
-    reference logprobs already computed, so ``evaluate(None)`` reads them instead of running the
-    held-out pass again; the figures are the same up to the batch's padding round-off."""
-    if at_reference:
-        out = evaluate(None)
-    else:
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        model.eval()
-        try:
-            out = evaluate(model)
-        finally:
-            model.train()
-    return {f"eval_{k}_before": v for k, v in out.items() if isinstance(v, float)}
-
-
 def pair_trainer(make_loss: Callable, reference_free: bool = False, rewards: Optional[Callable] = None) -> Callable:
     """A stage ``run`` function that trains a policy on pairs with ``make_loss`` (see :func:`train_on_pairs`).
 
@@ -347,34 +315,3 @@ def pair_trainer(make_loss: Callable, reference_free: bool = False, rewards: Opt
         return train_on_pairs(ctx, make_loss, reference_free, rewards)
 
     return run
-
-
-def save_policy(ctx, trainer, tokenizer, meta: Optional[dict] = None, padding_side: Optional[str] = "left") -> Path:
-    """Write a trained model by the ``policy`` (or ``reward_model``) artifact contract (docs/plugins.md):
-    ``model/`` (``save_pretrained`` weights with LoRA merged, config, tokenizer with left padding),
-    ``history.json`` (one dict of logged values per update) and ``tensorboard/``.
-
-    Every process must call it: under DeepSpeed ZeRO-3 gathering the weights is a collective;
-    only the main process writes.
-
-    Args:
-        meta: optional JSON written as ``model/rlhf_spec_reward.json`` (reward models' input format).
-        padding_side: set on the saved tokenizer (left, for generation); None keeps it.
-
-    Returns:
-        the ``model/`` folder.
-    """
-    state = trainer.full_state_dict()
-    out = ctx.model_out_dir
-    if trainer.accelerator.is_main_process:
-        trainer.unwrapped().save_pretrained(str(out), state_dict=state)
-        if padding_side:
-            tokenizer.padding_side = padding_side
-        tokenizer.save_pretrained(str(out))
-        if meta is not None:
-            (out / "rlhf_spec_reward.json").write_text(json.dumps(meta))
-        (ctx.out_dir / "history.json").write_text(json.dumps(trainer.history))
-        tb = ctx.partial_dir / "tensorboard"
-        if tb.is_dir():
-            shutil.copytree(tb, ctx.out_dir / "tensorboard", dirs_exist_ok=True)
-    return out

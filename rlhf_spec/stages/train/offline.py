@@ -1,11 +1,11 @@
 """Offline ``train`` stages beside REBEL and DPO: SFT, IPO, SimPO, ORPO and KTO.
 
 * ``sft``: supervised fine-tuning on conversations, loss on assistant tokens only
-  (:mod:`rlhf_spec.algorithms.sft`); data from a dataset or a samples/scored stage (best-of-n output:
+  (:mod:`rlhf_spec.stages.train.sft`); data from a dataset or a samples/scored stage (best-of-n output:
   rejection-sampling fine-tuning, Touvron et al. 2023, Llama 2, section 3.2.3).
 * ``ipo``, ``simpo``, ``orpo``: losses on preference pairs (:mod:`rlhf_spec.algorithms.pairwise`), trained
   like DPO; SimPO and ORPO are reference-free and compute no reference logprobs.
-* ``kto``: unpaired desirable/undesirable completions (:mod:`rlhf_spec.algorithms.unpaired`).
+* ``kto``: unpaired desirable/undesirable completions (:mod:`rlhf_spec.stages.train.unpaired`).
 * Conservative DPO (cDPO, Mitchell 2023) is ``dpo`` with ``label_smoothing`` = the assumed share of
   flipped labels: ``-(1 - ls) log sigmoid(beta h) - ls log sigmoid(-beta h)``; no stage of its own.
 
@@ -19,11 +19,11 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from ..algorithms.policy import PairBatch, PolicyTrainParams, pair_trainer, pairs_check
-from ..algorithms.sft import SFTParams, sft_check, train_sft
-from ..algorithms.unpaired import KTOParams, kto_check, train_kto
-from ..hookspecs import hookimpl
-from ..records import PAIRS, POLICY, SAMPLES, SCORED, StageImpl
+from .pair_trainer import PairBatch, PolicyTrainParams, pair_trainer, pairs_check
+from .sft import SFTParams, sft_check, train_sft
+from .unpaired import KTOParams, kto_check, train_kto
+from ...hookspecs import hookimpl
+from ...records import PAIRS, POLICY, SAMPLES, SCORED, StageImpl
 
 
 class IPOParams(PolicyTrainParams):
@@ -64,7 +64,7 @@ def _mean_logps(b: PairBatch):
 def ipo_loss(p: IPOParams):
     """The IPO loss on a :class:`~rlhf_spec.PairBatch` (``IPOLoss``, on mean per-token logprobs when
     ``length_normalized``), with the implicit-reward margin and accuracy as stats."""
-    from ..algorithms.pairwise import IPOLoss
+    from ...algorithms.pairwise import IPOLoss
 
     fn = IPOLoss(p.beta)
 
@@ -92,7 +92,7 @@ def ipo_rewards(p: IPOParams, b: PairBatch):
 
 def simpo_loss(p: SimPOParams):
     """The SimPO loss on a :class:`~rlhf_spec.PairBatch` (``SimPOLoss`` with the response lengths)."""
-    from ..algorithms.pairwise import SimPOLoss
+    from ...algorithms.reference_free import SimPOLoss
 
     fn = SimPOLoss(p.beta, p.gamma, p.label_smoothing)
 
@@ -113,7 +113,7 @@ def simpo_rewards(p: SimPOParams, b: PairBatch):
 def orpo_loss(p: ORPOParams):
     """The ORPO loss on a :class:`~rlhf_spec.PairBatch`: ``ORPOLoss`` on mean per-token logprobs, the NLL
     term being the chosen response's mean per-token NLL ``-log pi(y_w|x) / |y_w|``."""
-    from ..algorithms.pairwise import ORPOLoss
+    from ...algorithms.reference_free import ORPOLoss
 
     fn = ORPOLoss(p.lam)
 

@@ -11,9 +11,9 @@ from typing import Annotated, Literal, Optional
 
 from pydantic import Field
 
-from ..records import REWARD_MODEL, DatasetRef, ModelRef, NotInKey, StageResult
-from .policy import save_policy, split_rows
-from .training import OptimParams, Trainer
+from ...records import REWARD_MODEL, DatasetRef, ModelRef, NotInKey, StageResult
+from .pair_trainer import save_policy, split_rows
+from ...loops.trainer import OptimParams, Trainer
 
 
 class RewardModelParams(OptimParams):
@@ -44,7 +44,7 @@ class RewardModelParams(OptimParams):
 
 def _rows(ctx, p: RewardModelParams):
     """(training rows, held-out rows or None) from the params' datasets or the pairs input."""
-    from ..data import hash_unit
+    from ...data import hash_unit
 
     if p.dataset:
         with ctx.timer("load_data"):
@@ -72,14 +72,14 @@ class _Scorer:
         self.tok, self.fmt, self.max_length = tok, fmt, max_length
 
     def encode(self, rows):
-        from ..rewards.classifier import encode_for_reward
+        from ...rewards.classifier import encode_for_reward
 
         c = encode_for_reward(self.tok, rows["prompt"], rows["chosen"], self.fmt, self.max_length)
         r = encode_for_reward(self.tok, rows["prompt"], rows["rejected"], self.fmt, self.max_length)
         return c, r
 
     def scores(self, model, ch: list, rj: list):
-        from ..rewards.classifier import collate, reward_forward
+        from ...rewards.classifier import collate, reward_forward
 
         out = reward_forward(model, collate(self.tok, ch + rj, device=next(model.parameters()).device))
         return out[: len(ch)], out[len(ch):]
@@ -89,7 +89,7 @@ def _evaluator(scorer: _Scorer, ev, loss_fn, batch_size: int):
     def evaluate(model) -> dict:
         import torch
 
-        from .pairwise import pairwise_accuracy
+        from ...algorithms.pairwise import pairwise_accuracy
 
         cs, rs = [], []
         with torch.no_grad():
@@ -133,8 +133,8 @@ def train_reward_model(ctx) -> StageResult:
     """
     import torch
 
-    from ..rewards.classifier import resolve_format
-    from .pairwise import PairwiseRewardLoss, pairwise_accuracy
+    from ...rewards.classifier import resolve_format
+    from ...algorithms.pairwise import PairwiseRewardLoss, pairwise_accuracy
 
     p: RewardModelParams = ctx.params
     rows, held = _rows(ctx, p)

@@ -1,7 +1,7 @@
 """Online RL ``train`` stages: ``ppo``, ``grpo``, ``rloo`` and ``reinforce++``.
 
 Each generates from the live policy, scores with a reward spec, and updates the policy, step after
-step (the loop: :mod:`rlhf_spec.algorithms.online`). They read no upstream data: prompts come from a
+step (the loop: :mod:`rlhf_spec.loops.online_loop`). They read no upstream data: prompts come from a
 spec dataset (``prompts``), the reward is a ``{"uses", "params"}`` object, and the output is a
 ``policy``. This module declares their params and checks, and registers them.
 
@@ -18,11 +18,11 @@ from typing import Annotated, Literal, Optional
 
 from pydantic import Field
 
-from ..algorithms.training import OptimParams
-from ..backends import SamplingParams
-from ..errors import Problem
-from ..hookspecs import hookimpl
-from ..records import POLICY, REWARD_MODEL, BackendSpec, DatasetRef, ModelRef, NotInKey, RewardSpec, StageImpl
+from ...loops.trainer import OptimParams
+from ...backends import SamplingParams
+from ...errors import Problem
+from ...hookspecs import hookimpl
+from ...records import POLICY, REWARD_MODEL, BackendSpec, DatasetRef, ModelRef, NotInKey, RewardSpec, StageImpl
 
 Aggregation = Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"]
 
@@ -73,7 +73,7 @@ class OnlineParams(OptimParams, SamplingParams):
 
 
 class PPOParams(OnlineParams):
-    """Params of ``train``/``ppo`` (equations: :class:`rlhf_spec.algorithms.online.PPO`)."""
+    """Params of ``train``/``ppo`` (equations: :class:`rlhf_spec.algorithms.policy_gradient.PPO`)."""
 
     critic: Optional[Annotated[str, ModelRef(artifacts=(REWARD_MODEL, POLICY))]] = Field(
         None, description="Separate critic, initialised from a reward model or a policy (a sequence classifier whose head is applied per token; "
@@ -96,7 +96,7 @@ class PPOParams(OnlineParams):
 
 
 class GRPOParams(OnlineParams):
-    """Params of ``train``/``grpo`` (equations: :class:`rlhf_spec.algorithms.online.GRPO`)."""
+    """Params of ``train``/``grpo`` (equations: :class:`rlhf_spec.algorithms.policy_gradient.GRPO`)."""
 
     group_size: int = Field(4, ge=1, le=1024, description="Completions per prompt G (at least 2).")
     kl_coef: float = Field(0.04, ge=0.0, le=1000.0, description="Weight beta of the k3 KL to the reference in the loss (0: no reference term, as DAPO).")
@@ -107,7 +107,7 @@ class GRPOParams(OnlineParams):
 
 
 class RLOOParams(OnlineParams):
-    """Params of ``train``/``rloo`` (equations: :class:`rlhf_spec.algorithms.online.RLOO`)."""
+    """Params of ``train``/``rloo`` (equations: :class:`rlhf_spec.algorithms.policy_gradient.RLOO`)."""
 
     group_size: int = Field(4, ge=1, le=1024, description="Completions per prompt k (at least 2).")
     kl_coef: float = Field(0.05, ge=0.0, le=1000.0, description="Weight beta of the sequence-level KL penalty in the reward.")
@@ -117,7 +117,7 @@ class RLOOParams(OnlineParams):
 
 
 class ReinforcePPParams(OnlineParams):
-    """Params of ``train``/``reinforce++`` (equations: :class:`rlhf_spec.algorithms.online.ReinforcePP`)."""
+    """Params of ``train``/``reinforce++`` (equations: :class:`rlhf_spec.algorithms.policy_gradient.ReinforcePP`)."""
 
     kl_coef: float = Field(0.01, ge=0.0, le=1000.0, description="Weight beta of the per-token KL penalty in the reward.")
     gamma: float = Field(1.0, ge=0.0, le=1.0, description="Discount of the return-to-go.")
@@ -204,10 +204,11 @@ def _resources(p: OnlineParams) -> dict:
 
 def _runner(algorithm: str):
     def run(ctx):
-        from ..algorithms import online
+        from ...algorithms import policy_gradient as pg
+        from ...loops.online_loop import run_online
 
-        cls = {"ppo": online.PPO, "grpo": online.GRPO, "rloo": online.RLOO, "reinforce++": online.ReinforcePP}[algorithm]
-        return online.run_online(ctx, cls)
+        cls = {"ppo": pg.PPO, "grpo": pg.GRPO, "rloo": pg.RLOO, "reinforce++": pg.ReinforcePP}[algorithm]
+        return run_online(ctx, cls)
 
     run.__name__ = f"run_{algorithm.replace('+', 'p')}"
     return run

@@ -26,10 +26,10 @@ from typing import Annotated, Optional
 
 from pydantic import Field
 
-from ..errors import Problem
-from ..records import DatasetRef, StageResult
-from .policy import PolicyTrainParams, metrics_before, save_policy, seconds_per_update, split_rows, starts_at_reference
-from .training import Trainer
+from ...errors import Problem
+from ...records import DatasetRef, StageResult
+from .pair_trainer import PolicyTrainParams, metrics_before, save_policy, seconds_per_update, split_rows, starts_at_reference
+from ...loops.trainer import Trainer
 
 _PARTNER_SEED = 8191  # the seeded shuffle that fixes each row's mismatched completion
 
@@ -115,7 +115,7 @@ class _Tokenized:
     """Rows as token ids: ``matched[i]`` = prompt_i + completion_i, ``kl[i]`` = prompt_i + completion of its partner."""
 
     def __init__(self, tok, rows: UnpairedRows, p: KTOParams, what: str):
-        from .batching import TokenizedCompletion, prompt_ids, response_ids
+        from ...algorithms.batching import TokenizedCompletion, prompt_ids, response_ids
 
         try:
             partner = kl_partners(rows.prompt_id)
@@ -147,9 +147,9 @@ def kto_reference_logprobs(ctx, p: KTOParams, parts: list[_Tokenized], pad_id: i
     Raises:
         RuntimeError: if the shared entry does not match the rows.
     """
-    from ..hashing import hash_json
-    from .logprobs import batched_completion_logprobs
-    from .training import autocast
+    from ...hashing import hash_json
+    from ...algorithms.logprobs import batched_completion_logprobs
+    from ...loops.trainer import autocast
 
     src = ctx.model("reference" if p.reference else "policy")
     seqs = [s for part in parts for s in part.matched + part.kl]
@@ -193,7 +193,7 @@ def reference_point(policy_kl_logps, reference_kl_logps):
     import torch
     import torch.distributed as dist
 
-    from .kto import kto_reference_point
+    from ...algorithms.kto import kto_reference_point
 
     if not (dist.is_available() and dist.is_initialized()):
         return kto_reference_point(policy_kl_logps, reference_kl_logps)
@@ -220,7 +220,7 @@ class _KTOData:
         """(policy logprobs with gradient, policy logprobs of the mismatched sequences without) for rows ``idx``."""
         import torch
 
-        from .logprobs import completion_logprobs
+        from ...algorithms.logprobs import completion_logprobs
 
         lp = completion_logprobs(model, pad_id, [self.tok.matched[i] for i in idx], temperature)
         with torch.no_grad():
@@ -230,7 +230,7 @@ class _KTOData:
 
 def _rows(ctx, p: KTOParams) -> tuple[UnpairedRows, Optional[UnpairedRows]]:
     """(training rows, held-out rows or None) from the kto dataset or the pairs input."""
-    from ..data import hold_out_by_prompt
+    from ...data import hold_out_by_prompt
 
     if p.dataset:
         data = ctx.dataset("dataset")
@@ -298,7 +298,7 @@ def _pair_accuracy(pair: list[int], label: list[bool], rewards) -> dict:
     """``{"preference_accuracy", "pairs"}`` over rows that come in (chosen, rejected) pairs; {} for unpaired rows."""
     import torch
 
-    from .pairwise import pairwise_accuracy
+    from ...algorithms.pairwise import pairwise_accuracy
 
     chosen, rejected = {}, {}
     for i, (k, good) in enumerate(zip(pair, label)):
@@ -334,7 +334,7 @@ def train_kto(ctx) -> StageResult:
     Raises:
         ValueError: no training rows, or one prompt only. TrainingDiverged: a NaN/inf loss.
     """
-    from .kto import KTOLoss
+    from ...algorithms.kto import KTOLoss
 
     p: KTOParams = ctx.params
     train_rows, held_rows = _rows(ctx, p)

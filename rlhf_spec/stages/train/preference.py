@@ -2,28 +2,19 @@
 
 The algorithms live in :mod:`rlhf_spec.algorithms`; this module declares their params and registers
 them. Policy training reads ``pairs`` (split ``train``), computes the reference-policy logprobs once (a
-shared cache entry) and runs the :class:`~rlhf_spec.algorithms.training.Trainer` loop.
+shared cache entry) and runs the :class:`~rlhf_spec.loops.trainer.Trainer` loop.
 """
 
 from __future__ import annotations
 
 from pydantic import Field
 
-from ..algorithms.policy import PairBatch, PolicyTrainParams, pair_trainer, pairs_check
-from ..algorithms.reward_model import RewardModelParams, train_reward_model
-from ..errors import Problem
-from ..hookspecs import hookimpl
-from ..records import PAIRS, POLICY, REWARD_MODEL, StageImpl
+from .pair_trainer import PairBatch, PolicyTrainParams, pair_trainer, pairs_check
+from .reward_model import RewardModelParams, train_reward_model
+from ...errors import Problem
+from ...hookspecs import hookimpl
+from ...records import PAIRS, POLICY, REWARD_MODEL, StageImpl
 
-
-
-def __getattr__(name: str):
-    """Deprecated import locations (one release): ``tokenize_pairs`` and ``pair_logprobs`` are in ``rlhf_spec``."""
-    if name in ("tokenize_pairs", "pair_logprobs"):
-        import rlhf_spec
-
-        return getattr(rlhf_spec, name)
-    raise AttributeError(name)
 
 
 class RebelParams(PolicyTrainParams):
@@ -37,8 +28,8 @@ class RebelParams(PolicyTrainParams):
 
 
 def rebel_loss(p: RebelParams):
-    """The REBEL loss on a :class:`~rlhf_spec.algorithms.policy.PairBatch`, with its margins as stats."""
-    from ..algorithms.pairwise import REBELLoss, rebel_stats
+    """The REBEL loss on a :class:`~rlhf_spec.stages.train.pair_trainer.PairBatch`, with its margins as stats."""
+    from ...algorithms.pairwise import REBELLoss, rebel_stats
 
     fn = REBELLoss(p.eta)
 
@@ -62,8 +53,8 @@ class DPOParams(PolicyTrainParams):
 
 
 def dpo_loss(p: DPOParams):
-    """The DPO loss on a :class:`~rlhf_spec.algorithms.policy.PairBatch`, with implicit-reward stats."""
-    from ..algorithms.pairwise import DPOLoss
+    """The DPO loss on a :class:`~rlhf_spec.stages.train.pair_trainer.PairBatch`, with implicit-reward stats."""
+    from ...algorithms.pairwise import DPOLoss
 
     fn = DPOLoss(p.beta, p.label_smoothing)
 
