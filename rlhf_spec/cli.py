@@ -242,7 +242,7 @@ def _cache_parser(sub) -> None:
 def cmd_report(args) -> int:
     from .report_html import cmd_report as _cmd_report
 
-    return _cmd_report(args)
+    return _cmd_report(args, console=_console())
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,8 +11,10 @@ from typing import Any
 from .cache import atomic_write_json
 
 HEADLINE = ("eval_accuracy", "eval_pairs", "win_rate", "win_rate_ci_low", "win_rate_ci_high", "lc_win_rate",
-            "reward_mean_policy", "reward_mean_reference", "kl_k1", "kl_k3", "reward_mean", "pairs", "samples", "updates",
-            "train_loss_last10")
+            "reward_mean_policy", "reward_mean_reference", "kl_k1", "kl_k3", "reward_mean", "pairs", "samples",
+            "updates", "train_loss_last10")
+#: Statuses of a stage served from the cache; its report row also carries ``computed_seconds``.
+CACHED = ("cached", "reused")
 
 
 def summary(outcomes: list) -> dict:
@@ -26,9 +28,21 @@ def summary(outcomes: list) -> dict:
     return out
 
 
+def stage_row(cache, outcome) -> dict:
+    """One stage of the run report: the outcome's fields, and for a stage served from the cache
+    ``computed_seconds``, the seconds its entry took when it was computed (from the entry's manifest).
+    An entry whose manifest has no ``seconds`` gets no ``computed_seconds``."""
+    row = dict(outcome.__dict__)
+    if outcome.status in CACHED and row.get("computed_seconds") is None:
+        seconds = (cache.manifest(outcome.key) or {}).get("seconds")
+        if isinstance(seconds, (int, float)) and not isinstance(seconds, bool):
+            row["computed_seconds"] = float(seconds)
+    return row
+
+
 def build_report(runner, started: float, outcomes: list, status: str = "ok", error: str = "") -> dict:
     """The JSON run report: spec, status, error, timing, host, cache folder, warnings, summary and
-    per stage id, kind, uses, key, status, seconds, output, metrics."""
+    per stage id, kind, uses, key, status, seconds, output, metrics (see :func:`stage_row`)."""
     return {
         "spec": runner.pipeline.spec.name,
         "source": runner.pipeline.source,
@@ -40,7 +54,7 @@ def build_report(runner, started: float, outcomes: list, status: str = "ok", err
         "cache_dir": str(runner.cache.root),
         "warnings": list(runner.cache.warnings),
         "summary": summary(outcomes),
-        "stages": [dict(o.__dict__) for o in outcomes],
+        "stages": [stage_row(runner.cache, o) for o in outcomes],
     }
 
 
@@ -58,6 +72,14 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def _seconds(stage: dict) -> str:
+    """This run's seconds, and for a cached stage the seconds it took when it was computed."""
+    text = f"{stage['seconds']:.1f}"
+    if stage.get("computed_seconds") is not None:
+        text += f" (computed in {stage['computed_seconds']:.1f})"
+    return text
+
+
 def print_summary(con, report: dict) -> None:
     """Print the per-stage table, each stage's headline metrics and the warnings on a rich console."""
     from rich.table import Table
@@ -67,11 +89,12 @@ def print_summary(con, report: dict) -> None:
         t.add_column(col, overflow="fold")
     for o in report["stages"]:
         style = {"ran": "yellow", "cached": "green", "reused": "green"}.get(o["status"], "red")
-        t.add_row(o["id"], o["kind"], o["uses"], f"[{style}]{o['status']}[/]", f"{o['seconds']:.1f}", o["key"][:12],
+        t.add_row(o["id"], o["kind"], o["uses"], f"[{style}]{o['status']}[/]", _seconds(o), o["key"][:12],
                   "" if o["rows"] is None else str(o["rows"]), o["output"])
     con.print(t)
     for o in report["stages"]:
-        headline = {k: v for k, v in o["metrics"].items() if isinstance(v, (int, float)) and not k.startswith("seconds_")}
+        headline = {k: v for k, v in o["metrics"].items()
+                    if isinstance(v, (int, float)) and not k.startswith("seconds_")}
         if headline:
             con.print(f"  {o['id']}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in list(headline.items())[:10]))
     for w in report.get("warnings", []):

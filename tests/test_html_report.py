@@ -148,7 +148,8 @@ def browser(html_page, tmp_path_factory) -> dict:
     shot = tmp / "report.png"
     procs = {"dom": start_chromium(tmp, "--dump-dom", html_page.resolve().as_uri()),
              "control": start_chromium(tmp, "--dump-dom", broken.resolve().as_uri()),
-             "shot": start_chromium(tmp, f"--screenshot={shot}", "--window-size=1400,4000", html_page.resolve().as_uri())}
+             "shot": start_chromium(tmp, f"--screenshot={shot}", "--window-size=1400,4000",
+                                    html_page.resolve().as_uri())}
     out = {name: finish(proc, name) for name, proc in procs.items()}
     return {"dom": out["dom"], "control": out["control"], "screenshot": shot}
 
@@ -239,6 +240,48 @@ def test_missing_outputs_and_no_evaluate_stage(tiny_run, tmp_path):
     assert "stage &#x27;rebel&#x27;: its output folder" in page and "no evaluate stage" in page
     assert 'id="fig-train-reward_model"' in page and 'id="fig-train-rebel"' not in page
     assert "disk &lt;almost&gt; full" in page and "<almost>" not in page
+
+
+@pytest.mark.slow
+def test_fully_cached_rerun_shows_the_computed_seconds(tiny_run, tmp_path):
+    """A rerun served wholly from the cache reports, per stage, the seconds its entry took when it was
+    computed (from the manifest), and the page draws those marked cached instead of bars of 0 s."""
+    first = {s["id"]: s for s in tiny_run["data"]["stages"]}
+    shutil.copytree(tiny_run["cache"], tmp_path / "cache", symlinks=True)  # the module's cache keeps one run record
+    res = cli("run", str(tiny_run["dir"] / "spec.json"), "--cache-dir", str(tmp_path / "cache"),
+              "--report", str(tmp_path / "rerun.json"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    stages = json.loads((tmp_path / "rerun.json").read_text())["stages"]
+    assert [(s["id"], s["status"]) for s in stages] == [(sid, "cached") for sid in first]
+    for s in stages:
+        assert s["seconds"] == 0.0
+        assert s["computed_seconds"] == pytest.approx(first[s["id"]]["seconds"], abs=0.002)
+        assert "computed_seconds" not in first[s["id"]]
+    assert "computed in" in res.stdout
+    page = render_report(tmp_path / "rerun.json", tmp_path / "rerun.html")
+    text = page.read_text()
+    for s in stages:
+        assert f"cached (computed in {s['computed_seconds']:.2f} s)" in text  # the bar's label
+        assert f'<td class="num computed">{s["computed_seconds"]:.2f} (cached)</td>' in text  # the stage table
+    assert "hatched: served from the cache" in text
+    dom = finish(start_chromium(tmp_path, "--dump-dom", page.resolve().as_uri()), "dom of the rerun")
+    s = scan(dom)
+    assert s.svgs["fig-stage-times"] and "bars" in s.traces["fig-stage-times"]
+    assert html.unescape(dom).count("cached (computed in ") >= len(stages)
+
+
+def test_cached_stage_bars_and_table(tmp_path):
+    """Without any cache entry: a cached stage's bar and row show its computed seconds, marked cached; a stage
+    that ran shows its seconds, and a cached one from an older report (no computed_seconds) shows 0 s."""
+    base = {"kind": "sample", "uses": "generate", "key": "k" * 64, "output": "", "metrics": {}, "rows": 4, "reason": ""}
+    stages = [dict(base, id="a", status="cached", seconds=0.0, computed_seconds=327.4),
+              dict(base, id="b", status="ran", seconds=12.5),
+              dict(base, id="c", status="cached", seconds=0.0)]
+    (tmp_path / "r.json").write_text(json.dumps({"spec": "s", "status": "ok", "seconds": 13.0, "stages": stages}))
+    text = render_report(tmp_path / "r.json").read_text()
+    assert "cached (computed in 327.40 s)" in text and '<td class="num computed">327.40 (cached)</td>' in text
+    assert "12.50 s" in text and text.count('class="num computed"') == 1
+    assert "0.00 s" in text
 
 
 def test_texts_are_escaped(tmp_path):
