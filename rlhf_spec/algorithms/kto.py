@@ -7,13 +7,12 @@ the frozen reference policy, ``labels`` (B,) bool.
 
 from __future__ import annotations
 
-import math
 from typing import Dict, Tuple
 
 import torch
 import torch.nn as nn
 
-from .ops import _require_batch_vectors
+from .ops import _require_batch_vectors, require_positive
 
 __all__ = ["KTOLoss", "kto_reference_point"]
 
@@ -79,16 +78,9 @@ class KTOLoss(nn.Module):
 
     def __init__(self, beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
         super().__init__()
-        for name, value in (
-            ("beta", beta),
-            ("desirable_weight", desirable_weight),
-            ("undesirable_weight", undesirable_weight),
-        ):
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite positive number, got {value!r}")
-        self.beta = float(beta)
-        self.desirable_weight = float(desirable_weight)
-        self.undesirable_weight = float(undesirable_weight)
+        self.beta = require_positive("beta", beta)
+        self.desirable_weight = require_positive("desirable_weight", desirable_weight)
+        self.undesirable_weight = require_positive("undesirable_weight", undesirable_weight)
 
     def forward(
         self,

@@ -19,11 +19,20 @@ Notation
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
-__all__ = ["masked_mean", "masked_whiten", "gather_logprobs", "sequence_logprobs", "token_logprobs"]
+__all__ = [
+    "masked_mean",
+    "masked_whiten",
+    "gather_logprobs",
+    "sequence_logprobs",
+    "token_logprobs",
+    "require_positive",
+    "require_label_smoothing",
+]
 
 # Added to the sampling temperature before dividing the logits, exactly as in the
 # REBEL reference code (``logits /= temperature + 1e-7``); it also makes
@@ -62,6 +71,50 @@ def _require_batch_vectors(**tensors: torch.Tensor) -> int:
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for half/bfloat16 inputs, otherwise keep (e.g. float64) precision."""
     return torch.promote_types(dtype, torch.float32)
+
+
+# ---------------------------------------------------------------------------
+# hyperparameter checks of the losses
+# ---------------------------------------------------------------------------
+
+
+def require_positive(name: str, value: float) -> float:
+    """Check a loss hyperparameter that must be a finite number > 0 (beta, eta, lambda, a weight).
+
+    Args:
+        name: the hyperparameter's name, used in the error message.
+        value: int or float.
+
+    Returns:
+        ``float(value)``.
+
+    Raises:
+        ValueError: ``"<name> must be a finite positive number, got <value>"`` unless ``value`` is an int or
+            float, finite and > 0.
+    """
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+    return float(value)
+
+
+def require_label_smoothing(label_smoothing: float) -> float:
+    """Check the label smoothing of a preference loss: the assumed probability that a label is flipped.
+
+    Args:
+        label_smoothing: float in [0, 0.5] (0: labels trusted; 0.5: labels carry no information).
+
+    Returns:
+        ``float(label_smoothing)``.
+
+    Raises:
+        ValueError: ``"label_smoothing must be in [0, 0.5], got <value>"`` if it is outside [0, 0.5] or NaN.
+
+    Source: the label-flip probability of conservative DPO (Mitchell 2023, "A note on DPO with noisy
+    preferences & relationship to IPO").
+    """
+    if not (0.0 <= label_smoothing <= 0.5):
+        raise ValueError(f"label_smoothing must be in [0, 0.5], got {label_smoothing!r}")
+    return float(label_smoothing)
 
 
 # ---------------------------------------------------------------------------

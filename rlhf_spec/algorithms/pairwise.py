@@ -5,19 +5,19 @@ equation beside it.
 
 Arguments follow one naming scheme: ``policy_chosen_logps`` / ``policy_rejected_logps`` (B,) sequence
 logprobs under the policy, ``reference_chosen_logps`` / ``reference_rejected_logps`` under the reference
-policy, ``chosen_rewards`` / ``rejected_rewards`` (B,) scalar rewards.
+policy, ``chosen_rewards`` / ``rejected_rewards`` (B,) scalar rewards. DPO and IPO share
+:class:`_ReferencePairLoss` (input checks, log-ratios, implicit rewards) and state only their equation.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ops import _require_batch_vectors
+from .ops import _require_batch_vectors, require_label_smoothing, require_positive
 
 __all__ = [
     "REBELLoss",
@@ -28,6 +28,81 @@ __all__ = [
     "IPOLoss",
     "require_positive",
 ]
+
+
+# ---------------------------------------------------------------------------
+# log-ratios of a pair against the reference policy
+# ---------------------------------------------------------------------------
+
+
+def _pair_logratios(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    **other_vectors: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Log-ratios ``(pc - rc, pr - rr)`` (each (B,), nats) of the chosen and rejected responses.
+
+    Raises ValueError unless the four logprob vectors and ``other_vectors`` (further (B,) inputs of the
+    same loss, checked with them) are all 1-D of one length.
+    """
+    _require_batch_vectors(
+        policy_chosen_logps=policy_chosen_logps,
+        policy_rejected_logps=policy_rejected_logps,
+        reference_chosen_logps=reference_chosen_logps,
+        reference_rejected_logps=reference_rejected_logps,
+        **other_vectors,
+    )
+    return policy_chosen_logps - reference_chosen_logps, policy_rejected_logps - reference_rejected_logps
+
+
+class _ReferencePairLoss(nn.Module):
+    """A preference loss on the policy-vs-reference log-ratios of a chosen and a rejected response.
+
+    :meth:`forward` checks the four (B,) logprob vectors, forms the log-ratios
+    ``chosen_logratio = pc - rc`` and ``rejected_logratio = pr - rr``, hands them to :meth:`_pair_loss`
+    (the subclass's equation) and returns the loss with the implicit rewards ``beta * logratio`` of
+    Rafailov et al. 2023 (DPO), section 5. Subclasses set ``self.beta``.
+    """
+
+    beta: float
+
+    def forward(
+        self,
+        policy_chosen_logps: torch.Tensor,
+        policy_rejected_logps: torch.Tensor,
+        reference_chosen_logps: torch.Tensor,
+        reference_rejected_logps: torch.Tensor,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Compute the loss and the implicit rewards.
+
+        Args:
+            policy_chosen_logps: (B,) float, sequence logprob (nats; summed over the response tokens, or
+                their mean where the loss says so) of the chosen response under the policy.
+            policy_rejected_logps: (B,) float, same for the rejected response.
+            reference_chosen_logps: (B,) float, chosen response under the frozen reference policy.
+            reference_rejected_logps: (B,) float, rejected response under the reference policy.
+
+        Returns:
+            ``(loss, chosen_rewards, rejected_rewards)``: ``loss`` is a 0-dim float tensor (the mean over
+            pairs); ``chosen_rewards = beta * (pc - rc)`` and ``rejected_rewards = beta * (pr - rr)`` are
+            detached (B,) tensors (the implicit rewards).
+
+        Raises:
+            ValueError: if the four inputs are not all 1-D with the same length.
+        """
+        chosen_logratio, rejected_logratio = _pair_logratios(
+            policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+        )
+        loss = self._pair_loss(chosen_logratio, rejected_logratio)
+        chosen_rewards = (self.beta * chosen_logratio).detach()
+        rejected_rewards = (self.beta * rejected_logratio).detach()
+        return loss, chosen_rewards, rejected_rewards
+
+    def _pair_loss(self, chosen_logratio: torch.Tensor, rejected_logratio: torch.Tensor) -> torch.Tensor:
+        """The 0-dim loss from the (B,) log-ratios (nats); each subclass gives its equation."""
+        raise NotImplementedError
 
 
 # ---------------------------------------------------------------------------
@@ -44,17 +119,15 @@ def _rebel_terms(
     rejected_rewards: torch.Tensor,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(log-ratio margin (B,), reward margin (B,)) after validating shapes."""
-    _require_batch_vectors(
-        policy_chosen_logps=policy_chosen_logps,
-        policy_rejected_logps=policy_rejected_logps,
-        reference_chosen_logps=reference_chosen_logps,
-        reference_rejected_logps=reference_rejected_logps,
+    chosen_logratio, rejected_logratio = _pair_logratios(
+        policy_chosen_logps,
+        policy_rejected_logps,
+        reference_chosen_logps,
+        reference_rejected_logps,
         chosen_rewards=chosen_rewards,
         rejected_rewards=rejected_rewards,
     )
-    logratio_margin = (policy_chosen_logps - reference_chosen_logps) - (
-        policy_rejected_logps - reference_rejected_logps
-    )
+    logratio_margin = chosen_logratio - rejected_logratio
     reward_margin = chosen_rewards - rejected_rewards
     return logratio_margin, reward_margin
 
@@ -96,9 +169,7 @@ class REBELLoss(nn.Module):
 
     def __init__(self, eta: float):
         super().__init__()
-        if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta > 0):
-            raise ValueError(f"eta must be a finite positive number, got {eta!r}")
-        self.eta = float(eta)
+        self.eta = require_positive("eta", eta)
 
     def forward(
         self,
@@ -171,7 +242,7 @@ def rebel_stats(
     Source: quantities of the REBEL objective, Gao et al. 2024
     (arXiv:2404.16767), Eq. (1).
     """
-    loss = REBELLoss(eta)(
+    vectors = (
         policy_chosen_logps,
         policy_rejected_logps,
         reference_chosen_logps,
@@ -179,14 +250,8 @@ def rebel_stats(
         chosen_rewards,
         rejected_rewards,
     )
-    logratio_margin, reward_margin = _rebel_terms(
-        policy_chosen_logps,
-        policy_rejected_logps,
-        reference_chosen_logps,
-        reference_rejected_logps,
-        chosen_rewards,
-        rejected_rewards,
-    )
+    loss = REBELLoss(eta)(*vectors)
+    logratio_margin, reward_margin = _rebel_terms(*vectors)
     return {
         "loss": loss.detach(),
         "reward_margin": reward_margin.mean().detach(),
@@ -200,7 +265,7 @@ def rebel_stats(
 # ---------------------------------------------------------------------------
 
 
-class DPOLoss(nn.Module):
+class DPOLoss(_ReferencePairLoss):
     """Direct Preference Optimization loss, with optional conservative smoothing.
 
     With ``h = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]``::
@@ -208,7 +273,9 @@ class DPOLoss(nn.Module):
         loss = mean( -(1 - ls) * log sigmoid(beta * h) - ls * log sigmoid(-beta * h) )
 
     ``ls = 0`` is the DPO loss; ``ls > 0`` assumes each preference label is
-    flipped with probability ``ls`` (conservative DPO, "cDPO").
+    flipped with probability ``ls`` (conservative DPO, "cDPO"). ``forward(policy_chosen_logps,
+    policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)`` returns ``(loss (nats),
+    chosen_rewards, rejected_rewards)`` as described in :meth:`_ReferencePairLoss.forward`.
 
     Args:
         beta: positive float, strength of the implicit KL constraint to the
@@ -216,7 +283,8 @@ class DPOLoss(nn.Module):
         label_smoothing: float in [0, 0.5], assumed label-flip probability.
 
     Raises:
-        ValueError: if ``beta <= 0`` or ``label_smoothing`` is outside [0, 0.5].
+        ValueError: if ``beta`` is not a finite positive number or ``label_smoothing`` is
+            outside [0, 0.5].
 
     Source: Rafailov et al. 2023, "Direct Preference Optimization: Your Language
     Model is Secretly a Reward Model", Eq. (7); label smoothing per Mitchell
@@ -225,54 +293,15 @@ class DPOLoss(nn.Module):
 
     def __init__(self, beta: float, label_smoothing: float = 0.0):
         super().__init__()
-        if not (math.isfinite(beta) and beta > 0):
-            raise ValueError(f"beta must be a finite positive number, got {beta!r}")
-        if not (0.0 <= label_smoothing <= 0.5):
-            raise ValueError(f"label_smoothing must be in [0, 0.5], got {label_smoothing!r}")
-        self.beta = float(beta)
-        self.label_smoothing = float(label_smoothing)
+        self.beta = require_positive("beta", beta)
+        self.label_smoothing = require_label_smoothing(label_smoothing)
 
-    def forward(
-        self,
-        policy_chosen_logps: torch.Tensor,
-        policy_rejected_logps: torch.Tensor,
-        reference_chosen_logps: torch.Tensor,
-        reference_rejected_logps: torch.Tensor,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Compute the DPO loss and the implicit rewards.
-
-        Args:
-            policy_chosen_logps: (B,) float, sequence logprob (nats) of the
-                chosen response under the policy.
-            policy_rejected_logps: (B,) float, same for the rejected response.
-            reference_chosen_logps: (B,) float, chosen response under the frozen
-                reference policy.
-            reference_rejected_logps: (B,) float, rejected response under the
-                reference policy.
-
-        Returns:
-            ``(loss, chosen_rewards, rejected_rewards)``: ``loss`` is a 0-dim
-            float tensor; ``chosen_rewards = beta * (pc - rc)`` and
-            ``rejected_rewards = beta * (pr - rr)`` are detached (B,) tensors
-            (the DPO implicit rewards, in nats).
-
-        Raises:
-            ValueError: if the four inputs are not all 1-D with the same length.
-        """
-        _require_batch_vectors(
-            policy_chosen_logps=policy_chosen_logps,
-            policy_rejected_logps=policy_rejected_logps,
-            reference_chosen_logps=reference_chosen_logps,
-            reference_rejected_logps=reference_rejected_logps,
-        )
-        chosen_logratio = policy_chosen_logps - reference_chosen_logps
-        rejected_logratio = policy_rejected_logps - reference_rejected_logps
+    def _pair_loss(self, chosen_logratio: torch.Tensor, rejected_logratio: torch.Tensor) -> torch.Tensor:
+        """Eq. (7) with cDPO label smoothing, averaged over the pairs (nats)."""
         logits = self.beta * (chosen_logratio - rejected_logratio)
         ls = self.label_smoothing
         losses = -(1.0 - ls) * F.logsigmoid(logits) - ls * F.logsigmoid(-logits)
-        chosen_rewards = (self.beta * chosen_logratio).detach()
-        rejected_rewards = (self.beta * rejected_logratio).detach()
-        return losses.mean(), chosen_rewards, rejected_rewards
+        return losses.mean()
 
 
 # ---------------------------------------------------------------------------
@@ -359,14 +388,8 @@ def pairwise_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tens
 # IPO
 # ---------------------------------------------------------------------------
 
-def require_positive(name: str, value: float) -> float:
-    """Return ``float(value)``; ValueError unless it is a finite number > 0."""
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite positive number, got {value!r}")
-    return float(value)
 
-
-class IPOLoss(nn.Module):
+class IPOLoss(_ReferencePairLoss):
     """Identity Preference Optimisation: regress the log-ratio margin onto a constant.
 
     With ``h = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]``::
@@ -380,7 +403,9 @@ class IPOLoss(nn.Module):
     The inputs are whatever sequence logprobs the caller passes: the sum over response tokens
     (as in the paper, where ``pi(y|x)`` is the probability of the whole response) or the mean per
     token (as some implementations do for IPO). The choice changes the scale of ``h`` and hence
-    the meaningful range of ``beta``; this class does not pick one.
+    the meaningful range of ``beta``; this class does not pick one. ``forward(policy_chosen_logps,
+    policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)`` returns ``(loss (squared
+    nats), chosen_rewards, rejected_rewards)`` as described in :meth:`_ReferencePairLoss.forward`.
 
     Args:
         beta: positive float, regularisation strength ``tau`` (in 1/nats: the target margin is
@@ -397,40 +422,7 @@ class IPOLoss(nn.Module):
         super().__init__()
         self.beta = require_positive("beta", beta)
 
-    def forward(
-        self,
-        policy_chosen_logps: torch.Tensor,
-        policy_rejected_logps: torch.Tensor,
-        reference_chosen_logps: torch.Tensor,
-        reference_rejected_logps: torch.Tensor,
-    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Compute the IPO loss and the implicit rewards.
-
-        Args:
-            policy_chosen_logps: (B,) float, logprob (nats, summed or per-token mean) of the
-                chosen response under the policy.
-            policy_rejected_logps: (B,) float, same for the rejected response.
-            reference_chosen_logps: (B,) float, chosen response under the reference policy.
-            reference_rejected_logps: (B,) float, rejected response under the reference policy.
-
-        Returns:
-            ``(loss, chosen_rewards, rejected_rewards)``: 0-dim loss (squared nats) and the
-            detached (B,) implicit rewards ``beta * (policy - reference)`` of each response
-            (dimensionless, as in :class:`DPOLoss`).
-
-        Raises:
-            ValueError: if the four inputs are not all 1-D with the same length.
-        """
-        _require_batch_vectors(
-            policy_chosen_logps=policy_chosen_logps,
-            policy_rejected_logps=policy_rejected_logps,
-            reference_chosen_logps=reference_chosen_logps,
-            reference_rejected_logps=reference_rejected_logps,
-        )
-        chosen_logratio = policy_chosen_logps - reference_chosen_logps
-        rejected_logratio = policy_rejected_logps - reference_rejected_logps
+    def _pair_loss(self, chosen_logratio: torch.Tensor, rejected_logratio: torch.Tensor) -> torch.Tensor:
+        """Eq. (17): squared distance of the log-ratio margin from ``1/(2*beta)``, averaged over the pairs."""
         margin = chosen_logratio - rejected_logratio
-        loss = (margin - 1.0 / (2.0 * self.beta)).square().mean()
-        chosen_rewards = (self.beta * chosen_logratio).detach()
-        rejected_rewards = (self.beta * rejected_logratio).detach()
-        return loss, chosen_rewards, rejected_rewards
+        return (margin - 1.0 / (2.0 * self.beta)).square().mean()

@@ -14,8 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ops import _compute_dtype, _require_batch_vectors
-from .pairwise import require_positive
+from .ops import _compute_dtype, _require_batch_vectors, require_label_smoothing, require_positive
 
 __all__ = ["SimPOLoss", "ORPOLoss", "log1mexp"]
 
@@ -53,10 +52,8 @@ class SimPOLoss(nn.Module):
         self.beta = require_positive("beta", beta)
         if not (math.isfinite(gamma) and gamma >= 0):
             raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
-        if not (0.0 <= label_smoothing <= 0.5):
-            raise ValueError(f"label_smoothing must be in [0, 0.5], got {label_smoothing!r}")
         self.gamma = float(gamma)
-        self.label_smoothing = float(label_smoothing)
+        self.label_smoothing = require_label_smoothing(label_smoothing)
 
     def forward(
         self,
