@@ -21,8 +21,9 @@ from typing import Any, Callable, Mapping, Optional
 
 from pydantic import BaseModel
 
+from .errors import RewardError
 from .model_source import ModelSource
-from .records import ComponentSpec, Completion, Engine, Reward, RewardBatch, RewardOutput
+from .records import Completion, ComponentSpec, Engine, Reward, RewardBatch, RewardOutput
 from .refs import get_path
 from .runtime import local_device
 
@@ -219,7 +220,8 @@ class StageContext:
         """
         spec = self.component(path)
         cctx = ComponentContext(self, path)
-        return CheckedReward(spec.impl.load(spec.parsed, cctx), spec.impl.origin(), cctx.pointer)
+        return CheckedReward(spec.impl.load(spec.parsed, cctx), spec.impl.origin(), cctx.pointer,
+                             pairwise=spec.impl.is_pairwise(spec.parsed))
 
     def backend(self, path: str, policy: ModelSource) -> Engine:
         """Load the generation backend named at params ``path`` (a :class:`~rlhf_spec.BackendSpec`) for ``policy``."""
@@ -340,21 +342,20 @@ class ComponentContext:
         return self.stage.reward(f"{self.path}.params.{subpath}")
 
 
-class RewardError(RuntimeError):
-    """A reward returned something unusable (wrong number of scores, NaN); names the reward and its JSON pointer."""
-
-
 class CheckedReward:
-    """A loaded reward whose outputs are checked: one finite score per completion, components alike.
+    """A loaded reward whose outputs are checked: one finite score per completion, components alike, and
+    for a pairwise reward one finite preference per pair.
 
     Args:
         reward: the loaded :class:`~rlhf_spec.Reward`.
         origin: ``"reward 'name' (distribution version)"``, for messages.
         pointer: the reward spec's JSON pointer.
+        pairwise: whether its record declares, for its params, that it compares two completions
+            (:meth:`~rlhf_spec.records.RewardImpl.is_pairwise`); only then is :meth:`compare` allowed.
     """
 
-    def __init__(self, reward: Reward, origin: str, pointer: str):
-        self.reward, self.origin, self.pointer = reward, origin, pointer
+    def __init__(self, reward: Reward, origin: str, pointer: str, pairwise: bool = False):
+        self.reward, self.origin, self.pointer, self.pairwise = reward, origin, pointer, pairwise
 
     def score(self, batch: RewardBatch) -> RewardOutput:
         """Score a batch; see :meth:`rlhf_spec.Reward.score`.
@@ -375,7 +376,35 @@ class CheckedReward:
                                   f"({values[bad[0]]}) for completion {bad[0]} of {n}")
         return out
 
-    def __getattr__(self, name):  # e.g. a judge's pairwise ``compare``
+    def compare(self, prompts: list, completions_a: list, completions_b: list) -> tuple[list[float], list[bool]]:
+        """Compare completion a with completion b for each of N prompts, through the reward's own
+        ``compare`` (:attr:`~rlhf_spec.records.RewardImpl.pairwise`).
+
+        Returns:
+            ``(p_a, disagreement)``: N probabilities that a is preferred, and N bools (the two
+            presentation orders picked different completions).
+
+        Raises:
+            RewardError: if the reward does not declare the capability for its params, or returns another
+                number of values than N, or a non-finite preference.
+        """
+        import math
+
+        if not self.pairwise:
+            raise RewardError(f"{self.pointer}: {self.origin} does not compare two completions with these params "
+                              "(its record declares no pairwise capability for them)")
+        p_a, disagreement = self.reward.compare(prompts, completions_a, completions_b)
+        n = len(prompts)
+        for name, values in (("preferences", p_a), ("disagreement flags", disagreement)):
+            if len(values) != n:
+                raise RewardError(f"{self.pointer}: {self.origin} returned {len(values)} {name} for {n} pairs")
+        bad = [i for i, v in enumerate(p_a) if not math.isfinite(float(v))]
+        if bad:
+            raise RewardError(f"{self.pointer}: {self.origin} returned a non-finite preference ({p_a[bad[0]]}) "
+                              f"for pair {bad[0]} of {n}")
+        return p_a, disagreement
+
+    def __getattr__(self, name):  # the loaded reward's own attributes (a judge's tokenizer, for example)
         return getattr(self.reward, name)
 
 

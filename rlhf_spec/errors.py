@@ -100,3 +100,7 @@ def did_you_mean(name: object, options: Iterable[object]) -> str:
     """
     close = difflib.get_close_matches(str(name), [str(o) for o in options], n=1, cutoff=0.6)
     return f"did you mean '{close[0]}'?" if close else ""
+
+
+class RewardError(RuntimeError):
+    """A reward returned something unusable (wrong number of scores, NaN); names the reward and its JSON pointer."""

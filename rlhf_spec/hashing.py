@@ -1,4 +1,5 @@
-"""Content hashing: canonical JSON with type tags, files and folders.
+"""Content hashing: canonical JSON with type tags, files and folders (a file's bytes are read by
+:func:`rlhf_spec.files.sha256_file`, the one file primitive of that kind).
 
 Cache keys are sha256 digests of a *preimage*: a JSON-able dict that names
 everything that determines a stage's output. ``canonical_json`` encodes it so
@@ -15,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-CHUNK = 1 << 20
+from .files import atomic_write_text, list_files, sha256_file
 
 
 def _tag(value: Any) -> Any:
@@ -60,37 +61,6 @@ def hash_json(value: Any) -> str:
     return hashlib.sha256(canonical_json(value)).hexdigest()
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    """Return the sha256 hex digest of a file's bytes, read in 1 MiB chunks.
-
-    Raises:
-        OSError: if the file cannot be read.
-    """
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            h.update(view[:n])
-    return h.hexdigest()
-
-
-def list_files(root: Path) -> list[Path]:
-    """All regular files under ``root`` (following symlinks), sorted by relative POSIX path."""
-    root = Path(root)
-    if root.is_file():
-        return [root]
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames.sort()
-        for name in filenames:
-            out.append(Path(dirpath) / name)
-    return sorted(out, key=lambda p: p.relative_to(root).as_posix())
-
-
 class HashState:
     """A stat-keyed memo of file digests, like DVC's state database.
 
@@ -131,15 +101,14 @@ class HashState:
                     return rec["sha256"]
             except (OSError, ValueError, KeyError):
                 pass
+        from .errors import CacheError
+
         digest = sha256_file(path)
         self._mem[key] = (sig, digest)
         if self.folder is not None:
             try:
-                self.folder.mkdir(parents=True, exist_ok=True)
-                tmp = slot.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_text(json.dumps({"path": key, "sig": list(sig), "sha256": digest}))
-                os.replace(tmp, slot)
-            except OSError:
+                atomic_write_text(slot, json.dumps({"path": key, "sig": list(sig), "sha256": digest}))
+            except CacheError:
                 pass  # the memo is an optimisation; a read-only cache still works
         return digest
 
@@ -149,6 +118,7 @@ class HashState:
         Raises:
             FileNotFoundError: if ``root`` does not exist.
         """
+
         root = Path(root)
         if not root.exists():
             raise FileNotFoundError(str(root))
@@ -168,6 +138,7 @@ def package_digest(obj) -> str:
         OSError: if a source file cannot be read.
     """
     import importlib
+
 
     top = importlib.import_module(obj.__module__.split(".")[0])
     if hasattr(top, "__path__"):

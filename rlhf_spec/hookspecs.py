@@ -1,4 +1,4 @@
-"""The three hooks a plugin may implement, one per surface (stages, rewards, generation backends).
+"""The hooks a plugin may implement, one per surface (stages, rewards, generation backends, dataset adapters).
 
 A plugin is a module named by an entry point in group ``rlhf_spec``::
 
@@ -36,3 +36,8 @@ def rlhf_spec_register_rewards(register):
 def rlhf_spec_register_backends(register):
     """Register generation backends: call ``register(BackendImpl(...))`` once per backend."""
 
+
+@hookspec
+def rlhf_spec_register_datasets(register):
+    """Register dataset adapters: call ``register(MyAdapter())`` once per adapter, a subclass of
+    :class:`rlhf_spec.data.DatasetAdapter`."""

@@ -37,11 +37,15 @@ def execute_stage(ctx: StageContext, impl):
 
 
 def context_to_job(ctx: StageContext) -> dict:
-    """A JSON-able description of ``ctx`` that :func:`job_to_context` turns back into a context."""
+    """A JSON-able description of ``ctx`` that :func:`job_to_context` turns back into a context.
+
+    The params are written as a spec writes them (a field with an alias under its alias), so the
+    worker's validation accepts them again.
+    """
     s = ctx.spec
     return {
         "stage_id": s.stage_id, "kind": s.kind, "uses": s.uses, "key": s.key, "pointer": s.pointer,
-        "params": s.params.model_dump(mode="json"), "seed": s.seed, "base_dir": str(s.base_dir),
+        "params": s.params.model_dump(mode="json", by_alias=True), "seed": s.seed, "base_dir": str(s.base_dir),
         "inputs": [i.__dict__ for i in s.inputs], "models": {k: v.to_dict() for k, v in s.models.items()},
         "datasets": dict(s.datasets), "out_dir": str(ctx.out_dir), "partial_dir": str(ctx.partial_dir),
         "cache_root": str(ctx.cache_root),

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from .files import commit_tree, fsync_tree
 from .runtime import torch_dtype
 
 HEX40 = re.compile(r"^[0-9a-f]{40}$")
@@ -93,18 +94,7 @@ def _transport_errors() -> tuple:
         if err is not None:
             out.append(err)
     return tuple(out)
-def default_dtype(name: str = "auto"):
-    """Deprecated name of :func:`rlhf_spec.runtime.torch_dtype`."""
-    from .runtime import torch_dtype
 
-    return torch_dtype(name)
-
-
-def default_device():
-    """Deprecated name of :func:`rlhf_spec.runtime.local_device` (now honours ``LOCAL_RANK`` too)."""
-    from .runtime import local_device
-
-    return local_device()
 
 
 @dataclass
@@ -192,13 +182,13 @@ class ModelSource:
         tok = self.load_tokenizer()
         final = Path(self.converted_dir)
         tmp = final.parent / f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        final.parent.mkdir(parents=True, exist_ok=True)
         try:
-            os.rename(tmp, final)
-        except OSError:  # another process converted it first
-            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            fsync_tree(tmp)
+            commit_tree(tmp, final)  # False when another process converted it first: its copy is kept
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # gone already once committed
 
     def load_causal_lm(self, dtype=None, device=None):
         """Load a causal LM (``AutoModelForCausalLM``) in eval mode.

@@ -1,4 +1,4 @@
-"""Discovering implementations of the three plugin surfaces through the ``rlhf_spec`` entry-point group.
+"""Discovering implementations of the plugin surfaces through the ``rlhf_spec`` entry-point group.
 
 Every entry point, the built-ins included, is loaded on its own inside a try/except, so one broken
 plugin is reported (with its distribution and version) instead of aborting the load for everyone,
@@ -18,6 +18,7 @@ import pluggy
 from pydantic import BaseModel
 
 from . import hookspecs
+from .data import FIT, DatasetAdapter
 from .errors import PluginFailure, did_you_mean
 from .hashing import package_digest
 from .hookspecs import PROJECT
@@ -31,6 +32,7 @@ SURFACES = {
     "stage": ("rlhf_spec_register_stages", StageImpl),
     "reward": ("rlhf_spec_register_rewards", RewardImpl),
     "backend": ("rlhf_spec_register_backends", BackendImpl),
+    "dataset": ("rlhf_spec_register_datasets", DatasetAdapter),
 }
 
 
@@ -40,6 +42,7 @@ class Registry:
 
     Attributes:
         stages: ``(kind, name) -> StageImpl``. rewards: ``name -> RewardImpl``. backends: ``name -> BackendImpl``.
+        datasets: ``name -> DatasetAdapter`` (what a spec dataset's ``adapter`` names).
         failures: plugins that failed to import or register.
         conflicts: ``(surface, kind, name) -> [origins]`` when two distributions register the same name.
     """
@@ -47,16 +50,13 @@ class Registry:
     stages: dict[tuple[str, str], StageImpl] = field(default_factory=dict)
     rewards: dict[str, RewardImpl] = field(default_factory=dict)
     backends: dict[str, BackendImpl] = field(default_factory=dict)
+    datasets: dict[str, DatasetAdapter] = field(default_factory=dict)
     failures: list[PluginFailure] = field(default_factory=list)
     conflicts: dict[tuple[str, str, str], list[str]] = field(default_factory=dict)
 
-    @property
-    def impls(self) -> dict[tuple[str, str], StageImpl]:
-        """Deprecated name of :attr:`stages`."""
-        return self.stages
-
     def _table(self, surface: str) -> dict:
-        return {"stage": self.stages, "reward": self.rewards, "backend": self.backends}[surface]
+        tables = {"stage": self.stages, "reward": self.rewards, "backend": self.backends, "dataset": self.datasets}
+        return tables[surface]
 
     def _failures_note(self) -> str:
         return "".join(f"; note: plugin '{f.entry_point}' from {f.distribution} {f.version} failed to load: {f.error}"
@@ -97,11 +97,13 @@ class Registry:
         return None, msg + (f"; {hint}" if hint else "") + self._failures_note()
 
     def rows(self) -> list[dict]:
-        """One dict per implementation (stages by kind, then rewards, then backends), for ``rlhf-spec plugins``."""
+        """One dict per implementation (stages by kind, then rewards, backends and dataset adapters), for
+        ``rlhf-spec plugins``."""
         order = {k: i for i, k in enumerate(KINDS)}
         items = [("stage", k, n, impl) for (k, n), impl in sorted(self.stages.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][1]))]
         items += [("reward", "", n, impl) for n, impl in sorted(self.rewards.items())]
         items += [("backend", "", n, impl) for n, impl in sorted(self.backends.items())]
+        items += [("dataset", "", n, impl) for n, impl in sorted(self.datasets.items())]
         out = []
         for surface, kind, name, impl in items:
             row = {"surface": surface, "kind": kind, "name": name, "distribution": impl.distribution,
@@ -157,6 +159,11 @@ def _check_record(surface: str, rec: object) -> None:
         raise ValueError(f"stage kind {rec.kind!r} is not one of {', '.join(KINDS)}")
     if not rec.name or not isinstance(rec.name, str):
         raise ValueError(f"a {want.__name__} needs a non-empty name")
+    if surface == "dataset":
+        if not rec.fit_for or set(rec.fit_for) - set(FIT):
+            raise ValueError(f"dataset adapter '{rec.name}': fit_for must name some of {', '.join(FIT)}, "
+                             f"got {rec.fit_for!r}")
+        return
     if not (isinstance(rec.params, type) and issubclass(rec.params, BaseModel)):
         raise TypeError(f"{surface} '{rec.name}': params must be a pydantic BaseModel subclass")
     fn = rec.run if surface == "stage" else rec.load
@@ -173,8 +180,34 @@ def _records(hook_impl, surface: str) -> list:
 
 
 def _finish(rec, dist: str, ver: str, ep_name: str):
-    digest = package_digest(rec.run if isinstance(rec, StageImpl) else rec.load) if rec.source_hash else ""
-    return dataclasses.replace(rec, distribution=dist, dist_version=ver, entry_point=ep_name, source_digest=digest)
+    """The record as registered, with its origin, its source digest (``source_hash``) and, for a stage
+    whose ``run`` carries a ``check`` (:func:`rlhf_spec.pair_trainer`'s), that check too."""
+    code = type(rec) if isinstance(rec, DatasetAdapter) else rec.run if isinstance(rec, StageImpl) else rec.load
+    digest = package_digest(code) if rec.source_hash else ""
+    extra = {}
+    run_check = getattr(rec.run, "check", None) if isinstance(rec, StageImpl) else None
+    if callable(run_check) and rec.check is not run_check:
+        extra["check"] = run_check if rec.check is None else _both_checks(run_check, rec.check)
+    return dataclasses.replace(rec, distribution=dist, dist_version=ver, entry_point=ep_name, source_digest=digest,
+                               **extra)
+
+
+def _both_checks(first, second):
+    """One stage ``check(params, spec, inputs)`` returning the problems of ``first`` then ``second``
+    (each called with two arguments when it takes two, as earlier releases' checks do)."""
+    import inspect
+
+    def call(check, params, spec, inputs) -> list:
+        try:
+            n = len(inspect.signature(check).parameters)
+        except (TypeError, ValueError):
+            n = 3
+        return list((check(params, spec, inputs) if n >= 3 else check(params, spec)) or [])
+
+    def check(params, spec, inputs) -> list:
+        return call(first, params, spec, inputs) + call(second, params, spec, inputs)
+
+    return check
 
 
 def load_registry(extra: Iterable[object] = (), entry_points: bool = True) -> Registry:

@@ -219,8 +219,17 @@ class RewardBatch:
         completions: N completion texts (the policy's reply, without special tokens).
         columns: other row columns by name, each a list of N values (``reference`` answers for
             ``math-answer``, for example). A reward declares the columns it needs in
-            :attr:`RewardImpl.columns`; validation checks the data provides them.
+            :attr:`RewardImpl.columns`; validation checks the data provides them. Which row columns
+            go here is one rule, :meth:`data_columns`; build a batch from rows with :meth:`from_rows`.
     """
+
+    #: Row columns the pipeline writes itself and never passes under ``columns``: the prompt and its id
+    #: (the prompt comes as ``prompts``), its chat-template tokens, the sampled completion and its metadata
+    #: (the completion being scored comes as ``completions``), a preference pair's texts and split. A
+    #: ``scored`` row's ``reward`` and ``reward/<component>`` columns are left out too.
+    OWN_COLUMNS: ClassVar[frozenset] = frozenset({
+        "prompt_id", "prompt", "token_ids", "prompt_tokens", "sample_index", "completion", "completion_tokens",
+        "chosen", "rejected", "split"})
 
     prompts: list
     completions: list[str]
@@ -228,6 +237,59 @@ class RewardBatch:
 
     def __len__(self) -> int:
         return len(self.completions)
+
+    @classmethod
+    def data_columns(cls, names) -> list[str]:
+        """The row columns a reward receives, in the order of ``names``: every column except
+        :attr:`OWN_COLUMNS`, ``reward`` and ``reward/<component>`` (a ``reference`` answer, ``messages``,
+        a KTO ``label``, a pair's ``chosen_reward``). The ``sample`` stage carries the same columns of the
+        prompts into its samples, so the rows reaching ``score`` keep them.
+
+        Args:
+            names: column names (``rows.column_names``).
+
+        Returns:
+            a list of column names.
+        """
+        return [c for c in names if c not in cls.OWN_COLUMNS and c != "reward" and not c.startswith("reward/")]
+
+    @classmethod
+    def from_rows(cls, rows, completions: list[str], prompts: Optional[list] = None) -> "RewardBatch":
+        """The batch of N completions written for R rows, k = N / R consecutive completions per row
+        (completion j answers row j // k): k = 1 for a ``samples`` row and its own completion, k = G for
+        a group of G rollouts per prompt, k = samples_per_prompt for evaluate's answers.
+
+        Signature: ``RewardBatch.from_rows(rows, completions, prompts=None)``.
+
+        Args:
+            rows: R rows, a ``datasets.Dataset`` (or anything with ``column_names``, ``len()`` as the row
+                count and ``rows[name]`` -> R values); its :meth:`data_columns` become ``columns``, each
+                row's value repeated k times in place.
+            completions: N completion texts, grouped by row.
+            prompts: N chat prompts; default: each row's ``prompt`` repeated k times in place.
+
+        Returns:
+            a :class:`RewardBatch` of N entries.
+
+        Raises:
+            ValueError: if N is not a whole multiple of R (or R = 0 < N), or ``prompts`` does not hold N entries.
+        """
+        n, r = len(completions), len(rows)
+        if (r == 0 and n) or (r and n % r):
+            raise ValueError(f"a reward batch needs the same number of completions for every row: got {n} "
+                             f"completions for {r} rows")
+        k = n // r if r else 0
+
+        def spread(values) -> list:
+            return list(values) if k == 1 else [v for v in values for _ in range(k)]
+
+        if prompts is None:
+            prompts = spread(rows["prompt"])
+        elif len(prompts) != n:
+            raise ValueError(f"a reward batch needs one prompt per completion: got {len(prompts)} prompts for "
+                             f"{n} completions")
+        columns = {c: spread(rows[c]) for c in cls.data_columns(rows.column_names)}
+        return cls(prompts=list(prompts), completions=list(completions), columns=columns)
 
 
 @dataclass
@@ -267,6 +329,13 @@ class RewardImpl(_Record):
             columns flow through ``sample``, ``score`` and ``filter``).
         components: names of the components it reports, if fixed (documentation and schema).
         check: optional ``check(params, spec) -> list[Problem]``, pointers relative to its ``params``.
+        pairwise: the capability to compare two completions instead of scoring one: True, or
+            ``pairwise(params) -> bool`` when the params decide (``llm-judge``'s ``mode``). A pairwise
+            reward's loaded object has ``compare(prompts, completions_a, completions_b) -> (p_a,
+            disagreement)``: N probabilities P(completion a preferred) in [0, 1] and N bools (the two
+            presentation orders picked different completions); its ``score`` may refuse. Stages that compare
+            (``ai-feedback``, the judges of ``evaluate`` and ``reward-accuracy``) call ``compare`` on it; stages
+            that need one score per completion refuse it at validation.
     """
 
     name: str
@@ -275,10 +344,16 @@ class RewardImpl(_Record):
     columns: Union[tuple[str, ...], Callable[[BaseModel], Any]] = ()
     components: tuple[str, ...] = ()
     check: Optional[Callable[..., list["Problem"]]] = None
+    pairwise: Union[bool, Callable[[BaseModel], bool]] = False
 
     def required_columns(self, params: BaseModel) -> list[str]:
         """The row columns this reward reads with ``params``."""
         return list(self.columns(params) if callable(self.columns) else self.columns)
+
+    def is_pairwise(self, params: BaseModel) -> bool:
+        """Whether this reward, with ``params`` (its validated params), compares two completions
+        (see :attr:`pairwise`) rather than scoring each one."""
+        return bool(self.pairwise(params) if callable(self.pairwise) else self.pairwise)
 
     def origin(self) -> str:
         return f"reward '{self.name}' ({self.distribution or 'unknown distribution'} {self.dist_version})".replace(" )", ")")
@@ -337,3 +412,14 @@ class BackendImpl(_Record):
 
     def origin(self) -> str:
         return f"backend '{self.name}' ({self.distribution or 'unknown distribution'} {self.dist_version})".replace(" )", ")")
+
+
+def component_resources(spec: ComponentSpec) -> dict:
+    """The ``resources`` a validated reward or backend spec declares for its params (``{}`` when its record
+    declares none), for a stage to merge into its own ``resources(params)`` (``plan`` shows them).
+
+    Raises:
+        RuntimeError: if ``spec`` was not validated against a registry.
+    """
+    impl = spec.impl
+    return dict(impl.resources(spec.parsed)) if impl.resources else {}

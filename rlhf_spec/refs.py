@@ -125,10 +125,18 @@ def key_view(params: BaseModel) -> dict:
     (references enter through the referenced identity), reward and backend specs as their
     implementation's distribution, version and key view.
 
-    For params without nested specs this equals ``params.model_dump(mode="json")`` minus those fields.
+    A field is named as a spec writes it: by its alias when it has one (``Field(alias="rows-count")``),
+    else by its name; so the keys of params without aliases are those of earlier releases. For params
+    without nested specs this equals ``params.model_dump(mode="json", by_alias=True)`` minus those fields.
+
+    Raises:
+        RuntimeError: if a reward or backend spec inside ``params`` was not resolved (validate first).
+        TypeError: if a value has no JSON form.
     """
-    drop = {f for f, marks in field_markers(type(params)).items() if marks}
-    return {fname: _key_value(getattr(params, fname)) for fname in type(params).model_fields if fname not in drop}
+    model = type(params)
+    drop = {f for f, marks in field_markers(model).items() if marks}
+    return {alias(model, fname): _key_value(getattr(params, fname))
+            for fname in model.model_fields if fname not in drop}
 
 
 def _key_value(value: Any) -> Any:

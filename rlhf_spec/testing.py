@@ -6,6 +6,10 @@
 * :func:`check_contract` checks what every plugin must satisfy (a stage, a reward or a backend):
   the params model exports a JSON Schema and rejects unknown keys, and cache keys are stable
   across processes.
+* :func:`registry_with` loads the installed plugins plus plugin modules of the test's own, and
+  :func:`installed_record` gives one record as the registry holds it (distribution filled in), for
+  :func:`check_contract` and :func:`make_context`;
+* :func:`make_context` / :func:`execute` call a stage's ``run`` directly, as the runner does;
 * :func:`run_spec` runs a spec through the real command line in a subprocess;
   :func:`check_resume` kills such a run (SIGKILL) at every N-th commit point until it finishes, and
   checks it ends with the keys and metrics of an uninterrupted run.
@@ -207,18 +211,62 @@ def _comparable(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if not k.startswith(skip) and k not in ("tokens_per_second",)}
 
 
+def registry_with(*plugins, entry_points: bool = True):
+    """A registry of the installed plugins plus ``plugins`` (modules or objects with ``@hookimpl``
+    functions, registered as distribution ``"<in-process>"``), as :func:`make_context`'s ``registry``
+    and :func:`installed_record`'s take it.
+
+    Args:
+        plugins: plugin modules not installed as distributions (the package under test, from source).
+        entry_points: False leaves the installed plugins (built-ins included) out.
+
+    Returns:
+        the registry. A plugin that fails to load or register does not raise here: see
+        :func:`installed_record`, whose error names it.
+    """
+    from .plugins import load_registry
+
+    return load_registry(extra=plugins, entry_points=entry_points)
+
+
+def installed_record(kind: str, name: str, registry=None):
+    """The record registered as ``name``: a stage of ``kind`` (``"sample"``, ..., ``"train"``), a reward
+    (``kind="reward"``) or a generation backend (``kind="backend"``), as the runner sees it (its
+    ``distribution``, ``dist_version`` and ``source_digest`` filled in).
+
+    Args:
+        registry: from :func:`registry_with`; default: the installed plugins.
+
+    Raises:
+        LookupError: if nothing is registered under that name (the message lists what is installed,
+            a "did you mean" and plugins that failed to load).
+    """
+    from .plugins import registry as installed
+
+    reg = registry if registry is not None else installed()
+    if kind in ("reward", "backend"):
+        rec, reason = reg.lookup_component(kind, name)
+    else:
+        rec, reason = reg.lookup(kind, name)
+    if rec is None:
+        raise LookupError(reason)
+    return rec
+
+
 def make_context(params, folder: str | os.PathLike, kind: str = "train", uses: str = "", stage_id: str = "stage",
                  inputs: Iterable = (), models: Optional[dict] = None, datasets: Optional[dict] = None, seed: int = 0,
                  registry=None):
     """A real :class:`~rlhf_spec.StageContext` for calling a stage's ``run`` directly in a test.
 
     Reward and backend specs inside ``params`` are resolved against ``registry`` (default: the
-    installed plugins). The output goes to ``folder/out``, work in progress to ``folder/partial``.
+    installed plugins; :func:`registry_with` adds the plugin under test). The output goes to
+    ``folder/out``, work in progress to ``folder/partial``.
 
     Args:
         params: the stage's validated params model instance.
         inputs: :class:`~rlhf_spec.InputArtifact` records of upstream entries.
-        models: ``param path -> ModelSource``; datasets: ``param path -> DatasetSpec dict``.
+        models: ``param path -> ModelSource``; datasets: ``param path -> DatasetSpec dict``
+            (``{"path": "prompts.jsonl"}``).
 
     Raises:
         RuntimeError: if a reward or backend named in ``params`` is not installed.

@@ -23,68 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli, write_spec
+from conftest import (RAISING_PLUGIN, assert_same_weights, cli, data_rows, entry_dir, entry_dirs, make_plugin_dist,
+                      mini_spec, rows_spec, run_inprocess, stage_keys, stages_of, statuses, weights, write_spec)
 from rlhf_spec.cache import Cache, Lease
 from rlhf_spec.cli import main
-
-
-def mini_spec(models: dict, hh: Path) -> dict:
-    """Sample -> score -> pair -> REBEL, small enough to run in a few seconds on CPU."""
-    return {
-        "name": "mini",
-        "seed": 0,
-        "models": {"policy": {"path": str(models["policy"])}, "rm": {"path": str(models["reward"])}},
-        "datasets": {"prompts": {"path": str(hh), "adapter": "hh-rlhf", "hash_range": [0.5, 0.75], "limit": 6}},
-        "stages": [
-            {"id": "sample", "kind": "sample", "uses": "generate",
-             "params": {"policy": "policy", "prompts": "prompts", "n": 2, "max_new_tokens": 6, "num_shards": 3,
-                        "backend": {"uses": "transformers", "params": {"batch_size": 4}}}},
-            {"id": "score", "kind": "score", "uses": "reward", "inputs": ["sample"],
-             "params": {"reward": {"uses": "classifier", "params": {"model": "rm", "max_length": 64}}, "num_shards": 2}},
-            {"id": "pair", "kind": "pair", "uses": "best-worst", "inputs": ["score"], "params": {"test_size": 1}},
-            {"id": "rebel", "kind": "train", "uses": "rebel", "inputs": ["pair"],
-             "params": {"policy": "policy", "eta": 1.0, "learning_rate": 1e-3, "per_device_batch_size": 1, "gradient_accumulation_steps": 1,
-                        "epochs": 1.0, "max_prompt_tokens": 128, "max_response_tokens": 8, "save_every": 1,
-                        "logprob_temperature": 0.8}},
-        ],
-    }
-
-
-def stages_of(report: dict) -> dict:
-    return {s["id"]: s for s in report["stages"]}
-
-
-def statuses(report: dict) -> dict:
-    return {s["id"]: s["status"] for s in report["stages"]}
-
-
-def entry_dir(cache: Path, key: str) -> Path:
-    return Path(cache) / "entries" / key[:2] / key
-
-
-def data_rows(cache: Path, key: str) -> list[dict]:
-    import datasets
-
-    return datasets.load_from_disk(str(entry_dir(cache, key) / "data")).to_list()
-
-
-def weights(cache: Path, key: str) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(entry_dir(cache, key) / "model" / "model.safetensors"))
-
-
-def assert_same_weights(a: dict, b: dict, atol: float = 1e-6) -> None:
-    import torch
-
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.allclose(a[name], b[name], atol=atol, rtol=0), f"tensor {name} differs"
-
-
-def run_inprocess(spec: Path, cache: Path, report: Path, *extra: str) -> tuple[int, dict]:
-    code = main(["run", str(spec), "--cache-dir", str(cache), "--report", str(report), *extra])
-    return code, (json.loads(report.read_text()) if report.exists() else {})
 
 
 def verify_exit(cache: Path) -> int:
@@ -188,7 +130,7 @@ def test_corrupt_entry_is_set_aside_and_recomputed(mini_run, own_cache, tmp_path
 
 def test_every_stored_file_is_in_the_manifest(mini_run):
     """Each entry lists every file it holds, with size and sha256, and the manifest is the last word."""
-    from rlhf_spec.hashing import sha256_file
+    from rlhf_spec.files import sha256_file
 
     cache = Cache(mini_run.cache)
     n = 0
@@ -204,7 +146,7 @@ def test_every_stored_file_is_in_the_manifest(mini_run):
 
 
 def test_cache_verify_scans_everything_and_exits_1_on_corruption(mini_run, own_cache, tmp_path, capsys):
-    keys = {s: v["key"] for s, v in stages_of(mini_run.report).items()}
+    keys = stage_keys(mini_run.report)
     assert verify_exit(own_cache) == 0
     capsys.readouterr()
     _flip_byte(entry_dir(own_cache, keys["score"]), "data/*.arrow")
@@ -280,7 +222,7 @@ def test_cache_ls_and_gc_keep_last(mini_run, own_cache, tmp_path, capsys):
 
 def test_gc_keeps_what_a_failed_run_needs_to_resume(mini_run, own_cache, tmp_path, capsys):
     """A run that fails early still needs the entries of its later stages: gc keeping only that run keeps them."""
-    keys = {s: v["key"] for s, v in stages_of(mini_run.report).items()}
+    keys = stage_keys(mini_run.report)
     shutil.rmtree(entry_dir(own_cache, keys["score"]))
     shutil.rmtree(own_cache / "tmp", ignore_errors=True)
     (own_cache / "tmp").write_text("a file where the cache's tmp/ folder should be")  # every new write fails
@@ -368,8 +310,8 @@ def test_plan_explain_names_an_implementation_version_change(mini_run, own_cache
     from rlhf_spec.plugins import load_registry, set_registry
 
     reg = load_registry()
-    impl = reg.impls[("pair", "best-worst")]
-    reg.impls[("pair", "best-worst")] = dataclasses.replace(impl, version=impl.version + ".1")
+    impl = reg.stages[("pair", "best-worst")]
+    reg.stages[("pair", "best-worst")] = dataclasses.replace(impl, version=impl.version + ".1")
     set_registry(reg)
     try:
         plan = _explain(mini_run.spec_path, own_cache, capsys)
@@ -437,7 +379,7 @@ def test_breaking_a_stale_lease_never_steals_a_fresh_one(tmp_path):
 
 def test_run_breaks_a_stale_lease_by_itself(mini_run, own_cache, tmp_path, capsys):
     """A lease left by a killed run (dead pid) on the stage to compute is recovered without waiting for its TTL."""
-    keys = {s: v["key"] for s, v in stages_of(mini_run.report).items()}
+    keys = stage_keys(mini_run.report)
     shutil.rmtree(entry_dir(own_cache, keys["pair"]))
     lock = own_cache / "locks" / f"{keys['pair']}.lease"
     lock.parent.mkdir(exist_ok=True)
@@ -477,7 +419,7 @@ def test_two_runs_on_one_cache(tmp_path, tiny_spec):
     assert not list((cache / "locks").glob("*.lease"))
     assert not (cache / "tmp").exists() or not any((cache / "tmp").iterdir())
     # seven stages, the reference-logprobs entry and both policies' evaluation answers
-    assert len(list(cache.glob("entries/*/*"))) == 10
+    assert len(entry_dirs(cache)) == 10
 
 
 # ----------------------------------------------------------------------------- faults while running
@@ -507,51 +449,9 @@ def test_max_kl_stops_training_and_keeps_the_cache(mini_run, own_cache, tmp_path
     assert code == 0 and statuses(rep)["rebel"] == "cached"  # the entry computed without the guard is the same key
 
 
-RAISING_PLUGIN = """
-import datasets
-from pydantic import BaseModel, ConfigDict
-from rlhf_spec import SAMPLES, StageImpl, StageResult, hookimpl
-
-
-class RowsParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    rows: int = 3
-
-
-class NoParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-def make_rows(ctx):
-    n = ctx.params.rows
-    ctx.save_dataset(datasets.Dataset.from_dict({
-        "prompt_id": [f"{i:016x}" for i in range(n)],
-        "prompt": [[{"role": "user", "content": f"q{i}"}] for i in range(n)],
-        "sample_index": [0] * n, "completion": [f"a{i}" for i in range(n)]}))
-    return StageResult(rows=n)
-
-
-def explode(ctx):
-    raise RuntimeError("the plugin's own bug")
-
-
-@hookimpl
-def rlhf_spec_register_stages(register):
-    register(StageImpl(kind="sample", name="fixed-rows", params=RowsParams, run=make_rows, output=SAMPLES, version="1"))
-    register(StageImpl(kind="filter", name="explode", params=NoParams, run=explode, inputs=(SAMPLES,), min_inputs=1,
-                       max_inputs=1, output="same", version="1"))
-"""
-
-
 def test_plugin_that_raises_is_named_with_its_distribution(tmp_path):
-    from conftest import make_plugin_dist
-
     site = make_plugin_dist(tmp_path / "site", "rlhf-spec-explode-test", "0.4.2", "explode_plugin", RAISING_PLUGIN)
-    spec = write_spec(tmp_path, {
-        "name": "boom",
-        "stages": [{"id": "rows", "kind": "sample", "uses": "fixed-rows", "params": {"rows": 4}},
-                   {"id": "bad", "kind": "filter", "uses": "explode", "inputs": ["rows"]}],
-    })
+    spec = write_spec(tmp_path, rows_spec("boom", rows=4, explode=True))
     cache = tmp_path / "cache"
     r = cli("run", str(spec), "--cache-dir", str(cache), env={"PYTHONPATH": str(site)}, timeout=300)
     assert r.returncode == 1, r.stdout + r.stderr

@@ -15,41 +15,29 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, cli, make_plugin_dist, manifests, write_spec
-from test_cache_integrity import mini_spec, run_inprocess, stages_of, statuses
+from conftest import (RAISING_PLUGIN, ROOT, cli, commit_dummy_entry, entry_dir, keep_stages, make_plugin_dist,
+                      manifests, mini_spec, plan_keys, rows_spec, run_inprocess, stages_of, statuses, write_spec)
+from rlhf_spec.testing import run_spec
 
 # ----------------------------------------------------------------------------- the command line
-
-
-def _cache_with_one_unkept_entry(root: Path) -> str:
-    """A cache folder holding one committed entry that no run record keeps."""
-    from rlhf_spec.cache import Cache
-
-    cache = Cache(root)
-    tmp = cache.begin("ab" * 32)
-    (tmp / "x.txt").write_text("x")
-    cache.commit("ab" * 32, tmp, {"stage": {"id": "s", "spec": "t"}, "preimage": {}})
-    return "ab" * 32
 
 
 @pytest.mark.parametrize("argv", [["cache", "--cache-dir", "{X}", "gc"], ["--cache-dir", "{X}", "cache", "gc"],
                                   ["cache", "gc", "--cache-dir", "{X}"]])
 def test_cache_dir_before_or_after_the_command_means_the_same(tmp_path, argv):
-    key = _cache_with_one_unkept_entry(tmp_path / "X")
-    _cache_with_one_unkept_entry(tmp_path / ".rlhf-cache")  # the default cache of this working directory
+    key = "ab" * 32
+    given = commit_dummy_entry(tmp_path / "X", key)  # one committed entry that no run record keeps
+    default = commit_dummy_entry(tmp_path / ".rlhf-cache", key)  # the default cache of this working directory
     r = cli(*[a.replace("{X}", str(tmp_path / "X")) for a in argv], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert not (tmp_path / "X" / "entries" / key[:2] / key).exists(), "gc did not clean the cache it was given"
-    assert (tmp_path / ".rlhf-cache" / "entries" / key[:2] / key).exists(), "gc cleaned the default cache instead"
+    assert not given.exists(), "gc did not clean the cache it was given"
+    assert default.exists(), "gc cleaned the default cache instead"
 
 
 def test_debug_before_the_command_shows_the_traceback(tmp_path):
     """A stage that fails: the traceback shows with --debug before or after `run`, and not without it."""
-    from test_cache_integrity import RAISING_PLUGIN
-
     site = make_plugin_dist(tmp_path / "site", "rlhf-spec-explode-test", "0.4.2", "explode_plugin", RAISING_PLUGIN)
-    path = write_spec(tmp_path, {"name": "boom", "stages": [
-        {"id": "rows", "kind": "sample", "uses": "fixed-rows"}, {"id": "bad", "kind": "filter", "uses": "explode", "inputs": ["rows"]}]})
+    path = write_spec(tmp_path, rows_spec("boom", explode=True))
     env = {"PYTHONPATH": str(site)}
     quiet = cli("run", str(path), "--cache-dir", str(tmp_path / "c"), cwd=tmp_path, env=env)
     assert quiet.returncode == 1 and "Traceback" not in quiet.stderr and "the plugin's own bug" in quiet.stderr
@@ -102,7 +90,7 @@ def test_gc_empties_the_trash(tmp_path, tiny_models, hh_file):
     cache = tmp_path / "cache"
     code, rep = run_inprocess(path, cache, tmp_path / "a.json", "--until", "pair")
     key = stages_of(rep)["pair"]["key"]
-    (cache / "entries" / key[:2] / key / "manifest.json").write_text("{")
+    (entry_dir(cache, key) / "manifest.json").write_text("{")
     assert cli("cache", "verify", "--cache-dir", str(cache)).returncode == 1
     assert len(list((cache / "trash").iterdir())) == 1
     r = cli("cache", "gc", "--older-than", "1h", "--cache-dir", str(cache))
@@ -218,10 +206,9 @@ def rlhf_spec_register_stages(register):
 
 def test_a_stage_that_raises_an_rlhf_spec_error_is_in_the_report(tmp_path):
     site = make_plugin_dist(tmp_path / "site", "rlhf-spec-gives-up", "1.0.0", "gives_up_plugin", FAILING_PLUGIN)
-    path = write_spec(tmp_path, {"name": "x", "stages": [{"id": "s", "kind": "sample", "uses": "gives-up"}]})
-    r = cli("run", str(path), "--cache-dir", str(tmp_path / "c"), "--report", str(tmp_path / "r.json"), env={"PYTHONPATH": str(site)})
+    r, rep = run_spec({"name": "x", "stages": [{"id": "s", "kind": "sample", "uses": "gives-up"}]}, tmp_path,
+                      env={"PYTHONPATH": str(site)})
     assert r.returncode == 1 and "gave up on purpose" in r.stderr
-    rep = json.loads((tmp_path / "r.json").read_text())
     assert [(s["id"], s["status"]) for s in rep["stages"]] == [("s", "failed")]
     assert "gave up on purpose" in rep["stages"][0]["reason"]
 
@@ -285,7 +272,7 @@ def test_every_backend_gets_the_documented_pass_seeds(tmp_path, tiny_models, hh_
     site = make_plugin_dist(tmp_path / "site", "rlhf-spec-recording", "1.0.0", "recording_backend", RECORDING_BACKEND)
     spec = mini_spec(tiny_models, hh_file)
     spec["seed"] = 7
-    spec["stages"] = spec["stages"][:1]
+    keep_stages(spec, "sample")
     spec["stages"][0]["params"].update(n=3, seed_stride=50, backend={"uses": "recording"})
     log = tmp_path / "seeds.jsonl"
     r = cli("run", str(write_spec(tmp_path, spec)), "--cache-dir", str(tmp_path / "c"),
@@ -364,9 +351,7 @@ def test_a_plugin_that_hashes_its_source_gets_new_keys_when_its_code_changes(tmp
     path = write_spec(tmp_path, tiny_spec)
 
     def keys():
-        r = cli("plan", str(path), "--json", "--cache-dir", str(tmp_path / "c"), env={"PYTHONPATH": str(site)})
-        assert r.returncode == 0, r.stderr
-        return {row["id"]: row["key"] for row in json.loads(r.stdout)}
+        return plan_keys(path, tmp_path / "c", env={"PYTHONPATH": str(site)})
 
     before = keys()
     assert keys() == before

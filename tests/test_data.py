@@ -3,13 +3,21 @@ adapters (messages, prompt-completion, alpaca, sharegpt, kto) on LLaMA-Factory's
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
-from conftest import data_file
-from rlhf_spec.data import hash_unit, load_spec_dataset, normalize_messages, parse_hh_transcript, prompt_id, split_hh_pair
+from conftest import HH, ROOT, data_file
+from rlhf_spec.data import (
+    hash_unit,
+    load_spec_dataset,
+    normalize_messages,
+    parse_hh_transcript,
+    prompt_id,
+    split_hh_pair,
+)
 from rlhf_spec.spec import DatasetSpec
 
 
@@ -233,3 +241,170 @@ def test_reference_column_and_prompt_template_on_gsm8k(tmp_path: Path):
     bad = DatasetSpec(path=str(path), prompt_column="question", reference_column="solution")
     assert local_column_problem(bad, Path("."))[0] == "reference_column"
     assert "reference_column" not in DatasetSpec(path="x.json").model_dump()
+
+
+# ----------------------------------------------------------------------------- adapters as registered classes
+
+#: Every shared data file through each adapter that reads it: (rows, sha256 prefix of the column names, features
+#: and rows in order). Recorded with the adapters as they were before each became a registered class; a change
+#: here changes every dataset's rows, and with them the figures of every spec that reads it.
+ADAPTER_ROWS = {
+    "hh-rlhf": (dict(path=HH, adapter="hh-rlhf"), 2310, "f6a27738617dae43"),
+    "hh-rlhf-rm": (dict(path=HH, adapter="hh-rlhf", hash_range=(0.0, 0.35), limit=1000), 808, "858ec8f338eea60f"),
+    "hh-rlhf-all-rows": (dict(path=HH, adapter="hh-rlhf", dedupe_prompts=False, prompt_template="Q: {prompt}"), 2312,
+                         "9bd22967224d83bf"),
+    "sharegpt-pairs": (dict(path=DPO_DEMO, adapter="sharegpt", chosen_column="chosen", rejected_column="rejected"), 295,
+                       "27f2f6e3916a6bb0"),
+    "kto": (dict(path=KTO_DEMO, adapter="kto"), 300, "48075a88fdfd081f"),
+    "messages": (dict(path=KTO_DEMO, adapter="messages"), 300, "f6c0773b4a0c6477"),
+    "messages-label": (dict(path=KTO_DEMO, adapter="messages", label_column="label", dedupe_prompts=False), 300,
+                       "48075a88fdfd081f"),
+    "alpaca": (dict(path=ALPACA, adapter="alpaca"), 805, "cfa038b94a115505"),
+    "prompt-completion": (dict(path=ALPACA, adapter="prompt-completion", prompt_column="instruction",
+                               completion_column="output", reference_column="generator"), 805, "b5f968b357f461fa"),
+    "generic-prompts": (dict(path="alpaca_eval/text_davinci_003__model_outputs.json", prompt_column="instruction"), 805,
+                        "f40fc1ecb8a6a12a"),
+    "generic-pairs": (dict(path="alpaca_eval/alpaca-7b__model_outputs.json", prompt_column="instruction",
+                           chosen_column="output", rejected_column="generator", hash_range=(0.2, 0.9)), 562,
+                      "5590923db45bdff7"),
+    "alpaca-eval": (dict(path="alpaca_eval/alpaca-7b__alpaca_eval_gpt4__annotations.json", adapter="alpaca-eval"), 789,
+                    "01ac04f706da25f0"),
+    "gsm8k": (dict(path="gsm8k/test.jsonl", adapter="gsm8k"), 1319, "96f17f8d3fdd9462"),
+    "gsm8k-r1": (dict(path="gsm8k/train.jsonl", adapter="gsm8k", prompt_template="{prompt}\nThink first.", limit=700,
+                      completion_template="<think>\n{reasoning}\n</think>\n<answer>\n{answer}\n</answer>"), 700,
+                 "5b29aa2e63169e1e"),
+    "generic-gsm8k-reference": (dict(path="gsm8k/test.jsonl", prompt_column="question", reference_column="answer",
+                                     prompt_template="{prompt}\nPut the final number inside <answer> </answer>."), 1319,
+                                "6a9afb435eb6ac0a"),
+    "rt-polarity-prompts": (dict(path=RT[0], negative_path=RT[1], adapter="rt-polarity", hash_range=(0.4, 1.0),
+                                 prompt_template="Continue: {prompt}"), 5970, "900b3270dae2f4e6"),
+    "rt-polarity-pairs": (dict(path=RT[0], negative_path=RT[1], adapter="rt-polarity", rows="pairs", prompt_words=6,
+                               encoding="latin-1"), 5066, "2afb5f7afd978a7b"),
+}
+
+
+def _rows_digest(ds) -> str:
+    doc = {"columns": ds.column_names, "features": ds.features.to_dict(), "rows": ds.to_list()}
+    return hashlib.sha256(json.dumps(doc, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("case", sorted(ADAPTER_ROWS))
+def test_each_adapter_reads_the_shared_files_as_before(case: str):
+    """Same rows, in the same order, with the same prompt ids, columns and types as before the registry."""
+    fields, n, digest = ADAPTER_ROWS[case]
+    fields = {k: (str(data_file(v)) if k in ("path", "negative_path") else v) for k, v in fields.items()}
+    spec = DatasetSpec(**fields)
+    ds = load_spec_dataset(spec, Path("."))
+    assert set(ds.column_names) == set(spec.columns())
+    assert (len(ds), _rows_digest(ds)) == (n, digest)
+
+
+def test_builtin_adapters_register_through_the_entry_point():
+    from rlhf_spec.data import FIT
+    from rlhf_spec.plugins import load_registry
+
+    reg = load_registry()
+    names = ["generic", "hh-rlhf", "messages", "prompt-completion", "alpaca", "sharegpt", "kto", "rt-polarity",
+             "alpaca-eval", "gsm8k"]
+    assert [n for n in reg.datasets if n in names] == names
+    for name in names:
+        adapter = reg.datasets[name]
+        assert adapter.distribution == "rlhf-spec" and adapter.entry_point == "datasets"
+        assert set(adapter.fit_for) <= set(FIT)
+    rows = [r for r in reg.rows() if r["surface"] == "dataset"]
+    assert {r["name"] for r in rows} >= set(names)
+
+
+def test_unknown_adapter_names_its_json_path_with_a_suggestion():
+    from rlhf_spec.errors import SpecError
+    from rlhf_spec.plugins import registry
+    from rlhf_spec.spec import validate
+
+    spec = json.loads((ROOT / "specs" / "sft_cpu.json").read_text())
+    spec["datasets"]["heldout"]["adapter"] = "alpacca"
+    with pytest.raises(SpecError) as err:
+        validate(spec, registry(), base=ROOT, check_files=False)
+    (problem,) = err.value.problems
+    assert problem.pointer == "/datasets/heldout/adapter"
+    assert "unknown dataset adapter 'alpacca'" in problem.message and "did you mean 'alpaca'?" in problem.message
+    assert "hh-rlhf" in problem.message  # the installed adapters are listed
+    with pytest.raises(ValueError, match="did you mean 'hh-rlhf'"):
+        DatasetSpec(path="x.json", adapter="hh_rlhf")
+
+
+def _plugin_module():
+    """An in-process plugin that adds a ``question-answer`` adapter (upper-cased replies) and one broken record."""
+    import types
+    from dataclasses import dataclass
+
+    from rlhf_spec import DatasetAdapter, hookimpl
+
+    @dataclass(frozen=True, kw_only=True)
+    class QuestionAnswer(DatasetAdapter):
+        name: str = "question-answer"
+        fit_for: tuple = ("completions",)
+        fields: tuple = ("completion_column",)
+        description: str = "question and ANSWER columns, the reply upper-cased."
+
+        def source_columns(self, ds):
+            return [("prompt", "question", "adapter", True),
+                    ("completion", ds.completion_column or "answer", "adapter", True)]
+
+        def build_row(self, row, ds):
+            prompt = [{"role": "user", "content": row["question"]}]
+            reply = row[ds.completion_column or "answer"].upper()
+            return {"prompt": prompt, "completion": reply,
+                    "messages": prompt + [{"role": "assistant", "content": reply}]}
+
+    mod = types.ModuleType("qa_plugin")
+
+    @hookimpl
+    def rlhf_spec_register_datasets(register):
+        register(QuestionAnswer())
+
+    mod.rlhf_spec_register_datasets = rlhf_spec_register_datasets
+    return mod
+
+
+def test_a_plugin_adapter_is_validated_loaded_and_listed_in_the_schema(tmp_path: Path):
+    import types
+
+    from rlhf_spec import DatasetAdapter, hookimpl
+    from rlhf_spec.errors import SpecError
+    from rlhf_spec.plugins import load_registry, set_registry
+    from rlhf_spec.spec import json_schema, validate
+
+    broken = types.ModuleType("broken_adapters")
+
+    @hookimpl
+    def rlhf_spec_register_datasets(register):
+        register(DatasetAdapter(name="nothing", fit_for=("rows",)))
+
+    broken.rlhf_spec_register_datasets = rlhf_spec_register_datasets
+    reg = load_registry(extra=[_plugin_module(), broken])
+    assert "question-answer" in reg.datasets and "nothing" not in reg.datasets
+    assert any("fit_for must name some of prompts, pairs, completions" in f.error for f in reg.failures)
+    qa = [json.dumps({"question": f"q{i}", "answer": f"a{i}"}) for i in range(6)]
+    (tmp_path / "qa.jsonl").write_text("\n".join(qa))
+    spec = json.loads((ROOT / "specs" / "sft_cpu.json").read_text())
+    spec["datasets"] = {name: {"path": "qa.jsonl", "adapter": "question-answer"} for name in spec["datasets"]}
+    policy = tmp_path / spec["models"]["policy"]["path"]
+    policy.mkdir(parents=True)
+    (policy / spec["models"]["policy"]["gguf_file"]).write_bytes(b"")
+    pipe = validate(spec, reg, base=tmp_path)
+    ds = pipe.spec.datasets["train"]
+    assert ds.columns() == ("prompt_id", "prompt", "completion", "messages")
+    rows = load_spec_dataset(ds, tmp_path)
+    assert rows["completion"] == [f"A{i}" for i in range(6)]
+    assert rows["prompt_id"][0] == prompt_id([{"role": "user", "content": "q0"}])
+    with pytest.raises(SpecError, match="/datasets/train/adapter: unknown dataset adapter 'question-answer'"):
+        validate(spec, load_registry(), base=tmp_path)  # not installed there
+    spec["datasets"]["train"]["completion_column"] = "reply"
+    with pytest.raises(SpecError, match="/datasets/train/adapter: qa.jsonl has no column.s. 'reply'"):
+        validate(spec, reg, base=tmp_path)  # the plugin's columns are checked like a built-in's
+    set_registry(reg)
+    try:
+        enum = json_schema(reg)["$defs"]["DatasetSpec"]["properties"]["adapter"]["enum"]
+    finally:
+        set_registry(None)
+    assert enum[:2] == ["generic", "hh-rlhf"] and "question-answer" in enum

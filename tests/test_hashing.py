@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from rlhf_spec.hashing import HashState, canonical_json, hash_json, sha256_file
+from rlhf_spec.files import sha256_file
+from rlhf_spec.hashing import HashState, canonical_json, hash_json
 
 
 def test_types_never_collide():

@@ -12,6 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from conftest import registry_fixture  # noqa: E402
 from rlhf_spec.context import InputArtifact  # noqa: E402
 from rlhf_spec.data import render_transcript  # noqa: E402
 from rlhf_spec.model_source import ModelSource  # noqa: E402
@@ -35,10 +36,8 @@ def judge_dir(tmp_path_factory):
     return make_tiny_policy(tmp_path_factory.mktemp("judge") / "judge", seed=3)
 
 
-@pytest.fixture(scope="module")
-def registry():
-    # only these two plugins: stays valid (no double registration) once their entry points are installed
-    return load_registry(extra=[judge_mod, af_mod], entry_points=False)
+# only these two plugins: stays valid (no double registration) once their entry points are installed
+registry = registry_fixture(judge_mod, af_mod, entry_points=False)
 
 
 def load_judge(judge_dir, folder, registry, **params):
@@ -142,13 +141,21 @@ def test_pairwise_judge_cannot_score_and_check_wants_pairwise(judge_dir, tmp_pat
         judge.score(RewardBatch(prompts=CONVS[:1], completions=["x"]))
     assert judge_mod.pointwise_only_problem({"model": "j", "mode": "pairwise"}) == judge_mod.PAIRWISE_SCORE_MESSAGE
     assert judge_mod.pointwise_only_problem(judge_mod.JudgeParams(model="j")) is None
-    pointwise = af_mod.AIFeedbackParams(judge=RewardSpec(uses="llm-judge", params={"model": "j"}))
-    [problem] = af_mod.check(pointwise, None, ["samples"])
+    from rlhf_spec.rewards import classifier as classifier_mod
+    from rlhf_spec.spec.validate import bind_components
+
+    with_classifier = load_registry(extra=[judge_mod, classifier_mod], entry_points=False)
+
+    def check(uses, params):  # the check runs on a judge that validation has resolved
+        stage_params = af_mod.AIFeedbackParams(judge=RewardSpec(uses=uses, params=params))
+        bind_components(stage_params, with_classifier, "", [])
+        return af_mod.check(stage_params, None, ["samples"])
+
+    [problem] = check("llm-judge", {"model": "j"})
     assert problem.pointer == "/judge" and "pairwise" in problem.message
-    [other] = af_mod.check(af_mod.AIFeedbackParams(judge=RewardSpec(uses="classifier", params={"model": "j"})), None, ["samples"])
+    [other] = check("classifier", {"model": "j"})
     assert other.pointer == "/judge" and "'classifier'" in other.message
-    ok = af_mod.AIFeedbackParams(judge=RewardSpec(uses="llm-judge", params={"model": "j", "mode": "pairwise"}))
-    assert af_mod.check(ok, None, ["samples"]) == []
+    assert check("llm-judge", {"model": "j", "mode": "pairwise"}) == []
     assert af_mod.is_tie(0.5, True, 0.0) and not af_mod.is_tie(0.5, False, 0.0) and not af_mod.is_tie(0.51, True, 0.0)
     assert af_mod.is_tie(0.55, True, 0.1) and not af_mod.is_tie(0.65, True, 0.1)
 

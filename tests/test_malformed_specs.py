@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import pytest
 
-from conftest import cli, make_plugin_dist, write_spec
+from conftest import cli, keep_stages, make_plugin_dist, run_inprocess, write_spec
 from rlhf_spec.cli import main
 
 # Stage indexes of the tiny spec (see conftest.tiny_spec_dict).
@@ -472,18 +472,13 @@ def _model_with_custom_code(folder: Path) -> Path:
     return folder
 
 
-def _sample_only(spec: dict) -> dict:
-    spec["stages"] = [s for s in spec["stages"] if s["id"] == "sample"]
-    return spec
-
-
 def test_remote_code_runs_only_when_the_spec_allows_it_for_that_model(env, tiny_spec, capsys):
     evil = _model_with_custom_code(env.tmp / "custom-model")
-    spec = _sample_only(tiny_spec)
+    spec = keep_stages(tiny_spec, "sample")
     spec["models"]["policy"].update(path=str(evil), tokenizer=str(env.models["policy"]))
     spec["models"]["backbone"]["trust_remote_code"] = True  # allowing another model does not allow this one
     path = write_spec(env.tmp, spec)
-    code = main(["run", str(path), "--cache-dir", str(env.tmp / "cache"), "--report", str(env.tmp / "r.json")])
+    code, _ = run_inprocess(path, env.tmp / "cache", env.tmp / "r.json")
     err = capsys.readouterr().err
     assert code == 1 and "stage 'sample'" in err and "trust_remote_code=True" in err, err
     assert not (evil / "CODE_RAN").exists()

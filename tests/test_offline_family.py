@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import data_file, manifests, write_spec
-from rlhf_spec.errors import SpecError
+from conftest import (data_file, entry_dir, keep_stages, manifests, mini_spec, registry_fixture, run_inprocess,
+                      spec_problems, stage_of, stages_of, write_spec)
 
 ALPACA = "alpaca_eval/gpt4__model_outputs.json"
 KTO = "llama-factory/kto_en_demo.json"
@@ -20,35 +20,22 @@ KTO = "llama-factory/kto_en_demo.json"
 # ----------------------------------------------------------------------------- fixtures and helpers
 
 
-@pytest.fixture(scope="module")
-def registry():
-    """The installed plugins, the offline stages among them."""
-    from rlhf_spec.plugins import load_registry, set_registry
-
-    reg = load_registry()
-    assert ("train", "sft") in reg.stages and ("filter", "best-of-n") in reg.stages, "pyproject's entry points list the offline stages"
-    assert not reg.failures and not reg.conflicts, (reg.failures, reg.conflicts)
-    set_registry(reg)
-    yield reg
-    set_registry(None)
+# the installed plugins, the offline stages among them
+registry = registry_fixture(require=[("train", "sft"), ("filter", "best-of-n")], strict=True, install=True)
 
 
 def base_spec(models: dict, hh: Path) -> dict:
-    """sample (3 per prompt) -> score -> pair (2 test pairs) on tiny models: the data the trainers read."""
-    return {
-        "name": "offline",
-        "seed": 0,
-        "models": {"policy": {"path": str(models["policy"])}, "rm": {"path": str(models["reward"])}},
-        "datasets": {"prompts": {"path": str(hh), "adapter": "hh-rlhf", "hash_range": [0.5, 0.75], "limit": 10}},
-        "stages": [
-            {"id": "sample", "kind": "sample", "uses": "generate",
-             "params": {"policy": "policy", "prompts": "prompts", "n": 3, "max_new_tokens": 6, "num_shards": 1,
-                        "backend": {"uses": "transformers", "params": {"batch_size": 8}}}},
-            {"id": "score", "kind": "score", "uses": "reward", "inputs": ["sample"],
-             "params": {"reward": {"uses": "classifier", "params": {"model": "rm", "max_length": 64}}, "num_shards": 1}},
-            {"id": "pair", "kind": "pair", "uses": "best-worst", "inputs": ["score"], "params": {"test_size": 2}},
-        ],
-    }
+    """sample (3 per prompt) -> score -> pair (2 test pairs) on tiny models: the data the trainers read. The
+    mini spec without REBEL, on 10 prompts, each stage in one shard."""
+    spec = keep_stages(mini_spec(models, hh), "sample", "score", "pair")
+    spec["name"] = "offline"
+    spec["datasets"]["prompts"]["limit"] = 10
+    sample = stage_of(spec, "sample")["params"]
+    sample.update(n=3, num_shards=1)
+    sample["backend"]["params"]["batch_size"] = 8
+    stage_of(spec, "score")["params"]["num_shards"] = 1
+    stage_of(spec, "pair")["params"]["test_size"] = 2
+    return spec
 
 
 TRAIN = {"policy": "policy", "learning_rate": 1e-2, "per_device_batch_size": 2, "gradient_accumulation_steps": 1, "epochs": 1.0,
@@ -56,15 +43,10 @@ TRAIN = {"policy": "policy", "learning_rate": 1e-2, "per_device_batch_size": 2, 
 
 
 def run_spec_inprocess(spec: dict, folder: Path, cache: Path, *extra: str) -> dict:
-    from rlhf_spec.cli import main
-
-    folder.mkdir(parents=True, exist_ok=True)
-    path = write_spec(folder, spec)
-    report = folder / "report.json"
-    code = main(["run", str(path), "--cache-dir", str(cache), "--report", str(report), *extra])
-    rep = json.loads(report.read_text()) if report.exists() else {}
+    """Write ``spec`` into ``folder`` and run it in this process; assert it succeeds; its stages by id."""
+    code, rep = run_inprocess(write_spec(folder, spec), cache, folder / "report.json", *extra)
     assert code == 0, rep.get("error")
-    return {s["id"]: s for s in rep["stages"]}
+    return stages_of(rep)
 
 
 def memo_keys(cache: Path, name: str) -> list[str]:
@@ -402,7 +384,7 @@ def test_dpo_reports_heldout_accuracy(tmp_path, tiny_models, base_cache):
     from rlhf_spec.testing import execute, make_context
 
     key = next(k for k, m in manifests(base_cache).items() if m["stage"].get("id") == "pair")
-    up = InputArtifact("pair", "pairs", key, str(base_cache / "entries" / key[:2] / key))
+    up = InputArtifact("pair", "pairs", key, str(entry_dir(base_cache, key)))
     src = ModelSource(name="policy", origin="spec", path=str(tiny_models["policy"]), identity={"path": "tiny"})
     params = DPOParams(**{k: v for k, v in TRAIN.items() if k != "save_every"}, beta=0.5)
     ctx = make_context(params, tmp_path, inputs=[up], models={"policy": src})
@@ -501,15 +483,6 @@ def test_qlora_save_merges_the_adapters_into_a_full_precision_copy(tiny_models):
     assert any(not torch.equal(merged[k], base[k]) for k in base if "q_proj" in k)
 
 
-def _problems(spec: dict, registry) -> list:
-    from rlhf_spec.errors import SpecError
-    from rlhf_spec.spec.validate import validate
-
-    with pytest.raises(SpecError) as err:
-        validate(spec, registry, check_files=False)
-    return err.value.problems
-
-
 def test_qlora_is_a_validation_problem_without_cuda(tiny_models, registry):
     import torch
 
@@ -518,11 +491,11 @@ def test_qlora_is_a_validation_problem_without_cuda(tiny_models, registry):
     spec = {"name": "q", "models": {"policy": {"path": str(tiny_models["policy"])}},
             "datasets": {"d": {"path": "x.json", "adapter": "alpaca"}},
             "stages": [{"id": "sft", "kind": "train", "uses": "sft", "params": {"policy": "policy", "dataset": "d", "qlora": True}}]}
-    probs = {p.pointer: p for p in _problems(spec, registry)}
+    probs = {p.pointer: p for p in spec_problems(spec, registry, check_files=False)}
     assert set(probs) == {"/stages/0/params/qlora", "/stages/0/params/lora"}
     assert "CUDA" in probs["/stages/0/params/qlora"].message
     spec["stages"][0]["params"]["lora"] = {"r": 4}
-    assert [p.pointer for p in _problems(spec, registry)] == ["/stages/0/params/qlora"]
+    assert [p.pointer for p in spec_problems(spec, registry, check_files=False)] == ["/stages/0/params/qlora"]
 
 
 def test_static_checks_of_kto_and_sft_data(tiny_models, registry):
@@ -532,7 +505,7 @@ def test_static_checks_of_kto_and_sft_data(tiny_models, registry):
             "stages": [{"id": "kto", "kind": "train", "uses": "kto", "params": {"policy": "policy", "dataset": "kto", "per_device_batch_size": 1}},
                        {"id": "sft", "kind": "train", "uses": "sft", "params": {"policy": "policy", "dataset": "prefs"}},
                        {"id": "kto2", "kind": "train", "uses": "kto", "params": {"policy": "policy", "dataset": "prefs"}}]}
-    probs = {p.pointer: p.message for p in _problems(spec, registry)}
+    probs = {p.pointer: p.message for p in spec_problems(spec, registry, check_files=False)}
     assert "at least 2" in probs["/stages/0/params/per_device_batch_size"]
     assert "completion" in probs["/stages/1/params/dataset"]  # preference data is not SFT data
     assert "label" in probs["/stages/2/params/dataset"]
@@ -562,7 +535,7 @@ def test_pair_trainers_read_a_preference_dataset(tmp_path, tiny_models, registry
     # to bf16 rounding but are not the same numbers
     keys = memo_keys(cache, "reference-logprobs")
     assert len(keys) == 2 and {k for algo in ("dpo", "ipo") for k in manifests(cache)[st[algo]["key"]]["used_keys"]} == set(keys)
-    fp32, bf16 = (json.loads((cache / "entries" / k[:2] / k / "logprobs.json").read_text())
+    fp32, bf16 = (json.loads((entry_dir(cache, k) / "logprobs.json").read_text())
                   for k in (manifests(cache)[st[algo]["key"]]["used_keys"][0] for algo in ("dpo", "ipo")))
     diffs = [abs(a - b) for side in ("chosen", "rejected") for a, b in zip(fp32[side], bf16[side])]
     assert 0 < max(diffs) < 0.05 * max(abs(v) for v in fp32["chosen"] + fp32["rejected"]), diffs
@@ -571,17 +544,12 @@ def test_pair_trainers_read_a_preference_dataset(tmp_path, tiny_models, registry
 
 
 def test_pair_trainer_data_problems(tiny_models):
-    from rlhf_spec.plugins import registry as installed
-    from rlhf_spec.spec import validate
-
     spec = {"name": "x", "models": {"policy": {"path": str(tiny_models["policy"])}},
             "datasets": {"dpo": {"path": str(data_file("llama-factory/dpo_en_demo.json")), "adapter": "sharegpt",
                                  "chosen_column": "chosen", "rejected_column": "rejected"}},
             "stages": [{"id": "dpo", "kind": "train", "uses": "dpo", "params": {"policy": "policy"}},
                        {"id": "rebel", "kind": "train", "uses": "rebel", "params": {"policy": "policy", "dataset": "dpo"}}]}
-    with pytest.raises(SpecError) as ei:
-        validate(spec, installed())
-    errs = [p.render() for p in ei.value.problems]
+    errs = [p.render() for p in spec_problems(spec)]
     assert any(e.startswith("/stages/0/params/dataset: training needs preference pairs") for e in errs), errs
     assert any(e.startswith("/stages/1/params/dataset: REBEL regresses on reward differences") for e in errs), errs
 

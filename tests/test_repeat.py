@@ -4,12 +4,9 @@ point into the block with the round."""
 from __future__ import annotations
 
 import copy
-import json
 
-import pytest
-
-from conftest import cli, write_spec
-from rlhf_spec.errors import SpecError
+from conftest import manifests, plan_keys, spec_problems, stages_of, write_spec
+from rlhf_spec.testing import run_spec
 
 
 def _block_spec(tiny_spec: dict, rounds: int = 2) -> dict:
@@ -47,9 +44,8 @@ def _by_hand(tiny_spec: dict, rounds: int = 2) -> dict:
 
 
 def _plan(tmp_path, spec: dict, name: str) -> list[tuple[str, str]]:
-    r = cli("plan", str(write_spec(tmp_path, spec, name)), "--json", "--cache-dir", str(tmp_path / "c"))
-    assert r.returncode == 0, r.stderr
-    return [(row["id"], row["key"]) for row in json.loads(r.stdout)]
+    """(stage id, key) of every stage of ``spec`` (written to ``tmp_path/name``), in plan order."""
+    return list(plan_keys(write_spec(tmp_path, spec, name), tmp_path / "c").items())
 
 
 def test_keys_equal_those_of_the_graph_written_by_hand(tmp_path, tiny_spec):
@@ -63,12 +59,7 @@ def test_keys_equal_those_of_the_graph_written_by_hand(tmp_path, tiny_spec):
 
 
 def _errors(spec: dict) -> list[str]:
-    from rlhf_spec.plugins import registry
-    from rlhf_spec.spec import validate
-
-    with pytest.raises(SpecError) as ei:
-        validate(spec, registry())
-    return [p.render() for p in ei.value.problems]
+    return [p.render() for p in spec_problems(spec)]
 
 
 def test_a_reference_to_a_stage_the_block_does_not_have(tiny_spec):
@@ -112,11 +103,8 @@ def test_a_malformed_block(tiny_spec):
 
 def test_set_reaches_an_expanded_stage(tmp_path, tiny_spec):
     path = write_spec(tmp_path, _block_spec(tiny_spec))
-    r = cli("plan", str(path), "--json", "--cache-dir", str(tmp_path / "c"), "--set", "stages.sample_iter2.params.n=2")
-    assert r.returncode == 0, r.stderr
-    r1 = cli("plan", str(path), "--json", "--cache-dir", str(tmp_path / "c"))
-    a = {row["id"]: row["key"] for row in json.loads(r.stdout)}
-    b = {row["id"]: row["key"] for row in json.loads(r1.stdout)}
+    a = plan_keys(path, tmp_path / "c", "--set", "stages.sample_iter2.params.n=2")
+    b = plan_keys(path, tmp_path / "c")
     assert a["sample_iter1"] == b["sample_iter1"] and a["sample_iter2"] != b["sample_iter2"]
 
 
@@ -159,15 +147,13 @@ def test_rounds_share_the_reference_policys_evaluation_answers(tmp_path, tiny_sp
     once (one shared ``policy-answers`` entry), and both rounds' tables hold the same reference answers."""
     import datasets
 
-    spec = _block_spec(tiny_spec)
-    cache = tmp_path / "cache"
-    r = cli("run", str(write_spec(tmp_path, spec)), "--cache-dir", str(cache), "--report", str(tmp_path / "r.json"))
+    r, report = run_spec(_block_spec(tiny_spec), tmp_path)
     assert r.returncode == 0, r.stderr + r.stdout
-    stages = {s["id"]: s for s in json.loads((tmp_path / "r.json").read_text())["stages"]}
+    stages = stages_of(report)
     tables = [datasets.load_from_disk(str(tmp_path / stages[f"evaluate_iter{i}"]["output"] / "data")) for i in (1, 2)]
     assert tables[0]["reference"] == tables[1]["reference"]
     assert tables[0]["policy"] != tables[1]["policy"]
-    memos = [json.loads(m.read_text())["stage"] for m in cache.glob("entries/*/*/manifest.json")]
+    memos = [m["stage"] for m in manifests(tmp_path / "cache").values()]
     answers = [m["id"] for m in memos if m.get("memo") == "policy-answers"]
     # round 1: its policy and the reference; round 2: its policy only
     assert sorted(answers) == ["evaluate_iter1", "evaluate_iter1", "evaluate_iter2"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import data_file, write_spec
+from conftest import data_file, run_inprocess, write_spec
 from rlhf_spec.stages.reward_accuracy import agreement, judge_metrics
 from rlhf_spec.stats import wilson_interval
 
@@ -59,8 +59,6 @@ def test_judge_metrics_by_hand():
 
 def test_reward_accuracy_stage_with_a_length_reward(tmp_path):
     """A characters-length reward agrees exactly where the label chose the longer reply; ties are dropped."""
-    from rlhf_spec.cli import main
-
     rows = [_row("q1", "a long reply here", "short", 1),   # chosen longer: agree
             _row("q2", "tiny", "a much longer reply", 1),  # chosen shorter: disagree
             _row("q3", "x", "y", 0),                       # tie: dropped
@@ -77,10 +75,9 @@ def test_reward_accuracy_stage_with_a_length_reward(tmp_path):
                             "zscored": {"uses": "combine", "params": {
                                 "components": {"chars": {"uses": "length", "params": {"unit": "characters", "per_unit": 1.0}}},
                                 "normalize": {"chars": {"method": "batch"}}}}}}}]}
-    path = write_spec(tmp_path, spec)
-    report = tmp_path / "report.json"
-    assert main(["run", str(path), "--cache-dir", str(tmp_path / "cache"), "--report", str(report)]) == 0
-    m = json.loads(report.read_text())["stages"][0]["metrics"]
+    code, report = run_inprocess(write_spec(tmp_path, spec), tmp_path / "cache", tmp_path / "report.json")
+    assert code == 0
+    m = report["stages"][0]["metrics"]
     assert m["pairs"] == 4 and m["primary_judge"] == "longer"
     assert m["accuracy"] == m["longer.accuracy"] == 2.5 / 4
     assert m["shorter.accuracy"] == 1.5 / 4
@@ -88,7 +85,7 @@ def test_reward_accuracy_stage_with_a_length_reward(tmp_path):
     assert (m["longer.accuracy_ci_low"], m["longer.accuracy_ci_high"]) == pytest.approx(wilson_interval(2.5, 4))
     assert m["labels_prefer_longer_rate"] == pytest.approx(2 / 3)
     assert m["longer.prefers_longer_rate"] == 1.0 and m["shorter.prefers_longer_rate"] == 0.0
-    out = Path(json.loads(report.read_text())["stages"][0]["output"])
+    out = Path(report["stages"][0]["output"])
     md = (out / "examples.md").read_text()
     assert "| longer | 0.625 |" in md and "| shorter | 0.375 |" in md
 

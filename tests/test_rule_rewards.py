@@ -19,7 +19,7 @@ from rlhf_spec.rewards import combine, rules
 from rlhf_spec.rewards.combine import (CombineParams, Normalization, llama2_combine, logit, weighted_sum, zscore)
 from rlhf_spec.rewards.rules import answers_match, extract_answer, parse_number
 
-GSM8K_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "test.jsonl"
+GSM8K_TEST = "gsm8k/test.jsonl"  # 1319 JSON lines of question/answer
 
 
 def registered(module) -> dict:
@@ -107,10 +107,9 @@ def test_math_answer_errors_name_the_column():
 
 
 def _gsm8k() -> list[dict]:
-    if not GSM8K_TEST.is_file():
-        pytest.fail(f"GSM8K test set missing: expected {GSM8K_TEST} (1319 JSON lines of question/answer)")
-    rows = [json.loads(line) for line in GSM8K_TEST.read_text().splitlines() if line.strip()]
-    assert len(rows) == 1319, f"{GSM8K_TEST} has {len(rows)} rows, expected 1319"
+    path = data_file(GSM8K_TEST)
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    assert len(rows) == 1319, f"{path} has {len(rows)} rows, expected 1319"
     return rows
 
 
@@ -397,7 +396,7 @@ def test_gsm8k_adapter_writes_replies_that_the_rule_rewards_accept():
     from rlhf_spec.data import load_spec_dataset
     from rlhf_spec.spec import DatasetSpec
 
-    spec = DatasetSpec(path=str(data_file("gsm8k/test.jsonl")), adapter="gsm8k", completion_template=R1_REPLY,
+    spec = DatasetSpec(path=str(data_file(GSM8K_TEST)), adapter="gsm8k", completion_template=R1_REPLY,
                        prompt_template="{prompt}\nReply with <answer>.", dedupe_prompts=False)
     assert spec.columns() == ("prompt_id", "prompt", "reference", "completion", "messages")
     ds = load_spec_dataset(spec, Path("."))
@@ -413,7 +412,7 @@ def test_gsm8k_adapter_writes_replies_that_the_rule_rewards_accept():
                                    "flags": ["dotall"]}, ds["completion"])
     assert sum(strict.scores) == 1319
     # the default template keeps GSM8K's own '#### n' ending
-    plain = load_spec_dataset(DatasetSpec(path=str(data_file("gsm8k/test.jsonl")), adapter="gsm8k", limit=5), Path("."))
+    plain = load_spec_dataset(DatasetSpec(path=str(data_file(GSM8K_TEST)), adapter="gsm8k", limit=5), Path("."))
     assert all(re.search(r"\n#### -?[\d.]+$", c) for c in plain["completion"])
 
 
@@ -433,6 +432,6 @@ def test_gsm8k_reply_by_hand_and_its_errors():
     # the solution column feeds both the reply and the reference; a missing one is named once, by its field
     from rlhf_spec.data import local_column_problem
 
-    field, msg = local_column_problem(DatasetSpec(path=str(data_file("gsm8k/test.jsonl")), adapter="gsm8k",
+    field, msg = local_column_problem(DatasetSpec(path=str(data_file(GSM8K_TEST)), adapter="gsm8k",
                                                   completion_column="solution"), Path("."))
     assert field == "completion_column" and msg.count("'solution'") == 1, msg

@@ -13,17 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli, make_plugin_dist, write_spec
-from test_cache_integrity import RAISING_PLUGIN, mini_spec
+from conftest import (RAISING_PLUGIN, cli, commit_dummy_entry, entry_dirs, make_plugin_dist, mini_spec, rows_spec,
+                      write_spec)
+from rlhf_spec.testing import run_spec
 
 # ----------------------------------------------------------------------------- where the cache is
-
-
-def _rows_spec(cache_dir: str | None = None) -> dict:
-    spec = {"name": "rows", "stages": [{"id": "rows", "kind": "sample", "uses": "fixed-rows", "params": {"rows": 2}}]}
-    if cache_dir:
-        spec["cache"] = {"dir": cache_dir}
-    return spec
 
 
 @pytest.mark.parametrize("given,want", [
@@ -32,7 +26,10 @@ def _rows_spec(cache_dir: str | None = None) -> dict:
 def test_cache_folder_precedence(tmp_path, given, want):
     """--cache-dir, then RLHF_SPEC_CACHE, then the spec's cache.dir, then .rlhf-cache."""
     site = make_plugin_dist(tmp_path / "site", "rlhf-spec-rows", "1.0.0", "rows_plugin", RAISING_PLUGIN)
-    path = write_spec(tmp_path, _rows_spec("from-spec" if "spec" in given else None))
+    spec = rows_spec(rows=2)
+    if "spec" in given:
+        spec["cache"] = {"dir": "from-spec"}
+    path = write_spec(tmp_path, spec)
     env = {"PYTHONPATH": str(site)}
     if "env" in given:
         env["RLHF_SPEC_CACHE"] = "from-env"
@@ -46,18 +43,6 @@ def test_cache_folder_precedence(tmp_path, given, want):
 # ----------------------------------------------------------------------------- gc
 
 
-def _entry(cache, key: str, age_days: float = 0.0) -> None:
-    tmp = cache.begin(key)
-    (tmp / "x.txt").write_text(key)
-    cache.commit(key, tmp, {"stage": {"id": key[:4], "spec": "t"}, "preimage": {}})
-    if age_days:
-        man_path = cache.entry_dir(key) / "manifest.json"
-        man = json.loads(man_path.read_text())
-        when = _dt.datetime.now(_dt.timezone.utc) - _dt.timedelta(days=age_days)
-        man["created"] = when.isoformat(timespec="seconds")
-        man_path.write_text(json.dumps(man))
-
-
 def _age(path: Path, days: float) -> None:
     t = (_dt.datetime.now() - _dt.timedelta(days=days)).timestamp()
     for p in [path, *path.rglob("*")]:
@@ -69,9 +54,9 @@ def test_gc_older_than_removes_old_unkept_things_only(tmp_path):
 
     cache = Cache(tmp_path / "c")
     old, new, kept = "aa" * 32, "bb" * 32, "cc" * 32
-    _entry(cache, old, age_days=30)
-    _entry(cache, new)
-    _entry(cache, kept, age_days=30)
+    commit_dummy_entry(cache, old, age_days=30)
+    commit_dummy_entry(cache, new)
+    commit_dummy_entry(cache, kept, age_days=30)
     cache.record_run({"spec": "t", "keys": [kept]})
     for name, days in (("old", 30), ("new", 0)):
         d = cache.converted_dir(name)
@@ -117,15 +102,14 @@ def rlhf_spec_register_stages(register):
 @pytest.mark.slow
 def test_a_failing_worker_fails_the_stage_with_its_own_words(tmp_path):
     site = make_plugin_dist(tmp_path / "site", "rlhf-spec-fails", "1.0.0", "fails_plugin", FAILING_WORKER)
-    path = write_spec(tmp_path, {"name": "w", "stages": [
-        {"id": "t", "kind": "train", "uses": "fails-in-a-worker", "params": {"num_processes": 2}}]})
+    r, rep = run_spec({"name": "w", "stages": [
+        {"id": "t", "kind": "train", "uses": "fails-in-a-worker", "params": {"num_processes": 2}}]}, tmp_path,
+        env={"PYTHONPATH": str(site)})
     cache = tmp_path / "cache"
-    r = cli("run", str(path), "--cache-dir", str(cache), "--report", str(tmp_path / "r.json"), env={"PYTHONPATH": str(site)})
     assert r.returncode == 1, r.stdout + r.stderr
     assert "2-process run of stage 't' exited with code 1" in r.stderr and "worker 1 failed on purpose" in r.stderr
-    rep = json.loads((tmp_path / "r.json").read_text())
     assert [(s["id"], s["status"]) for s in rep["stages"]] == [("t", "failed")]
-    assert not list(cache.glob("entries/*/*")) and cli("cache", "verify", "--cache-dir", str(cache)).returncode == 0
+    assert not entry_dirs(cache) and cli("cache", "verify", "--cache-dir", str(cache)).returncode == 0
 
 
 # ----------------------------------------------------------------------------- a full disk

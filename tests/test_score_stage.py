@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli, make_plugin_dist, manifests, tiny_spec_dict, write_spec
+from conftest import cli, entry_dir, keep_stages, make_plugin_dist, manifests, stage_of, tiny_spec_dict, write_spec
 
 FAULTY = """
 from pydantic import BaseModel, ConfigDict
@@ -48,18 +48,16 @@ def rlhf_spec_register_rewards(register):
 
 def _spec(tiny_models, hh_file, reward: dict) -> dict:
     """The tiny spec's sample and score stages: 4 prompts x 2 completions in one shard, scored by ``reward``."""
-    spec = tiny_spec_dict(tiny_models, hh_file)
+    spec = keep_stages(tiny_spec_dict(tiny_models, hh_file), "sample", "score")
     spec["datasets"]["prompts"]["limit"] = 4
-    sample, score = (next(s for s in spec["stages"] if s["id"] == i) for i in ("sample", "score"))
-    sample["params"].update(n=2, max_new_tokens=4, num_shards=1)
-    score["params"].update(reward=reward, num_shards=1)
-    spec["stages"] = [sample, score]
+    stage_of(spec, "sample")["params"].update(n=2, max_new_tokens=4, num_shards=1)
+    stage_of(spec, "score")["params"].update(reward=reward, num_shards=1)
     return spec
 
 
 def _entries(cache: Path, stage: str) -> dict:
     """A stage's committed outputs: entry key -> (folder, manifest)."""
-    return {k: (cache / "entries" / k[:2] / k, m) for k, m in manifests(cache).items() if m["stage"].get("id") == stage}
+    return {k: (entry_dir(cache, k), m) for k, m in manifests(cache).items() if m["stage"].get("id") == stage}
 
 
 def _sample_entry(cache: Path) -> dict:

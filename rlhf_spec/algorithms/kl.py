@@ -1,21 +1,26 @@
 """KL estimators between the policy and the reference policy.
 
 (Adaptive and fixed KL controllers for the per-token KL penalty live here too.)
+
+Sign convention, used by every function here: ``log_ratio = log pi(y) - log pi_ref(y)`` (nats), the
+policy's logprob minus the reference policy's, on tokens (or sequences) sampled from the policy.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 import torch
 
-__all__ = ["kl_estimate", "FixedKLController", "AdaptiveKLController"]
+__all__ = ["KL_ESTIMATORS", "kl_terms", "kl_term_float", "kl_mean_float", "kl_estimate", "FixedKLController",
+           "AdaptiveKLController"]
 
 from .ops import _require_same_shape
 
-_KL_KINDS = ("k1", "k2", "k3")
+#: The sample-based KL estimators of Schulman 2020, by name.
+KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 # ---------------------------------------------------------------------------
@@ -23,9 +28,93 @@ _KL_KINDS = ("k1", "k2", "k3")
 # ---------------------------------------------------------------------------
 
 
-def _check_kl_args(logprobs, ref_logprobs, mask, kind: str) -> None:
-    if kind not in _KL_KINDS:
-        raise ValueError(f"unknown KL estimator kind {kind!r}; expected one of {_KL_KINDS}")
+def _check_estimator(estimator: str) -> None:
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}")
+
+
+def kl_terms(log_ratio: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Elementwise sample-based estimate of KL(policy || reference policy), one term per sample.
+
+    With ``x = log_ratio = log pi - log pi_ref`` of a sample drawn from the policy::
+
+        k1 = x                          unbiased, high variance, can be < 0
+        k2 = x ** 2 / 2                 biased (low for nearby policies), >= 0
+        k3 = (exp(-x) - 1) + x          unbiased, >= 0, lower variance
+
+    k3 is evaluated as ``expm1(-x) + x`` and clamped at 0, so it is non-negative as in exact arithmetic
+    (for a faithfully rounded ``expm1`` the clamp never changes a finite value; NaN stays NaN).
+
+    Args:
+        log_ratio: float tensor of any shape, per-token (or per-sequence) log-ratios in nats.
+        estimator: ``"k1"``, ``"k2"`` or ``"k3"``.
+
+    Returns:
+        a tensor of the same shape and dtype (nats), differentiable with respect to ``log_ratio``.
+
+    Raises:
+        ValueError: on an unknown ``estimator``.
+
+    Source: Schulman 2020, "Approximating KL Divergence" (http://joschu.net/blog/kl-approx.html),
+    estimators k1, k2, k3. That note writes ``r = p(x)/q(x)`` with ``x ~ q``, ``q`` the sampling policy and
+    ``p`` the reference; its ``log r`` is our ``-x``.
+    """
+    _check_estimator(estimator)
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio.square()
+    return (torch.expm1(-log_ratio) + log_ratio).clamp_min(0.0)
+
+
+def kl_term_float(log_ratio: float, estimator: str) -> float:
+    """:func:`kl_terms` for one Python float, in float64 with the C library's ``expm1``.
+
+    torch's vectorised ``expm1`` and ``math.expm1`` differ in the last bit on a few percent of
+    float64 inputs, so a figure computed in Python floats keeps this path to stay bit-identical.
+    k3 is ``max(0.0, expm1(-x) + x)`` (a NaN gives 0.0 here, unlike the tensor path).
+
+    Args:
+        log_ratio: ``log pi - log pi_ref`` of one sample (nats).
+        estimator: ``"k1"``, ``"k2"`` or ``"k3"``.
+
+    Returns:
+        the estimate (float, nats).
+
+    Raises:
+        ValueError: on an unknown ``estimator``. OverflowError: k3 of a log-ratio below about -709.
+
+    Source: as :func:`kl_terms`.
+    """
+    _check_estimator(estimator)
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * (log_ratio * log_ratio)
+    return max(0.0, math.expm1(-log_ratio) + log_ratio)
+
+
+def kl_mean_float(log_ratios: Sequence[float], estimator: str) -> float:
+    """Mean of :func:`kl_term_float` over N log-ratios, summed left to right in Python floats.
+
+    Args:
+        log_ratios: N floats, ``log pi - log pi_ref`` per sample (nats), N >= 1.
+        estimator: ``"k1"``, ``"k2"`` or ``"k3"``.
+
+    Returns:
+        ``sum(terms) / N`` (float, nats).
+
+    Raises:
+        ValueError: on an unknown ``estimator`` or an empty ``log_ratios``.
+    """
+    _check_estimator(estimator)
+    if not len(log_ratios):
+        raise ValueError("kl_mean_float needs at least one log-ratio")
+    return sum(kl_term_float(x, estimator) for x in log_ratios) / len(log_ratios)
+
+
+def _check_kl_args(logprobs, ref_logprobs, mask, estimator: str) -> None:
+    _check_estimator(estimator)
     if mask is None:
         _require_same_shape(logprobs=logprobs, ref_logprobs=ref_logprobs)
     else:
@@ -38,22 +127,14 @@ def kl_estimate(
     logprobs: torch.Tensor,
     ref_logprobs: torch.Tensor,
     mask: Optional[torch.Tensor] = None,
-    kind: str = "k1",
+    estimator: str = "k1",
 ) -> torch.Tensor:
-    """Sample-based estimate of KL(policy || reference), per sequence.
+    """Sample-based estimate of KL(policy || reference policy), per sequence.
 
-    With tokens sampled from the policy and ``log r = logprobs - ref_logprobs``
-    (policy minus reference, per token)::
-
-        k1 = log r                          unbiased, high variance, can be < 0
-        k2 = (log r) ** 2 / 2               biased (low for nearby policies), >= 0
-        k3 = (exp(-log r) - 1) + log r      unbiased, >= 0, lower variance
-
-    (k3 is evaluated as ``expm1(-log r) + log r`` and clamped at 0 against
-    round-off, since it is non-negative in exact arithmetic.) Per-token values
-    are summed over the masked tokens of each sequence. For k1 this sum is the
-    standard estimate of the sequence-level KL; for k2/k3 it is the sum of the
-    per-token estimates, as used for token-level KL penalties.
+    The per-token terms are :func:`kl_terms` of ``log_ratio = logprobs - ref_logprobs`` (policy minus
+    reference), summed over the masked tokens of each sequence. For k1 this sum is the standard
+    estimate of the sequence-level KL; for k2/k3 it is the sum of the per-token estimates, as used for
+    token-level KL penalties.
 
     Args:
         logprobs: (B, T) or (B,) float, logprobs (nats) of the sampled tokens
@@ -62,31 +143,21 @@ def kl_estimate(
             reference policy.
         mask: optional bool/0-1 tensor of the same shape; entries where it is 0
             contribute exactly 0 (even if they hold inf/NaN).
-        kind: ``"k1"``, ``"k2"`` or ``"k3"``.
+        estimator: ``"k1"``, ``"k2"`` or ``"k3"`` (see :func:`kl_terms`).
 
     Returns:
         (B,) float tensor: for (B, T) inputs the masked sum over T; for (B,)
         inputs the per-entry estimate (each entry one sample), masked.
 
     Raises:
-        ValueError: on an unknown ``kind``, if the inputs' shapes differ, or if
+        ValueError: on an unknown ``estimator``, if the inputs' shapes differ, or if
             they are neither 1-D nor 2-D.
 
-    Source: Schulman 2020, "Approximating KL Divergence" (blog note,
-    http://joschu.net/blog/kl-approx.html), estimators k1, k2, k3 with
-    ``r = q(x)/p(x)`` there; here ``-log r`` of that note is our ``log r``
-    because we write the ratio as policy over reference.
+    Source: Schulman 2020, "Approximating KL Divergence" (see :func:`kl_terms`).
     """
-    _check_kl_args(logprobs, ref_logprobs, mask, kind)
+    _check_kl_args(logprobs, ref_logprobs, mask, estimator)
 
-    log_ratio = logprobs - ref_logprobs
-    if kind == "k1":
-        per_token = log_ratio
-    elif kind == "k2":
-        per_token = 0.5 * log_ratio.square()
-    else:
-        per_token = (torch.expm1(-log_ratio) + log_ratio).clamp_min(0.0)
-
+    per_token = kl_terms(logprobs - ref_logprobs, estimator)
     if mask is not None:
         per_token = torch.where(mask.bool(), per_token, torch.zeros_like(per_token))
     if per_token.dim() == 2:

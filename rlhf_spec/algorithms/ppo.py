@@ -9,6 +9,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from .kl import kl_terms
 from .ops import _require_same_shape, masked_mean
 
 __all__ = ["PolicyLossPPO", "ValueLoss", "gae_advantages", "aggregate_loss", "ClippedPolicyLoss"]
@@ -292,8 +293,9 @@ class ClippedPolicyLoss(nn.Module):
     ``agg`` is :func:`aggregate_loss` with the chosen ``aggregation``. ``eps_high > eps_low``
     is DAPO's "clip-higher" (more room to raise the probability of unlikely tokens);
     ``eps_high = eps_low`` is the PPO / GRPO clip. The KL term (GRPO; ``kl_coef = 0`` as in DAPO
-    turns it off) is the k3 estimator of KL(pi_theta || pi_ref). Masked-out positions are replaced
-    by 0 before any arithmetic, so padding holding inf/NaN affects neither the loss nor its gradient.
+    turns it off) is the k3 estimator of KL(pi_theta || pi_ref) (:func:`~rlhf_spec.algorithms.kl.kl_terms`).
+    Masked-out positions are replaced by 0 before any arithmetic, so padding holding inf/NaN affects
+    neither the loss nor its gradient.
 
     Args:
         clip_eps_low: float in (0, 1), lower clip range ``eps_low``.
@@ -378,13 +380,13 @@ class ClippedPolicyLoss(nn.Module):
         stats = {
             "pg_loss": pg_loss.detach(),
             "clip_fraction": masked_mean((clipped > unclipped).detach().to(logprobs.dtype), mask),
-            "approx_kl": masked_mean(torch.expm1(detached) - detached, mask),
+            "approx_kl": masked_mean(kl_terms(-detached, "k3"), mask),  # KL(pi_old || pi_theta)
         }
         if self.kl_coef == 0:
             return pg_loss, stats
         _require_same_shape(logprobs=logprobs, ref_logprobs=ref_logprobs)
-        ref_log_ratio = torch.where(valid, ref_logprobs.detach() - logprobs, zero)
-        kl = torch.expm1(ref_log_ratio) - ref_log_ratio
+        ref_log_ratio = torch.where(valid, logprobs - ref_logprobs.detach(), zero)
+        kl = kl_terms(ref_log_ratio, "k3")
         ref_kl = aggregate_loss(kl, mask, self.aggregation, self.max_tokens)
         stats["ref_kl"] = ref_kl.detach()
         return pg_loss + self.kl_coef * ref_kl, stats

@@ -1,4 +1,5 @@
-"""Generation backends: the sampling settings every backend honours and the chat-prompt helpers.
+"""Generation backends: the sampling settings every backend honours, the chat-prompt helpers, and
+the passes of a sampling stage (:func:`generate_passes`; pass seeds: :func:`rlhf_spec.runtime.sampling_seed`).
 
 The built-in backend is ``transformers`` (:mod:`rlhf_spec.backends.transformers`); vLLM ships as the
 ``rlhf-spec-vllm`` plugin package. A stage names its backend with ``{"uses": ..., "params": ...}``.
@@ -65,6 +66,34 @@ def chat_prompt_texts(tokenizer, prompts: list[list[dict]]) -> list[str]:
 
 def prompt_token_ids(tokenizer, prompts: list[list[dict]]) -> list[list[int]]:
     """Token ids of chat prompts (template and generation prompt, no extra special tokens), as
-    backends take them. A template that starts with BOS (Llama 3) does not get a second one."""
+    backends take them. A template that starts with BOS (Llama 3) does not get a second one.
+
+    Returns:
+        P lists of token ids, one per prompt, unpadded.
+
+    Raises:
+        ValueError: if the tokenizer has no chat template.
+    """
     texts = chat_prompt_texts(tokenizer, prompts)
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def prepare_prompts(tokenizer, rows, max_prompt_tokens: int | None):
+    """Prompt rows ready for a backend: ``token_ids`` (chat template and generation prompt applied, as
+    :func:`prompt_token_ids` gives them) and ``prompt_tokens`` (their count) added, and prompts longer
+    than ``max_prompt_tokens`` tokens dropped (``None``: keep all).
+
+    Args:
+        tokenizer: the policy's tokenizer, with a chat template.
+        rows: a ``datasets.Dataset`` with a ``prompt`` column of chat messages.
+
+    Returns:
+        (rows, number skipped as too long).
+
+    Raises:
+        ValueError: if the tokenizer has no chat template.
+    """
+    ids = prompt_token_ids(tokenizer, list(rows["prompt"]))
+    keep = [i for i, t in enumerate(ids) if max_prompt_tokens is None or len(t) <= max_prompt_tokens]
+    rows = rows.select(keep).add_column("token_ids", [ids[i] for i in keep])
+    return rows.add_column("prompt_tokens", [len(ids[i]) for i in keep]), len(ids) - len(keep)

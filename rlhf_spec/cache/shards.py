@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from ..data import load_rows, save_rows
 from ..runtime import commit_hook
-from .fs import commit_tree, file_records, verify_files
+from ..files import commit_tree, file_records, verify_files
 
 
 def _journal(path: Path) -> dict[int, dict]:

@@ -33,7 +33,7 @@ from typing import Callable, Iterator, Optional
 from ..errors import CacheError
 from ..hashing import HashState
 from ..runtime import commit_hook
-from .fs import atomic_write_json, commit_tree, file_records, oserror_text, verify_files
+from ..files import atomic_write_json, commit_tree, file_records, oserror_text, verify_files
 from .lease import Lease
 
 KEY_FORMAT = 1

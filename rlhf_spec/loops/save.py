@@ -71,3 +71,24 @@ def metrics_before(trainer, evaluate: Callable, at_reference: bool = False) -> d
         finally:
             model.train()
     return {f"eval_{k}_before": v for k, v in out.items() if isinstance(v, float)}
+
+
+def save_value_model(ctx, trainer) -> None:
+    """Write the value model of an actor-critic run under ``value_model/`` beside the policy: the critic's
+    ``save_pretrained`` folder, or the value head's weights (``value_head.safetensors``, keys
+    ``summary.weight`` (1, H) and ``summary.bias`` (1,)) with ``value_head.json``. Only the main process
+    writes; ``trainer.model`` is the prepared :class:`~rlhf_spec.algorithms.value_head.ActorCritic`."""
+    if not trainer.accelerator.is_main_process:
+        return
+    ac = trainer.accelerator.unwrap_model(trainer.model)
+    out = ctx.out_dir / "value_model"
+    if ac.critic is not None:
+        ac.critic.save_pretrained(str(out))
+    elif ac.value_head is not None:
+        from safetensors.torch import save_file
+
+        out.mkdir(parents=True, exist_ok=True)
+        weights = {k: v.detach().cpu().contiguous() for k, v in ac.value_head.state_dict().items()}
+        save_file(weights, str(out / "value_head.safetensors"))
+        (out / "value_head.json").write_text(json.dumps({"hidden_size": ac.value_head.hidden_size,
+                                                          "reads": "the policy's last hidden state at position t - 1"}))

@@ -1,25 +1,26 @@
-"""The training loop shared by the built-in ``train`` implementations.
+"""The training loop shared by the built-in ``train`` implementations, and their shared params.
 
-It runs through accelerate (one process here; ``accelerate launch`` starts more),
-checkpoints every ``save_every`` updates (model, optimizer, scheduler, every RNG
-state, and the data position), and resumes from the last checkpoint after a
-crash with the same data order, so a resumed run matches an uninterrupted one
+:class:`Trainer` is a loop over row indices on the accelerate core (:class:`~rlhf_spec.loops.core.TrainingCore`:
+one process here; ``accelerate launch`` starts more). It checkpoints every ``save_every`` updates
+(model, optimizer, scheduler, every RNG state, and the data position), and resumes from the last
+checkpoint after a crash with the same data order, so a resumed run matches an uninterrupted one
 where the computation is deterministic.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..records import NotInKey
-from ..runtime import commit_hook
+from .core import TrainingCore, TrainingDiverged, apply_lora, autocast, prepare_model
+
+# Names the train stages and plugins import from this module (their one copy is in .core).
+__all__ = ["LoraParams", "OptimParams", "Trainer", "TrainingDiverged", "apply_lora", "autocast"]
 
 
 class LoraParams(BaseModel):
@@ -104,141 +105,7 @@ class OptimParams(BaseModel):
         return max(1, episodes // self.global_batch())
 
 
-def disable_dropout(model) -> None:
-    """Set ``p = 0`` on every ``torch.nn.Dropout`` and zero dropout fields of the config."""
-    import torch
-
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-    for attr in ("attention_dropout", "hidden_dropout", "dropout", "hidden_dropout_prob", "attention_probs_dropout_prob", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
-        if hasattr(model.config, attr) and isinstance(getattr(model.config, attr), float):
-            setattr(model.config, attr, 0.0)
-
-
-def apply_lora(model, lora: LoraParams, task_type: str = "CAUSAL_LM"):
-    """Wrap ``model`` with peft LoRA adapters.
-
-    Raises:
-        ValueError from peft if ``target_modules`` match no module.
-    """
-    from peft import LoraConfig, get_peft_model
-
-    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules), task_type=task_type)
-    return get_peft_model(model, cfg)
-
-
-def latest_checkpoint(ckpt_dir: Path) -> Optional[tuple[Path, dict]]:
-    """The checkpoint ``ckpt_dir/latest.json`` points to, as (folder, pointer dict), or None when there is
-    none yet, the pointer is unreadable, or its folder is gone (a resume then starts from scratch)."""
-    ptr = ckpt_dir / "latest.json"
-    if not ptr.is_file():
-        return None
-    try:
-        pos = json.loads(ptr.read_text())
-    except ValueError:
-        return None
-    path = ckpt_dir / pos["dir"]
-    return (path, pos) if path.is_dir() else None
-
-
-def autocast(device, mixed_precision: str):
-    """A ``torch.autocast`` context for forward passes outside accelerate (reference logprobs, the KL
-    pass of ``evaluate``), so they run at the trainer's precision: ``"bf16"`` or ``"fp16"`` autocast on
-    ``device``'s type, ``"no"`` a null context. Logits come out in the autocast dtype;
-    :func:`~rlhf_spec.algorithms.ops.gather_logprobs` upcasts them before the log-softmax.
-
-    Raises:
-        ValueError: on another ``mixed_precision``.
-    """
-    import contextlib
-
-    import torch
-
-    if mixed_precision == "no":
-        return contextlib.nullcontext()
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    if mixed_precision not in dtypes:
-        raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', not {mixed_precision!r}")
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtypes[mixed_precision])
-
-
-def make_accelerator(params: OptimParams, log_dir: Path):
-    """An ``accelerate.Accelerator`` for the params: gradient accumulation, mixed precision, the
-    trackers of ``params.log_with`` writing under ``log_dir``, and gloo for DeepSpeed without CUDA."""
-    import torch
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-
-    # One process may run several train stages (the runner runs single-process stages in-process),
-    # and accelerate keeps the first stage's settings (mixed precision, ...) in a process-wide
-    # singleton, refusing different ones later. Each stage starts from a fresh one; the distributed
-    # process group (PartialState) is kept.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    cpu, handlers = not torch.cuda.is_available(), []
-    if cpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        # DeepSpeed under 'accelerate launch' on a machine without CUDA (tests): accelerate finds no
-        # backend for it by itself, so name gloo; DeepSpeed then runs on its CPU accelerator.
-        from accelerate.utils import InitProcessGroupKwargs
-
-        cpu, handlers = False, [InitProcessGroupKwargs(backend="gloo")]
-    return Accelerator(gradient_accumulation_steps=params.gradient_accumulation_steps, mixed_precision=params.mixed_precision,
-                       cpu=cpu, kwargs_handlers=handlers, log_with=list(params.log_with) or None, project_dir=str(log_dir))
-
-
-def prepare_model(model, params: OptimParams, task_type: str):
-    """Dropout off (if asked), gradient checkpointing, LoRA adapters; the model in train mode."""
-    if params.disable_dropout:
-        disable_dropout(model)
-    if params.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable()
-        if hasattr(model.config, "use_cache"):
-            model.config.use_cache = False
-    if params.lora is not None:
-        model = apply_lora(model, params.lora, task_type)
-    model.train()
-    return model
-
-
-def make_optimizer(model, params: OptimParams, num_updates: int):
-    """AdamW over the trainable parameters and its learning-rate schedule over ``num_updates`` updates."""
-    import torch
-    from transformers import get_scheduler
-
-    trainable = [q for q in model.parameters() if q.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=params.learning_rate, betas=tuple(params.betas), eps=params.eps, weight_decay=params.weight_decay)
-    sched = get_scheduler(params.scheduler, opt, num_warmup_steps=int(params.warmup_ratio * num_updates),
-                          num_training_steps=num_updates)
-    return opt, sched
-
-
-def configure_deepspeed(accelerator, params: OptimParams) -> None:
-    """DeepSpeed reads batch and clipping settings from its own config. No DataLoader is prepared
-    (batches are index lists), so the micro-batch is set here; and clipping follows
-    ``params.max_grad_norm`` instead of accelerate's default of 1.0 for ``"auto"``."""
-    ds_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if ds_plugin is None:
-        return
-    cfg = ds_plugin.deepspeed_config
-    if ds_plugin.is_auto("train_micro_batch_size_per_gpu"):
-        cfg["train_micro_batch_size_per_gpu"] = params.per_device_batch_size
-    if ds_plugin.is_auto("gradient_clipping"):
-        cfg["gradient_clipping"] = float(params.max_grad_norm or 0.0)
-
-
-def flat_config(params) -> dict:
-    """The params as tracker hyperparameters: scalars kept, everything else as JSON text."""
-    out = {}
-    for k, v in params.model_dump(mode="json").items():
-        out[k] = v if isinstance(v, (int, float, str, bool)) or v is None else json.dumps(v)
-    return {k: ("" if v is None else v) for k, v in out.items()}
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the message names the update and micro-step."""
-
-
-class Trainer:
+class Trainer(TrainingCore):
     """A small accelerate training loop over row indices with checkpoint/resume and experiment tracking.
 
     Args:
@@ -258,23 +125,12 @@ class Trainer:
     def __init__(self, params: OptimParams, model, n_train: int, step: Callable, ckpt_dir: Path, log_dir: Path,
                  seed: int, progress=None, evaluate: Optional[Callable] = None, eval_every: Optional[int] = None,
                  task_type: str = "CAUSAL_LM", run_name: str = "train"):
-        from accelerate.utils import set_seed
-
-        self.p, self.n_train, self.step_fn, self.seed = params, n_train, step, seed
-        self.ckpt_dir, self.progress, self.evaluate, self.eval_every = Path(ckpt_dir), progress, evaluate, eval_every
-        self.accelerator = make_accelerator(params, Path(log_dir))
-        set_seed(seed)
+        super().__init__(params, Path(log_dir), Path(ckpt_dir), seed)
+        self.n_train, self.step_fn, self.seed = n_train, step, seed
+        self.progress, self.evaluate, self.eval_every = progress, evaluate, eval_every
         model = prepare_model(model, params, task_type)
         self.num_updates = params.num_updates(n_train)
-        self.world = self.accelerator.num_processes
-        opt, self.scheduler = make_optimizer(model, params, self.num_updates)
-        configure_deepspeed(self.accelerator, params)
-        self.model, self.optimizer = self.accelerator.prepare(model, opt)
-        # The schedule counts optimizer updates, so it is stepped by hand on each update rather than
-        # prepared (a prepared scheduler steps once per process); it is still saved with the state.
-        self.accelerator.register_for_checkpointing(self.scheduler)
-        self.accelerator.init_trackers(run_name, config=flat_config(params))
-        self.history: list[dict] = []
+        self.prepare(model, self.num_updates, run_name)
 
     # -- data order --------------------------------------------------------------------------
 
@@ -299,7 +155,8 @@ class Trainer:
         while True:
             mbs = self._micro_batches(epoch)
             if not mbs:
-                raise ValueError(f"fewer training rows ({self.n_train}) than one micro-batch across processes ({self.p.per_device_batch_size * self.world})")
+                raise ValueError(f"fewer training rows ({self.n_train}) than one micro-batch across processes "
+                                 f"({self.p.per_device_batch_size * self.world})")
             for mb in mbs:
                 if micro >= start_micro:
                     yield micro, mb
@@ -308,75 +165,37 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
 
-    def _latest(self) -> Optional[tuple[Path, dict]]:
-        return latest_checkpoint(self.ckpt_dir)
-
     def _save(self, update: int, micro: int) -> None:
-        from ..cache.fs import atomic_write_json, commit_tree
-
-        name = f"update-{update:07d}"
-        final = self.ckpt_dir / name
-        tmp = self.ckpt_dir / f".{name}.tmp"
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process and tmp.exists():
-            shutil.rmtree(tmp)
-        self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(tmp))
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            atomic_write_json(tmp / "position.json", {"update": update, "micro": micro, "history": self.history})
-            commit_tree(tmp, final, replace=True)
-            atomic_write_json(self.ckpt_dir / "latest.json", {"dir": name, "update": update, "micro": micro})
-            for old in self.ckpt_dir.glob("update-*"):
-                if old.name != name:
-                    shutil.rmtree(old, ignore_errors=True)
-            commit_hook("checkpoint", f"{self.ckpt_dir.parent.name[:12]}:{update}")
-        self.accelerator.wait_for_everyone()
+        pos = {"update": update, "micro": micro}
+        self.save_checkpoint(update, pos, pos, f"{self.ckpt_dir.parent.name[:12]}:{update}")
 
     # -- loop -------------------------------------------------------------------------------
 
     def _resume(self) -> tuple[int, int, Optional[int]]:
         """Load the newest checkpoint if any: ``(update, next micro-step, update resumed from or None)``."""
-        latest = self._latest()
-        if latest is None:
+        loaded = self.load_checkpoint()
+        if loaded is None:
             return 0, 0, None
-        path, pos = latest
-        self.accelerator.load_state(str(path))
-        try:
-            self.history = json.loads((path / "position.json").read_text()).get("history", [])
-        except (OSError, ValueError):
-            self.history = []
+        _, pos, _ = loaded
         return pos["update"], pos["micro"], pos["update"]
 
     def _micro_step(self, mb: list[int], update: int, micro: int) -> dict:
         """Forward, backward and (on the last micro-step of an update) clip, step and schedule."""
-        import torch
-
-        with self.accelerator.accumulate(self.model):
-            loss, stats = self.step_fn(self.model, mb)
-            if not torch.isfinite(loss.detach()).all():
-                raise TrainingDiverged(f"loss is {loss.item()} at update {update + 1} (micro-step {micro + 1}); "
-                                       "lower params.learning_rate or check the rewards")
-            self.accelerator.backward(loss)
-            if self.accelerator.sync_gradients and self.p.max_grad_norm:
-                self.accelerator.clip_grad_norm_(self.model.parameters(), self.p.max_grad_norm)
-            self.optimizer.step()
-            if self.accelerator.sync_gradients:
-                self.scheduler.step()
-            self.optimizer.zero_grad()
-        return stats
+        where = f"at update {update + 1} (micro-step {micro + 1}); lower params.learning_rate or check the rewards"
+        return self.micro_step(partial(self.step_fn, self.model, mb), where)
 
     def _log_update(self, update: int, acc: dict, n_acc: int) -> None:
         row = self._global_means(acc, n_acc)
-        row["learning_rate"] = float(self.scheduler.get_last_lr()[0])
+        row["learning_rate"] = self.learning_rate()
         row["update"] = update
         self.history.append(row)
         max_kl = getattr(self.p, "max_kl", None)
         if max_kl is not None and row.get("kl_ref", 0.0) > max_kl:  # the same on every process (a global mean)
-            raise TrainingDiverged(f"the KL to the reference policy reached {row['kl_ref']:.4g} nats at update {update}, above "
-                                   f"max_kl {max_kl}; the last checkpoint is kept (lower params.learning_rate or raise max_kl)")
+            raise TrainingDiverged(f"the KL to the reference policy reached {row['kl_ref']:.4g} nats at update "
+                                   f"{update}, above max_kl {max_kl}; the last checkpoint is kept (lower "
+                                   "params.learning_rate or raise max_kl)")
         if update % self.p.log_every == 0:
-            self.accelerator.log({f"train/{k}": v for k, v in row.items() if k != "update"}, step=update)
+            self.log(row, update, skip="update")
         if self.progress is not None:
             self.progress.advance(1)
 
@@ -401,7 +220,8 @@ class Trainer:
             update += 1
             self._log_update(update, acc, n_acc)
             acc, n_acc = {}, 0
-            if self.evaluate is not None and self.eval_every and update % self.eval_every == 0 and update < self.num_updates:
+            due = self.eval_every and update % self.eval_every == 0 and update < self.num_updates
+            if self.evaluate is not None and due:
                 eval_metrics = self._run_eval(update)
             if update >= self.num_updates:
                 break
@@ -417,15 +237,7 @@ class Trainer:
         the same whether its global batch ran in one process or was split across many
         (every process holds ``per_device_batch_size`` pairs per micro-step).
         """
-        row = {k: v / max(1, n_acc) for k, v in acc.items()}
-        if self.world > 1 and row:
-            import torch
-
-            keys = sorted(row)
-            t = torch.tensor([row[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
-            t = self.accelerator.reduce(t, reduction="mean")
-            row = dict(zip(keys, (float(x) for x in t.tolist())))
-        return row
+        return self.mean({k: v / max(1, n_acc) for k, v in acc.items()})
 
     def _run_eval(self, update: int) -> dict:
         self.model.eval()
@@ -442,8 +254,10 @@ class Trainer:
         last = self.history[-1] if self.history else {}
         n = max(1, min(10, len(self.history)))
         tail = self.history[-n:]
-        out: dict[str, Any] = {"updates": self.num_updates, "global_batch": self.p.global_batch() // self.p.num_processes * self.world,
-                               "processes": self.world, "distributed_type": str(self.accelerator.distributed_type.value)}
+        out: dict[str, Any] = {"updates": self.num_updates,
+                               "global_batch": self.p.global_batch() // self.p.num_processes * self.world,
+                               "processes": self.world,
+                               "distributed_type": str(self.accelerator.distributed_type.value)}
         ds_plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         if ds_plugin is not None:
             out["zero_stage"] = ds_plugin.deepspeed_config.get("zero_optimization", {}).get("stage")
@@ -455,31 +269,5 @@ class Trainer:
         out.update({f"eval_{k}": v for k, v in eval_metrics.items()})
         if resumed_from is not None:
             out["resumed_from_update"] = resumed_from
-        for tracker in self.accelerator.trackers:  # not end_training(): it would end the process group before saving
-            tracker.finish()
+        self.finish_trackers()
         return out
-
-    def unwrapped(self):
-        """The trained model with adapters merged (if LoRA), ready for ``save_pretrained``."""
-        model = self.accelerator.unwrap_model(self.model)
-        if self.p.lora is not None:
-            model = model.merge_and_unload()
-        return model
-
-    def full_state_dict(self) -> Optional[dict]:
-        """The whole model's weights when they are sharded across processes (DeepSpeed), else ``None``.
-
-        Under DeepSpeed ZeRO-3 each process holds a slice of every parameter, so the
-        unwrapped module cannot be saved as is. This gathers the 16-bit weights (it needs
-        ``stage3_gather_16bit_weights_on_model_save``, which accelerate's
-        ``zero3_save_16bit_model: true`` sets). Every process must call it (it is a
-        collective); pass the result to ``save_pretrained(state_dict=...)`` on the main process.
-
-        Raises:
-            ValueError: from accelerate, if the DeepSpeed config does not gather 16-bit weights on save.
-        """
-        from accelerate.utils import DistributedType
-
-        if self.accelerator.distributed_type != DistributedType.DEEPSPEED or self.p.lora is not None:
-            return None
-        return self.accelerator.get_state_dict(self.model)

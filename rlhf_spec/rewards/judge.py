@@ -416,8 +416,14 @@ def pointwise_only_problem(params) -> Optional[str]:
     return PAIRWISE_SCORE_MESSAGE if mode == "pairwise" else None
 
 
+def compares(params: JudgeParams) -> bool:
+    """The judge's declared capability (:attr:`rlhf_spec.records.RewardImpl.pairwise`): in mode
+    ``"pairwise"`` it compares two replies (:meth:`LLMJudge.compare`) and scores none."""
+    return params.mode == "pairwise"
+
+
 @hookimpl
 def rlhf_spec_register_rewards(register):
     """Register the ``llm-judge`` reward (:class:`JudgeParams`, :func:`load`)."""
-    register(RewardImpl(name="llm-judge", params=JudgeParams, load=load, version="1",
+    register(RewardImpl(name="llm-judge", params=JudgeParams, load=load, version="1", pairwise=compares,
                         description="an LLM judges by a rubric: expected rating (pointwise) or P(A better), both orders averaged (pairwise)"))

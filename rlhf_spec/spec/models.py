@@ -9,8 +9,19 @@ from __future__ import annotations
 import re
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
+from ..data import DatasetAdapter
+from ..errors import did_you_mean
 from ..paths import HUB_ID_PATTERN
 from ..records import KINDS
 
@@ -75,35 +86,53 @@ class ModelSpec(_Strict):
         return v
 
 
-#: Adapters that read one completion per row (SFT and unpaired data): they provide ``completion`` and ``messages``.
-COMPLETION_ADAPTERS = ("messages", "prompt-completion", "alpaca", "sharegpt", "kto", "gsm8k")
-
 #: Fields added after the first release. Left out of a dump while unset, so the dataset identities (and
 #: cache keys) of specs written before they existed stay the same.
 _LATER_FIELDS = ("completion_column", "messages_column", "input_column", "system_column", "label_column",
                  "reference_column", "prompt_template", "negative_path", "encoding", "rows", "prompt_words",
                  "completion_template")
 
-_ADAPTER_HELP = (
-    "How rows become normalised columns. 'generic': read prompt_column (a string is one user turn; a list of "
-    "{role, content} or {from, value} messages is kept) and, for preference data, chosen_column/rejected_column. "
-    "'hh-rlhf': parse '\\n\\nHuman:'/'\\n\\nAssistant:' transcripts in chosen/rejected. "
-    "'messages': messages_column (default 'messages') holds the whole conversation; the final assistant turn is "
-    "the completion. 'prompt-completion': prompt_column (string or messages) and completion_column (default "
-    "'completion'). 'alpaca': instruction (prompt_column; the default 'prompt' means 'instruction') plus optional "
-    "input (input_column, default 'input', appended after a blank line) as the user turn, output "
-    "(completion_column, default 'output') as the reply. 'sharegpt': LLaMA-Factory's conversations "
-    "(messages_column, default 'conversations') of {from, value} turns, an optional system column; with "
-    "chosen_column and rejected_column set it is preference data (the conversation is the prompt). 'kto': "
-    "messages (messages_column, default 'messages') whose final assistant turn is the completion, and a boolean "
-    "label (label_column, default 'label'). 'rt-polarity': two text files of one sentence per line (positive in path, "
-    "negative in negative_path); prompts are each sentence's first prompt_words words, pairs put a positive "
-    "sentence's rest over a negative one's. 'alpaca-eval': AlpacaEval's pairwise annotations (instruction, output_1, "
-    "output_2, preference): the output the annotator preferred (preference 1 or 2) is chosen, the other rejected; "
-    "ties (0 or 1.5) are dropped. 'gsm8k': GSM8K's question (prompt_column; the default 'prompt' means 'question') as the "
-    "user turn and its worked solution (completion_column, default 'answer') twice: verbatim in 'reference' (for the "
-    "math-answer reward) and, through completion_template, as the reply to train on."
-)
+
+def _plugin_registry(context: Any):
+    """The registry adapter names are looked up in: the one validation was given (``context={"registry": ...}``),
+    else the process-wide one."""
+    reg = context.get("registry") if isinstance(context, dict) else None
+    if reg is None:
+        from ..plugins import registry
+
+        reg = registry()
+    return reg
+
+
+def find_adapter(name: str, registry=None) -> DatasetAdapter:
+    """The dataset adapter registered as ``name`` (:class:`rlhf_spec.data.DatasetAdapter`).
+
+    Args:
+        registry: a :class:`rlhf_spec.plugins.Registry`; default the process-wide one.
+
+    Raises:
+        ValueError: for a name no installed adapter has (the message lists the installed ones, a "did you
+            mean" and plugins that failed to load), or one that two distributions register.
+    """
+    reg = registry if registry is not None else _plugin_registry(None)
+    if ("dataset", "", name) in reg.conflicts:
+        raise ValueError(f"dataset adapter '{name}' is registered by more than one distribution: "
+                         + ", ".join(reg.conflicts[("dataset", "", name)]) + "; uninstall one of them")
+    if name in reg.datasets:
+        return reg.datasets[name]
+    hint = did_you_mean(name, reg.datasets)
+    failed = "".join(f"; note: plugin '{f.entry_point}' from {f.distribution} {f.version} failed to load: {f.error}"
+                     for f in reg.failures)
+    raise ValueError(f"unknown dataset adapter '{name}'; installed: {', '.join(reg.datasets) or 'none'}"
+                     + (f"; {hint}" if hint else "") + failed)
+
+
+def _adapter_schema(schema: dict) -> None:
+    """The ``adapter`` field's JSON Schema: the installed adapters' names as an enum, their descriptions as help."""
+    table = _plugin_registry(None).datasets
+    schema["enum"] = list(table)
+    helps = " ".join(f"'{n}': {a.description}" for n, a in table.items())
+    schema["description"] = f"How rows become normalised columns. {helps}"
 
 
 class DatasetSpec(_Strict):
@@ -117,9 +146,8 @@ class DatasetSpec(_Strict):
     config: Optional[str] = Field(None, description="Hub dataset configuration name.")
     split: str = Field("train", description="Split to read.")
     path: Optional[str] = Field(None, description="Local file or folder (json, jsonl, jsonl.gz, parquet, csv, or save_to_disk folder).")
-    adapter: Literal["generic", "hh-rlhf", "messages", "prompt-completion", "alpaca", "sharegpt", "kto", "rt-polarity", "alpaca-eval",
-                     "gsm8k"] = Field(
-        "generic", description=_ADAPTER_HELP)
+    adapter: str = Field("generic", description="How rows become normalised columns: a registered dataset adapter.",
+                         json_schema_extra=_adapter_schema)
     prompt_column: str = Field("prompt", description="Column holding the prompt (string or chat messages); for 'alpaca' the instruction.")
     chosen_column: Optional[str] = Field(None, description="Column with the preferred response, for preference data ('generic', 'sharegpt').")
     rejected_column: Optional[str] = Field(None, description="Column with the dispreferred response, for preference data ('generic', 'sharegpt').")
@@ -153,22 +181,30 @@ class DatasetSpec(_Strict):
     dedupe_prompts: bool = Field(
         True, description="Keep one row per distinct prompt; for completion data (SFT, KTO) one row per distinct (prompt, completion, label).")
 
+    _adapter: Optional[DatasetAdapter] = PrivateAttr(None)
+
+    @field_validator("adapter")
+    @classmethod
+    def _known_adapter(cls, v: str, info: ValidationInfo):
+        find_adapter(v, _plugin_registry(info.context))
+        return v
+
     @model_validator(mode="after")
-    def _check(self):
+    def _check(self, info: ValidationInfo):
         if bool(self.hub) == bool(self.path):
             raise ValueError("give exactly one of 'hub' or 'path'")
+        self._adapter = impl = find_adapter(self.adapter, _plugin_registry(info.context))
         unused = [f for f in _LATER_FIELDS + ("chosen_column", "rejected_column")
-                  if getattr(self, f) is not None and f not in _FIELDS_READ.get(self.adapter, ())]
+                  if getattr(self, f) is not None and f not in impl.fields]
         if unused:
             raise ValueError(f"adapter '{self.adapter}' does not read {', '.join(unused)}")
-        if self.adapter == "rt-polarity" and not (self.path and self.negative_path):
-            raise ValueError("adapter 'rt-polarity' reads two local files: set 'path' (positive sentences) and 'negative_path'")
+        problem = impl.check(self)
+        if problem:
+            raise ValueError(problem)
         if self.prompt_template is not None and "{prompt}" not in self.prompt_template:
             raise ValueError("prompt_template must contain '{prompt}', where the prompt's text goes")
         if self.completion_template is not None and "{answer}" not in self.completion_template:
             raise ValueError("completion_template must contain '{answer}', where the final number goes")
-        if self.adapter == "sharegpt" and bool(self.chosen_column) != bool(self.rejected_column):
-            raise ValueError("adapter 'sharegpt': give both chosen_column and rejected_column (preference data) or neither (SFT data)")
         return self
 
     @model_serializer(mode="wrap")
@@ -192,85 +228,32 @@ class DatasetSpec(_Strict):
     def _hub_id(cls, v):
         return _check_hub_id(v)
 
+    @property
+    def adapter_impl(self) -> DatasetAdapter:
+        """The registered :class:`~rlhf_spec.data.DatasetAdapter` that ``adapter`` names."""
+        if self._adapter is None:  # built without validation (model_construct)
+            self._adapter = find_adapter(self.adapter)
+        return self._adapter
+
     def is_preference(self) -> bool:
         """True when rows are read as (prompt, chosen, rejected)."""
-        if self.adapter == "rt-polarity":
-            return self.rows == "pairs"
-        return self.adapter in ("hh-rlhf", "alpaca-eval") or (self.adapter in ("generic", "sharegpt") and bool(self.chosen_column and self.rejected_column))
+        return self.adapter_impl.produces(self) == "pairs"
 
     def source_columns(self) -> list[tuple[str, str, str, bool]]:
         """The raw columns this adapter reads: ``(role, column, spec field that names it, required)``.
 
-        ``role`` is ``prompt``, ``completion``, ``messages``, ``input``, ``system``, ``label``, ``chosen``,
-        ``rejected``, or for ``alpaca-eval`` ``output_1``, ``output_2`` and ``preference``; the field is
-        ``adapter`` where the column is the adapter's default.
+        ``role`` is ``prompt``, ``completion``, ``messages``, ``input``, ``system``, ``label``, ``reference``,
+        ``chosen``, ``rejected``, or for ``alpaca-eval`` ``output_1``, ``output_2`` and ``preference``; the
+        field is ``adapter`` where the column is the adapter's default.
         """
-        def pick(field: str, default: str) -> tuple[str, str]:
-            value = getattr(self, field)
-            return (value, field) if value is not None else (default, "adapter")
-
-        a = self.adapter
-        if a == "hh-rlhf":
-            return [("chosen", "chosen", "adapter", True), ("rejected", "rejected", "adapter", True)]
-        if a == "rt-polarity":
-            return []
-        if a == "alpaca-eval":
-            return [("prompt", "instruction", "adapter", True), ("output_1", "output_1", "adapter", True),
-                    ("output_2", "output_2", "adapter", True), ("preference", "preference", "adapter", True)]
-        out: list[tuple[str, str, str, bool]] = []
-        if self.reference_column is not None:
-            out.append(("reference", self.reference_column, "reference_column", True))
-        if a in ("generic", "prompt-completion"):
-            out.append(("prompt", self.prompt_column, "prompt_column", True))
-        if a in ("alpaca", "gsm8k"):
-            default = "instruction" if a == "alpaca" else "question"
-            out.append(("prompt", *((self.prompt_column, "prompt_column") if self.prompt_column != "prompt" else (default, "adapter")), True))
-        if a == "alpaca":
-            out.append(("input", *pick("input_column", "input"), False))
-        if a in ("prompt-completion", "alpaca", "gsm8k"):
-            default = {"prompt-completion": "completion", "alpaca": "output", "gsm8k": "answer"}[a]
-            out.append(("completion", *pick("completion_column", default), True))
-        if a == "gsm8k":  # the worked solution is also the reference that math-answer reads
-            out.append(("reference", *pick("completion_column", "answer"), True))
-        if a in ("messages", "kto", "sharegpt"):
-            out.append(("messages", *pick("messages_column", "conversations" if a == "sharegpt" else "messages"), True))
-        if a == "sharegpt":
-            out.append(("system", *pick("system_column", "system"), False))
-        if a == "kto" or self.label_column is not None:
-            out.append(("label", *pick("label_column", "label"), True))
-        if a in ("generic", "sharegpt") and self.chosen_column and self.rejected_column:
-            out += [("chosen", self.chosen_column, "chosen_column", True), ("rejected", self.rejected_column, "rejected_column", True)]
-        return out
+        return self.adapter_impl.source_columns(self)
 
     def columns(self) -> tuple[str, ...]:
         """Normalised columns this dataset provides: ``prompt_id`` and ``prompt`` always; ``chosen`` and
         ``rejected`` for preference data; ``completion`` and ``messages`` for SFT/unpaired data; ``label``
         for KTO data (or a ``label_column``); ``reference`` when a source column feeds it (a ``reference_column``,
         or ``gsm8k``'s solution)."""
-        has_reference = any(role == "reference" for role, *_ in self.source_columns())
-        cols = ["prompt_id", "prompt"] + (["reference"] if has_reference else [])
-        if self.is_preference():
-            return tuple(cols + ["chosen", "rejected"])
-        if self.adapter in COMPLETION_ADAPTERS:
-            cols += ["completion", "messages"]
-            if self.adapter == "kto" or self.label_column is not None:
-                cols.append("label")
-        return tuple(cols)
-
-
-#: The optional column fields each adapter reads (others are refused, so a typo'd adapter is noticed).
-_FIELDS_READ = {
-    "generic": ("chosen_column", "rejected_column", "reference_column", "prompt_template"),
-    "hh-rlhf": ("chosen_column", "rejected_column", "prompt_template"),  # the columns are ignored, as in the first release
-    "messages": ("messages_column", "label_column", "reference_column", "prompt_template"),
-    "prompt-completion": ("completion_column", "label_column", "reference_column", "prompt_template"),
-    "alpaca": ("completion_column", "input_column", "reference_column", "prompt_template"),
-    "sharegpt": ("messages_column", "system_column", "chosen_column", "rejected_column", "reference_column", "prompt_template"),
-    "kto": ("messages_column", "label_column", "reference_column", "prompt_template"),
-    "rt-polarity": ("negative_path", "encoding", "rows", "prompt_words", "prompt_template"),
-    "alpaca-eval": ("prompt_template",),
-    "gsm8k": ("completion_column", "completion_template", "prompt_template"),
-}
+        return self.adapter_impl.columns(self)
 
 
 class StageSpec(_Strict):

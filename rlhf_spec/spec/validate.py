@@ -88,8 +88,8 @@ def _validate(data: dict, registry, source: str, base: Path, check_files: bool, 
 
 
 def _document(data: dict, registry, problems: list[Problem]):
-    try:
-        return Spec.model_validate(data)
+    try:  # the registry's dataset adapters check each dataset's 'adapter'
+        return Spec.model_validate(data, context={"registry": registry})
     except ValidationError as exc:
         problems.extend(problems_from_validation(exc, Spec))
     # still validate stage params whose stage objects look fine, to report everything at once

@@ -14,7 +14,7 @@ difference ``2 p_chosen - 1`` is a confidence, not a reward margin.
 
 The judging runs shard by shard (:meth:`rlhf_spec.StageContext.run_shards`), so verdicts are kept
 per shard and a killed run resumes; the test split is drawn over prompts afterwards, as in
-``best-worst`` (:func:`rlhf_spec.stages.pair.split_rank`).
+``best-worst`` (:func:`rlhf_spec.data.split_by_prompt`).
 """
 
 from __future__ import annotations
@@ -23,11 +23,10 @@ from typing import Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..data import split_by_prompt
 from ..errors import Problem
 from ..hookspecs import hookimpl
-from ..records import PAIRS, SAMPLES, SCORED, RewardSpec, StageImpl, StageResult
-from .pair import split_rank
-from .score import component_resources
+from ..records import PAIRS, SAMPLES, SCORED, RewardSpec, StageImpl, StageResult, component_resources
 
 JUDGE = "llm-judge"
 
@@ -54,21 +53,23 @@ class AIFeedbackParams(BaseModel):
 
 
 def check(params: AIFeedbackParams, spec, inputs) -> list[Problem]:
-    """Static check: the judge must be a pairwise ``llm-judge``.
+    """Static check: the judge must declare that it compares two replies, with its params
+    (:meth:`~rlhf_spec.records.RewardImpl.is_pairwise`; ``llm-judge`` does in mode ``"pairwise"``).
 
     Returns:
-        a list with one :class:`~rlhf_spec.errors.Problem` at ``/judge`` when ``judge.uses`` is not
-        ``llm-judge`` or ``judge.params.mode`` is not ``"pairwise"``; else an empty list.
+        a list with one :class:`~rlhf_spec.errors.Problem` at ``/judge`` naming the reward and its
+        distribution when it does not; else an empty list (also for a judge not yet resolved against
+        a registry: validation resolves it first, and an unknown reward is reported at ``/judge/uses``).
     """
     j = params.judge
-    if j.uses != JUDGE:
-        return [Problem("/judge", f"ai-feedback needs a pairwise '{JUDGE}' judge, got reward '{j.uses}'",
-                        f"use {{\"uses\": \"{JUDGE}\", \"params\": {{\"mode\": \"pairwise\", ...}}}}")]
-    mode = j.params.get("mode", "pointwise")
-    if mode != "pairwise":
-        return [Problem("/judge", f"ai-feedback compares two replies, so its judge needs mode 'pairwise' (got '{mode}')",
-                        "set judge.params.mode to 'pairwise'")]
-    return []
+    if j._impl is None or j._parsed is None or j._impl.is_pairwise(j._parsed):
+        return []
+    need = f"ai-feedback compares two replies, so it needs a pairwise judge; {j._impl.origin()}"
+    if j._impl.pairwise is False:
+        hint = f"use a pairwise judge: {{\"uses\": \"{JUDGE}\", \"params\": {{\"mode\": \"pairwise\", ...}}}}"
+        return [Problem("/judge", f"{need} scores one reply at a time (it declares no pairwise capability)", hint)]
+    hint = f"set its params to compare two replies ({JUDGE}: set judge.params.mode to 'pairwise')"
+    return [Problem("/judge", f"{need} is not pairwise with these params", hint)]
 
 
 def first_two_distinct(rows) -> list[dict]:
@@ -147,7 +148,8 @@ def _features(rows):
 
 
 def assign_split(prompt_ids: list[str], test_size: Union[int, float], seed: int) -> list[str]:
-    """``"test"`` for the first ``n_test`` prompts in :func:`split_rank` order, ``"train"`` for the rest;
+    """``"test"`` for the first ``n_test`` prompts in the seeded order of :func:`rlhf_spec.data.split_by_prompt`,
+    ``"train"`` for the rest;
     ``n_test = test_size`` (int) or ``round(test_size * n)`` (float).
 
     Raises:
@@ -157,8 +159,8 @@ def assign_split(prompt_ids: list[str], test_size: Union[int, float], seed: int)
     n_test = int(test_size) if isinstance(test_size, int) else int(round(test_size * n))
     if n_test >= n:
         raise ValueError(f"test_size {test_size} leaves no training pairs ({n} pairs)")
-    test_ids = set(sorted(prompt_ids, key=lambda pid: split_rank(pid, seed))[:n_test])
-    return ["test" if pid in test_ids else "train" for pid in prompt_ids]
+    test_rows = set(split_by_prompt(prompt_ids, n_test, seed=seed)[1])
+    return ["test" if i in test_rows else "train" for i in range(n)]
 
 
 def run(ctx) -> StageResult:

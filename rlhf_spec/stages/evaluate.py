@@ -14,19 +14,18 @@ cache entry, so the reference policy answers once for all evaluate stages that c
 from __future__ import annotations
 
 import json
-import math
 from typing import Annotated, Literal, Optional
 
 from pydantic import Field
 
 from ..algorithms.batching import tokenize_completions
-from ..backends import SamplingParams, generate_passes
+from ..algorithms.kl import kl_mean_float
+from ..backends import SamplingParams, generate_passes, prepare_prompts
 from ..errors import Problem
 from ..hookspecs import hookimpl
 from ..records import METRICS, PAIRS, POLICY, BackendSpec, DatasetRef, ModelRef, NotInKey, StageImpl, StageResult
 from ..runtime import sampling_seed
 from .judging import Judges, cell, heldout_pairs, is_pairwise, num, primary_problems, row_columns, score_sides
-from .sample import prepare_prompts
 
 
 class EvaluateParams(SamplingParams):
@@ -170,8 +169,7 @@ def _metrics(p: EvaluateParams, judged: dict, lengths: tuple, log_ratio: list) -
         if name == primary:
             m.update(res)
     flat = [x for per in log_ratio for x in per]
-    m["kl_k1"] = sum(flat) / len(flat)
-    m["kl_k3"] = sum(max(0.0, math.expm1(-x) + x) for x in flat) / len(flat)
+    m["kl_k1"], m["kl_k3"] = kl_mean_float(flat, "k1"), kl_mean_float(flat, "k3")
     m["policy_tokens_mean"], m["reference_tokens_mean"] = m.get("length_mean_policy"), m.get("length_mean_reference")
     m["primary_judge"] = primary
     return m

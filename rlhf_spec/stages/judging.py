@@ -51,8 +51,10 @@ def heldout_pairs(ctx, param: str):
 
 
 def is_pairwise(ctx, path: str) -> bool:
-    """Whether the reward at params ``path`` is a pairwise judge (it has ``compare``, not per-reply scores)."""
-    return getattr(ctx.component(path).parsed, "mode", None) == "pairwise"
+    """Whether the reward at params ``path`` declares, with its params, that it compares two replies
+    (:meth:`~rlhf_spec.records.RewardImpl.is_pairwise`; it has ``compare``, not per-reply scores)."""
+    spec = ctx.component(path)
+    return spec.impl.is_pairwise(spec.parsed)
 
 
 def score_sides(reward, prompts: list, sides: list[list[str]], columns: dict) -> list[list[float]]:
@@ -76,14 +78,12 @@ def score_sides(reward, prompts: list, sides: list[list[str]], columns: dict) ->
     return [scores[i * n:(i + 1) * n] for i in range(s)]
 
 
-#: Columns of a judged row that are the stage's own, not data a reward reads (a reference answer is).
-_OWN_COLUMNS = ("prompt_id", "prompt", "token_ids", "prompt_tokens", "chosen", "rejected", "split")
-
-
 def row_columns(rows, repeat: int = 1) -> dict[str, list]:
-    """The columns of ``rows`` (a datasets.Dataset of N rows) that a reward may read, such as a math
-    reference answer, each value repeated ``repeat`` times in place: ``{name: (N * repeat,) list}``."""
-    return {c: [v for v in rows[c] for _ in range(repeat)] for c in rows.column_names if c not in _OWN_COLUMNS}
+    """The columns of ``rows`` (a datasets.Dataset of N rows) that a reward receives
+    (:meth:`~rlhf_spec.records.RewardBatch.data_columns`, such as a math reference answer), each value
+    repeated ``repeat`` times in place: ``{name: (N * repeat,) list}``, the ``columns`` of
+    :meth:`~rlhf_spec.records.RewardBatch.from_rows` for ``repeat`` completions per row."""
+    return {c: [v for v in rows[c] for _ in range(repeat)] for c in RewardBatch.data_columns(rows.column_names)}
 
 
 def cell(s: str, n: int = 160) -> str:

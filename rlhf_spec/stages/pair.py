@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ..data import split_by_prompt
 from ..hookspecs import hookimpl
 from ..records import PAIRS, SCORED, StageImpl, StageResult
 
@@ -28,11 +28,6 @@ class PairParams(BaseModel):
         if isinstance(v, float) and not v < 1.0:
             raise ValueError(f"a share of prompts must be below 1 (got {v}); give a whole number for a count")
         return v
-
-
-def split_rank(pid: str, seed: int) -> str:
-    """Order key of a prompt in the seeded split: sha256 of seed and prompt id."""
-    return hashlib.sha256(f"{seed}:{pid}".encode()).hexdigest()
 
 
 def run(ctx) -> StageResult:
@@ -67,9 +62,8 @@ def run(ctx) -> StageResult:
     n_test = int(p.test_size) if isinstance(p.test_size, int) else int(round(p.test_size * n))
     if n_test >= n and n > 0:
         raise ValueError(f"test_size {p.test_size} leaves no training pairs ({n} pairs)")
-    ranked = sorted(out["prompt_id"], key=lambda pid: split_rank(pid, p.split_seed))
-    test_ids = set(ranked[:n_test])
-    out["split"] = ["test" if pid in test_ids else "train" for pid in out["prompt_id"]]
+    test_rows = set(split_by_prompt(out["prompt_id"], n_test, seed=p.split_seed)[1])
+    out["split"] = ["test" if i in test_rows else "train" for i in range(n)]
     import datasets
 
     ds = datasets.Dataset.from_dict(out)

@@ -11,15 +11,23 @@ from typing import Annotated, Optional
 
 from pydantic import Field
 
-from ..backends import SamplingParams, generate_passes, prompt_token_ids
+from ..backends import SamplingParams, generate_passes, prepare_prompts
 from ..hookspecs import hookimpl
-from ..records import POLICY, SAMPLES, BackendSpec, DatasetRef, ModelRef, StageImpl, StageResult
+from ..records import (
+    POLICY,
+    SAMPLES,
+    BackendSpec,
+    DatasetRef,
+    ModelRef,
+    RewardBatch,
+    StageImpl,
+    StageResult,
+    component_resources,
+)
 from ..runtime import sampling_seed
-from .score import component_resources
 
 #: Columns of a ``samples`` dataset, in order; other prompt columns (``reference``, ...) follow them.
 SAMPLE_COLUMNS = ("prompt_id", "prompt", "sample_index", "completion", "completion_tokens", "prompt_tokens")
-_NOT_CARRIED = {"prompt_id", "prompt", "chosen", "rejected", "token_ids"}
 
 
 class SampleParams(SamplingParams):
@@ -36,18 +44,6 @@ class SampleParams(SamplingParams):
         None, ge=1, description="Skip prompts longer than this (chat template and generation prompt included) before sampling.")
 
 
-def prepare_prompts(tokenizer, rows, max_prompt_tokens: Optional[int]):
-    """Rows with ``token_ids`` (chat template applied) and ``prompt_tokens``, longer prompts dropped.
-
-    Returns:
-        (rows, number skipped as too long).
-    """
-    ids = prompt_token_ids(tokenizer, list(rows["prompt"]))
-    keep = [i for i, t in enumerate(ids) if max_prompt_tokens is None or len(t) <= max_prompt_tokens]
-    rows = rows.select(keep).add_column("token_ids", [ids[i] for i in keep])
-    return rows.add_column("prompt_tokens", [len(ids[i]) for i in keep]), len(ids) - len(keep)
-
-
 def samples_of(rows, completions_per_pass: list[list], passes: list[int]) -> dict:
     """Sample rows (columns :data:`SAMPLE_COLUMNS` plus carried prompt columns) from per-pass completions.
 
@@ -56,7 +52,7 @@ def samples_of(rows, completions_per_pass: list[list], passes: list[int]) -> dic
         completions_per_pass: for each pass, one :class:`~rlhf_spec.records.Completion` per prompt.
         passes: the pass index of each entry of ``completions_per_pass``.
     """
-    carried = [c for c in rows.column_names if c not in _NOT_CARRIED and c not in SAMPLE_COLUMNS]
+    carried = RewardBatch.data_columns(rows.column_names)  # what a reward of a later stage receives
     out = {c: [] for c in list(SAMPLE_COLUMNS) + carried}
     for pas, comps in zip(passes, completions_per_pass):
         for col in ("prompt_id", "prompt", "prompt_tokens", *carried):

@@ -11,9 +11,7 @@ import math
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..hookspecs import hookimpl
-from ..records import SAMPLES, SCORED, RewardBatch, RewardSpec, StageImpl, StageResult
-
-_STANDARD = {"prompt_id", "prompt", "sample_index", "completion", "completion_tokens", "prompt_tokens"}
+from ..records import SAMPLES, SCORED, RewardBatch, RewardSpec, StageImpl, StageResult, component_resources
 
 
 class ScoreParams(BaseModel):
@@ -23,13 +21,6 @@ class ScoreParams(BaseModel):
 
     reward: RewardSpec = Field(..., description="The reward: {\"uses\": name, \"params\": {...}} (see 'rlhf-spec plugins').")
     num_shards: int = Field(8, ge=1, le=100000, description="Content-defined shards committed one by one, so a killed run resumes.")
-
-
-def reward_batch(rows) -> RewardBatch:
-    """The :class:`~rlhf_spec.records.RewardBatch` of sample rows: prompts, completions and every
-    other column (``reference``, ...) under ``columns``."""
-    extra = {c: list(rows[c]) for c in rows.column_names if c not in _STANDARD and not c.startswith("reward")}
-    return RewardBatch(prompts=list(rows["prompt"]), completions=list(rows["completion"]), columns=extra)
 
 
 def _stats(name: str, values: list[float]) -> dict:
@@ -53,7 +44,7 @@ def run(ctx) -> StageResult:
     ctx.progress.note("scoring")
 
     def process(shard_rows, shard: int):
-        out = reward.score(reward_batch(shard_rows))
+        out = reward.score(RewardBatch.from_rows(shard_rows, list(shard_rows["completion"])))
         shard_rows = shard_rows.add_column("reward", [float(x) for x in out.scores])
         for name, values in out.components.items():
             shard_rows = shard_rows.add_column(f"reward/{name}", [float(x) for x in values])
@@ -96,12 +87,16 @@ def write_tensorboard(folder, columns: dict[str, list[float]], metrics: dict) ->
 
 
 def _check(params: ScoreParams, spec, inputs) -> list:
+    """A problem at ``/reward`` when the reward is pairwise (:meth:`RewardImpl.is_pairwise`): it compares two
+    replies and has no score for one. A spec not yet resolved against a registry gives none."""
     from ..errors import Problem
 
-    parsed = params.reward._parsed
-    if parsed is not None and getattr(parsed, "mode", None) == "pairwise":
-        return [Problem("/reward/params/mode", "a pairwise judge compares two replies and gives no score to one",
-                        "use it among evaluate's judges or in the pair stage 'ai-feedback'; for score use mode 'pointwise'")]
+    r = params.reward
+    if r._impl is not None and r._parsed is not None and r._impl.is_pairwise(r._parsed):
+        return [Problem("/reward", f"{r._impl.origin()} is pairwise with these params: it compares two replies and "
+                                   "gives no score to one",
+                        "use it among evaluate's judges or in the pair stage 'ai-feedback'; for score use a reward "
+                        "that rates each reply (llm-judge: mode 'pointwise')")]
     return []
 
 
@@ -112,8 +107,3 @@ def rlhf_spec_register_stages(register):
                        description="rate every completion with a reward (and keep its components as columns)",
                        resources=lambda p: {"processes": 1, "gpus": "0-1", "reward": p.reward.uses, **component_resources(p.reward)}))
 
-
-def component_resources(spec) -> dict:
-    """The ``resources`` a reward or backend spec declares for its params (empty when it declares none)."""
-    impl = spec.impl
-    return dict(impl.resources(spec.parsed)) if impl.resources else {}

@@ -1,12 +1,13 @@
-"""rlhf-spec-example: one reward (``flesch-readability``) and one preference algorithm (``train``/``slic-hf``).
+"""rlhf-spec-example: one reward (``flesch-readability``), one preference algorithm (``train``/``slic-hf``)
+and one sampling stage (``sample``/``greedy-and-sampled``).
 
 Everything here imports from ``rlhf_spec`` alone, the package's public API.
 """
 
 from rlhf_spec import hookimpl
 
+from . import greedy, slic
 from .readability import register_reward
-from .slic import register_stage
 
 
 @hookimpl
@@ -16,4 +17,5 @@ def rlhf_spec_register_rewards(register):
 
 @hookimpl
 def rlhf_spec_register_stages(register):
-    register_stage(register)
+    slic.register_stage(register)
+    greedy.register_stage(register)

@@ -6,7 +6,8 @@
 Eq. 1 with the chosen reply as the regularisation target). The rank-calibration hinge pushes the
 chosen reply's sequence logprob at least ``delta`` nats above the rejected one's; the cross-entropy
 term keeps the policy near its data. No reference policy is needed, so no reference logprobs are
-computed.
+computed. The pairs come from a ``pairs`` stage in ``inputs`` or from ``params.dataset``, exactly one
+of them: ``pair_trainer`` checks that at ``validate`` time.
 """
 
 from __future__ import annotations
@@ -41,5 +42,5 @@ def slic_loss(params: SlicParams):
 
 def register_stage(register) -> None:
     register(StageImpl(kind="train", name="slic-hf", params=SlicParams, run=pair_trainer(slic_loss, reference_free=True),
-                       version="1", inputs=(PAIRS,), min_inputs=1, max_inputs=1, output=POLICY,
+                       version="1", inputs=(PAIRS,), min_inputs=0, max_inputs=1, output=POLICY,
                        description="SLiC-HF: hinge calibration of sequence logprobs on pairs, plus cross-entropy on the chosen reply"))

@@ -34,7 +34,15 @@ def test_imports_only_the_public_api():
                 for a in node.names:
                     assert a.name in rlhf_spec.__all__, f"{path.name}: {a.name} is not in rlhf_spec.__all__"
                     seen.append(a.name)
-    assert {"hookimpl", "RewardImpl", "StageImpl", "pair_trainer", "PolicyTrainParams"} <= set(seen)
+    assert {"hookimpl", "RewardImpl", "StageImpl", "pair_trainer", "PolicyTrainParams", "generate_passes",
+            "prepare_prompts", "sampling_seed", "BackendSpec", "SamplingParams"} <= set(seen)
+
+
+def test_tests_import_only_the_public_api_and_testing():
+    """The example's tests too: ``rlhf_spec`` and the ``rlhf_spec.testing`` helpers, nothing else."""
+    for node in ast.walk(ast.parse(Path(__file__).read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("rlhf_spec."):
+            assert node.module == "rlhf_spec.testing", f"line {node.lineno}: from {node.module} import ..."
 
 
 def test_reading_ease_by_hand():
@@ -109,15 +117,45 @@ def spec_dict(tiny: dict) -> dict:
     }
 
 
-def test_contracts(tmp_path):
-    from rlhf_spec.plugins import load_registry
-    from rlhf_spec.testing import check_contract
+def test_contracts():
+    from rlhf_spec.testing import check_contract, installed_record, registry_with
 
-    reg = load_registry(extra=[__import__("rlhf_spec_example")])
-    spec = spec_dict(_tiny(tmp_path))
-    spec["requires"] = []
-    check_contract(reg.rewards["flesch-readability"], {"scale": 0.02})
-    check_contract(reg.stages[("train", "slic-hf")], {"policy": "policy", "delta": 2.0})
+    reg = registry_with(__import__("rlhf_spec_example"))
+    check_contract(installed_record("reward", "flesch-readability", registry=reg), {"scale": 0.02})
+    check_contract(installed_record("train", "slic-hf", registry=reg), {"policy": "policy", "delta": 2.0})
+    check_contract(installed_record("sample", "greedy-and-sampled", registry=reg),
+                   {"policy": "p", "prompts": "d", "n": 2})
+
+
+def test_greedy_and_sampled_is_the_backend_as_sample_calls_it(tmp_path):
+    """The stage's answers are the backend's, called as the built-in ``sample`` calls it: the prompts'
+    token ids, one seed per pass by the sampling-seed rule, pass 0 greedy."""
+    import datasets
+
+    from rlhf_spec import ModelSource, SamplingParams, generate_passes, prompt_token_ids, sampling_seed
+    from rlhf_spec.testing import execute, make_context, registry_with
+    from rlhf_spec_example.greedy import GreedyAndSampledParams
+
+    tiny = _tiny(tmp_path)
+    reg = registry_with(__import__("rlhf_spec_example"))
+    params = GreedyAndSampledParams(policy="policy", prompts="prompts", n=3, max_new_tokens=8, num_shards=1,
+                                    seed_stride=7, backend={"uses": "transformers", "params": {"batch_size": 4}})
+    policy = ModelSource(name="policy", origin="spec", path=tiny["policy"])
+    ctx = make_context(params, tmp_path / "stage", kind="sample", uses="greedy-and-sampled", seed=3,
+                       models={"policy": policy}, datasets={"prompts": {"path": tiny["prompts"]}}, registry=reg)
+    result = execute(ctx, reg.stages[("sample", "greedy-and-sampled")])
+    out = datasets.load_from_disk(str(tmp_path / "stage" / "out" / "data"))
+    assert result.rows == len(out) == 3 * len(PROMPTS) and result.metrics["prompts"] == len(PROMPTS)
+    by_pass = {(pid, i): c for pid, i, c in zip(out["prompt_id"], out["sample_index"], out["completion"])}
+
+    engine = ctx.backend("backend", policy)
+    rows = ctx.dataset("prompts")
+    ids = prompt_token_ids(policy.load_tokenizer(padding_side="left"), list(rows["prompt"]))
+    greedy = generate_passes(engine, ids, SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=8), [3])[0]
+    sampled = generate_passes(engine, ids, params.sampling(), [sampling_seed(3, p, 7) for p in (1, 2)])
+    assert [by_pass[(pid, 0)] for pid in rows["prompt_id"]] == [c.text for c in greedy]
+    for p, comps in zip((1, 2), sampled):
+        assert [by_pass[(pid, p)] for pid in rows["prompt_id"]] == [c.text for c in comps]
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +202,50 @@ def test_wheel_installed_beside_rlhf_spec_runs_a_spec(wheel_site, tmp_path):
     listing = subprocess.run([sys.executable, "-m", "rlhf_spec", "plugins", "--json"], capture_output=True, text=True,
                              env=dict(os.environ, **env))
     rows = [r for r in json.loads(listing.stdout)["implementations"] if r["distribution"] == "rlhf-spec-example"]
-    assert {(r["surface"], r["name"]) for r in rows} == {("reward", "flesch-readability"), ("stage", "slic-hf")}
+    assert {(r["surface"], r["name"]) for r in rows} == {("reward", "flesch-readability"), ("stage", "slic-hf"),
+                                                         ("stage", "greedy-and-sampled")}
+
+
+def test_greedy_and_sampled_runs_in_a_spec(wheel_site, tmp_path):
+    from rlhf_spec.testing import run_spec
+
+    tiny = _tiny(tmp_path)
+    spec = {"name": "greedy", "seed": 0, "models": {"policy": {"path": tiny["policy"]}},
+            "datasets": {"prompts": {"path": tiny["prompts"], "limit": 4}},
+            "stages": [{"id": "sample", "kind": "sample", "uses": "greedy-and-sampled",
+                        "params": {"policy": "policy", "prompts": "prompts", "n": 2, "max_new_tokens": 8}},
+                       {"id": "score", "kind": "score", "uses": "reward", "inputs": ["sample"],
+                        "params": {"reward": {"uses": "flesch-readability"}}}]}
+    proc, rep = run_spec(spec, tmp_path / "run", env={"PYTHONPATH": str(wheel_site)})
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
+    stages = {s["id"]: s for s in rep["stages"]}
+    assert stages["sample"]["metrics"]["samples"] == 8 and stages["score"]["metrics"]["scored"] == 8
+
+
+def test_slic_with_a_dataset_and_a_pairs_input_is_rejected(wheel_site, tmp_path):
+    """``pair_trainer`` stages read ``params.dataset`` or a pairs input, exactly one: checked by ``validate``."""
+    from rlhf_spec.testing import write_json
+
+    tiny = _tiny(tmp_path)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "Hi?", "chosen": "Hello there.", "rejected": "No."}) + "\n")
+    spec = spec_dict(tiny)
+    spec["datasets"]["pairs"] = {"path": str(pairs), "chosen_column": "chosen", "rejected_column": "rejected"}
+    spec["stages"][3]["params"]["dataset"] = "pairs"
+    env = dict(os.environ, PYTHONPATH=str(wheel_site))
+
+    def validate() -> subprocess.CompletedProcess:
+        path = write_json(tmp_path / "spec.json", spec)
+        return subprocess.run([sys.executable, "-m", "rlhf_spec", "validate", str(path)], capture_output=True,
+                              text=True, env=env)
+
+    r = validate()
+    assert r.returncode == 2 and "/stages/3/inputs" in r.stderr and "not both" in r.stderr, r.stderr
+    spec["stages"][3]["inputs"] = []
+    assert validate().returncode == 0  # the dataset alone
+    del spec["stages"][3]["params"]["dataset"]
+    r = validate()
+    assert r.returncode == 2 and "/stages/3/params/dataset" in r.stderr, r.stderr
 
 
 @pytest.mark.slow

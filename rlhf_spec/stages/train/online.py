@@ -3,7 +3,8 @@
 Each generates from the live policy, scores with a reward spec, and updates the policy, step after
 step (the loop: :mod:`rlhf_spec.loops.online_loop`). They read no upstream data: prompts come from a
 spec dataset (``prompts``), the reward is a ``{"uses", "params"}`` object, and the output is a
-``policy``. This module declares their params and checks, and registers them.
+``policy``. This module declares their params and checks, builds what the loop is handed (prompts,
+reward, generation engine: :func:`online_inputs`), and registers them.
 
 Memory notes: ``optimizer: "adamw_8bit"`` keeps AdamW's moments in 8 bits (bitsandbytes). AdamW with
 its states offloaded to CPU memory is DeepSpeed's ``offload_optimizer`` setting: write it in the
@@ -18,10 +19,10 @@ from typing import Annotated, Literal, Optional
 
 from pydantic import Field
 
-from ...loops.trainer import OptimParams
 from ...backends import SamplingParams
 from ...errors import Problem
 from ...hookspecs import hookimpl
+from ...loops.trainer import OptimParams
 from ...records import POLICY, REWARD_MODEL, BackendSpec, DatasetRef, ModelRef, NotInKey, RewardSpec, StageImpl
 
 Aggregation = Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"]
@@ -202,13 +203,63 @@ def _resources(p: OnlineParams) -> dict:
 # ----------------------------------------------------------------------------- runs
 
 
+def online_inputs(ctx):
+    """What the online loop is handed (:class:`~rlhf_spec.loops.online_setup.OnlineInputs`): the policy's
+    tokenizer (left padding), the training and held-out prompts within ``max_prompt_tokens`` (chat
+    template applied), the PPO-ptx rows, the reward, and a factory of the ``transformers`` engine over
+    the live policy.
+
+    Raises:
+        ValueError: no training prompt is left after ``max_prompt_tokens``, or ``ptx_dataset`` has no rows.
+    """
+    from ...backends import prepare_prompts
+    from ...backends.transformers import TransformersEngine
+    from ...loops.online_setup import OnlineInputs
+
+    p = ctx.params
+    tok = ctx.model("policy").load_tokenizer(padding_side="left")
+    with ctx.timer("load_data"):
+        rows, skipped = prepare_prompts(tok, ctx.dataset("prompts"), p.max_prompt_tokens)
+        if len(rows) == 0:
+            raise ValueError("no training prompts left after max_prompt_tokens")
+        eval_rows = None
+        if p.eval_prompts:
+            ev, _ = prepare_prompts(tok, ctx.dataset("eval_prompts"), p.max_prompt_tokens)
+            if p.eval_limit:
+                ev = ev.select(range(min(p.eval_limit, len(ev))))
+            eval_rows = ev if len(ev) else None
+        ptx = _ptx_items(ctx, tok)
+    with ctx.timer("load_reward"):
+        ctx.progress.note("loading reward")
+        reward = ctx.reward("reward")
+    eval_sampling = SamplingParams(temperature=p.eval_temperature, top_p=p.top_p, max_new_tokens=p.max_new_tokens)
+    return OnlineInputs(tokenizer=tok, prompts=rows, skipped=skipped, reward=reward, eval_prompts=eval_rows,
+                        make_engine=lambda policy: TransformersEngine(policy, tok, p.backend.parsed),
+                        eval_sampling=eval_sampling, ptx_items=ptx)
+
+
+def _ptx_items(ctx, tok):
+    """PPO-ptx rows: each ``ptx_dataset`` row's prompt and reply (``completion``, else ``chosen``), tokenized."""
+    p = ctx.params
+    if not getattr(p, "ptx_coef", 0.0):
+        return None
+    from ...algorithms.batching import tokenize_completions
+
+    rows = ctx.dataset("ptx_dataset")
+    if len(rows) == 0:
+        raise ValueError("ptx_dataset has no rows")
+    column = "completion" if "completion" in rows.column_names else "chosen"
+    return tokenize_completions(tok, list(rows["prompt"]), list(rows[column]), p.max_prompt_tokens,
+                                p.ptx_max_response_tokens)
+
+
 def _runner(algorithm: str):
     def run(ctx):
         from ...algorithms import policy_gradient as pg
         from ...loops.online_loop import run_online
 
         cls = {"ppo": pg.PPO, "grpo": pg.GRPO, "rloo": pg.RLOO, "reinforce++": pg.ReinforcePP}[algorithm]
-        return run_online(ctx, cls)
+        return run_online(ctx, cls, online_inputs(ctx))
 
     run.__name__ = f"run_{algorithm.replace('+', 'p')}"
     return run

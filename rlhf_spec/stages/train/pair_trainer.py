@@ -141,10 +141,22 @@ def load_pairs(ctx):
 
 
 def pairs_check(params: PolicyTrainParams, spec, inputs) -> list[Problem]:
-    """A pair trainer reads ``params.dataset`` or one pairs input: exactly one of them."""
-    if not params.dataset and not inputs:
+    """A pair trainer reads ``params.dataset`` or one pairs input: exactly one of them.
+
+    The ``check`` of every stage whose ``run`` comes from :func:`pair_trainer` (attached to that
+    ``run``); register it as ``StageImpl(check=...)`` for a stage that calls :func:`train_on_pairs` itself.
+
+    Args:
+        params: the stage's params (a :class:`PolicyTrainParams`); spec: the whole spec (unused);
+        inputs: the artifact types of the stage's data inputs.
+
+    Returns:
+        at most one :class:`~rlhf_spec.Problem`, at ``/dataset`` (neither) or ``#/inputs`` (both).
+    """
+    dataset = getattr(params, "dataset", None)
+    if not dataset and not inputs:
         return [Problem("/dataset", "training needs preference pairs: set params.dataset or give a pairs stage in inputs")]
-    if params.dataset and inputs:
+    if dataset and inputs:
         return [Problem("#/inputs", "the trainer reads params.dataset or a pairs input, not both")]
     return []
 
@@ -202,17 +214,18 @@ def _kl_stat(b: PairBatch) -> float:
     if b.reference_chosen_logps is None:
         return float("nan")
     with torch.no_grad():
-        return float(kl_estimate(torch.cat([b.policy_chosen_logps, b.policy_rejected_logps]).detach(),
-                                 torch.cat([b.reference_chosen_logps, b.reference_rejected_logps]), kind="k2").mean())
+        policy = torch.cat([b.policy_chosen_logps, b.policy_rejected_logps]).detach()
+        reference = torch.cat([b.reference_chosen_logps, b.reference_rejected_logps])
+        return float(kl_estimate(policy, reference, estimator="k2").mean())
 
 
 def _pair_splits(pairs, eval_size: int):
     """(train pairs, held-out pairs): the 'test' split, else ``eval_size`` train pairs by prompt hash."""
-    from ...data import hold_out_by_prompt
+    from ...data import split_by_prompt
 
     train, test = split_rows(pairs, "train"), split_rows(pairs, "test")
     if len(test) == 0 and eval_size:
-        keep, out = hold_out_by_prompt(list(train["prompt_id"]), eval_size)
+        keep, out = split_by_prompt(list(train["prompt_id"]), eval_size)
         train, test = train.select(keep), train.select(out)
     return train, test
 
@@ -310,8 +323,18 @@ def pair_trainer(make_loss: Callable, reference_free: bool = False, rewards: Opt
 
     Several processes (``num_processes > 1``) are started by the runner itself; the returned
     function runs in each of them.
+
+    The returned function carries what a plugin registering ``StageImpl(run=pair_trainer(...))``
+    needs without further code:
+
+    * ``run.check`` is :func:`pairs_check` (``params.dataset`` or one pairs input, exactly one); the
+      registry uses it as the stage's ``check`` when the record gives none, and runs both otherwise;
+    * ``run.__module__`` is the module of ``make_loss``, so ``source_hash=True`` digests the package
+      that defines the loss (the plugin's), not rlhf-spec's.
     """
     def run(ctx) -> StageResult:
         return train_on_pairs(ctx, make_loss, reference_free, rewards)
 
+    run.__module__ = getattr(make_loss, "__module__", None) or run.__module__
+    run.check = pairs_check
     return run

@@ -44,7 +44,7 @@ class RewardModelParams(OptimParams):
 
 def _rows(ctx, p: RewardModelParams):
     """(training rows, held-out rows or None) from the params' datasets or the pairs input."""
-    from ...data import hash_unit
+    from ...data import split_by_prompt
 
     if p.dataset:
         with ctx.timer("load_data"):
@@ -56,12 +56,9 @@ def _rows(ctx, p: RewardModelParams):
         held = split_rows(all_rows, "test") if has_split else None
     if p.eval_dataset:
         held = ctx.dataset("eval_dataset")
-    elif p.eval_size:
-        pids = list(rows["prompt_id"])
-        order = sorted(range(len(rows)), key=lambda i: hash_unit(pids[i]))
-        out = set(order[: p.eval_size])
-        held = rows.select(sorted(out))
-        rows = rows.select([i for i in range(len(rows)) if i not in out])
+    elif p.eval_size:  # whole prompts, so no prompt's pairs land on both sides
+        keep, out = split_by_prompt(list(rows["prompt_id"]), p.eval_size)
+        held, rows = rows.select(out), rows.select(keep)
     return rows, (held if held is not None and len(held) else None)
 
 

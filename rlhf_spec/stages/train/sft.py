@@ -88,7 +88,7 @@ def sft_rows(ctx, p: SFTParams):
     Raises:
         ValueError: if an input stage's rows lack ``prompt``/``completion``.
     """
-    from ...data import hold_out_by_prompt
+    from ...data import split_by_prompt
 
     from_input = not p.dataset
     rows, skipped = _desirable(ctx.input_dataset(0) if from_input else ctx.dataset("dataset"))
@@ -100,7 +100,7 @@ def sft_rows(ctx, p: SFTParams):
         held, n = _desirable(ctx.dataset("eval_dataset"))
         skipped += n
     elif p.eval_size:
-        keep, out = hold_out_by_prompt(list(rows["prompt_id"]), p.eval_size)
+        keep, out = split_by_prompt(list(rows["prompt_id"]), p.eval_size)
         rows, held = rows.select(keep), rows.select(out)
     return rows, (held if held is not None and len(held) else None), from_input, skipped
 

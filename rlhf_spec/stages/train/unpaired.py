@@ -230,17 +230,17 @@ class _KTOData:
 
 def _rows(ctx, p: KTOParams) -> tuple[UnpairedRows, Optional[UnpairedRows]]:
     """(training rows, held-out rows or None) from the kto dataset or the pairs input."""
-    from ...data import hold_out_by_prompt
+    from ...data import split_by_prompt
 
     if p.dataset:
         data = ctx.dataset("dataset")
-        keep, out = hold_out_by_prompt(list(data["prompt_id"]), 0 if p.eval_dataset else p.eval_size)
+        keep, out = split_by_prompt(list(data["prompt_id"]), 0 if p.eval_dataset else p.eval_size)
         train, held = UnpairedRows.from_dataset(data.select(keep)), UnpairedRows.from_dataset(data.select(out))
     else:
         pairs = ctx.input_dataset(0)
         tr, te = split_rows(pairs, "train"), split_rows(pairs, "test")
         if len(te) == 0 and p.eval_size and not p.eval_dataset:
-            keep, out = hold_out_by_prompt(list(tr["prompt_id"]), p.eval_size)
+            keep, out = split_by_prompt(list(tr["prompt_id"]), p.eval_size)
             tr, te = tr.select(keep), tr.select(out)
         train, held = UnpairedRows.from_pairs(tr), UnpairedRows.from_pairs(te)
     if p.eval_dataset:
