@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv assets browser quickstart smoke test test-fast bench schema clean
+.PHONY: venv assets browser quickstart smoke lint test test-fast bench schema clean
 
 venv: $(STAMP)
 
@@ -37,10 +37,15 @@ smoke: assets
 PYTEST := $(PY) -m pytest -q -p no:cacheprovider -n auto --dist loadfile
 TESTS := tests plugins/rlhf-spec-vllm/tests plugins/rlhf-spec-armorm/tests plugins/rlhf-spec-example/tests
 
-test: assets browser
+# Layers (import-linter contracts in pyproject.toml) and lint (ruff), before the tests.
+lint: venv
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check rlhf_spec plugins
+
+test: assets browser lint
 	$(PYTEST) --durations=15 $(TESTS)
 
-test-fast: assets
+test-fast: assets lint
 	$(PYTEST) -m "not slow" $(TESTS)
 
 bench: assets

@@ -49,7 +49,7 @@ def params(args, updates: int = 0):
     extra = {"total_episodes": updates * args.batch_pairs} if updates else {}
     return RebelParams.model_validate({
         "policy": "policy", "eta": ETA, "learning_rate": LR, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 1e-6,
-        "scheduler": "cosine", "warmup_ratio": 0.1, "per_device_batch_size": args.batch_pairs,
+        "scheduler": "cosine", "warmup_ratio": 0.1, "per_device_train_batch_size": args.batch_pairs,
         "gradient_accumulation_steps": 1, "epochs": 1.0, "logprob_temperature": TEMP,
         "max_prompt_tokens": args.max_prompt_tokens, "max_response_tokens": args.max_response_tokens,
         "save_every": 1_000_000, "logprob_batch_size": 8, **extra,

@@ -64,13 +64,19 @@ def _ask_hub(repo_id: str, rev: str, repo_type: str) -> Optional[str]:
     try:
         info = (api.dataset_info if repo_type == "dataset" else api.model_info)(repo_id, revision=rev, timeout=10)
     except GatedRepoError:
-        raise RuntimeError(f"{repo_type} '{repo_id}' is gated: accept its terms on the hub and log in "
-                           "(HF_TOKEN or `hf auth login`) before running") from None
+        raise RuntimeError(
+            f"{repo_type} '{repo_id}' is gated: accept its terms on the hub and log in "
+            "(HF_TOKEN or `hf auth login`) before running"
+        ) from None
     except RepositoryNotFoundError:
-        raise RuntimeError(f"{repo_type} '{repo_id}' does not exist on the hub (or is private and no token "
-                           "with access is set); check the id") from None
+        raise RuntimeError(
+            f"{repo_type} '{repo_id}' does not exist on the hub (or is private and no token "
+            "with access is set); check the id"
+        ) from None
     except RevisionNotFoundError:
-        raise RuntimeError(f"{repo_type} '{repo_id}' has no revision '{rev}'; check the branch, tag or commit") from None
+        raise RuntimeError(
+            f"{repo_type} '{repo_id}' has no revision '{rev}'; check the branch, tag or commit"
+        ) from None
     except HfHubHTTPError as exc:
         if getattr(exc.response, "status_code", 500) < 500:
             raise RuntimeError(f"the hub refused {repo_type} '{repo_id}' revision '{rev}': {exc}") from None
@@ -94,7 +100,6 @@ def _transport_errors() -> tuple:
         if err is not None:
             out.append(err)
     return tuple(out)
-
 
 
 @dataclass
@@ -224,7 +229,11 @@ class ModelSource:
 
         loc, kw = self._location()
         model = AutoModelForSequenceClassification.from_pretrained(
-            loc, num_labels=num_labels, dtype=dtype or torch_dtype(self.dtype), trust_remote_code=self.trust_remote_code, **kw
+            loc,
+            num_labels=num_labels,
+            dtype=dtype or torch_dtype(self.dtype),
+            trust_remote_code=self.trust_remote_code,
+            **kw,
         )
         if device is not None:
             model.to(device)

@@ -21,7 +21,12 @@ def plan(runner, until: Optional[str] = None, force: frozenset = frozenset(), ex
     runner.check_force(force)
     rows = []
     for st in runner.selected(until):
-        row: dict[str, Any] = {"id": st.id, "kind": st.impl.kind, "uses": st.impl.name, "distribution": st.impl.distribution}
+        row: dict[str, Any] = {
+            "id": st.id,
+            "kind": st.impl.kind,
+            "uses": st.impl.name,
+            "distribution": st.impl.distribution,
+        }
         if st.id in runner.key_errors:
             row.update(status="run", key=None, reason=f"key unknown: {runner.key_errors[st.id]}")
         else:
@@ -39,7 +44,11 @@ def _status(runner, st, force, explain: bool) -> dict:
     if runner.cache.has(key):
         return {"key": key, "status": "cached", "reason": "entry exists"}
     partial = runner.cache.partial_dir(key).exists()
-    row = {"key": key, "status": "run", "reason": "no cached entry" + (" (partial work will be resumed)" if partial else "")}
+    row = {
+        "key": key,
+        "status": "run",
+        "reason": "no cached entry" + (" (partial work will be resumed)" if partial else ""),
+    }
     if explain:
         row["changes"] = explain_stage(runner, st)
         if row["changes"]:
@@ -53,7 +62,9 @@ def _resources(st) -> dict:
     try:
         return st.impl.resources(st.params)
     except Exception as exc:  # noqa: BLE001 - a plugin bug, named with its origin
-        raise StageFailed(f"stage '{st.id}': resources() of {st.impl.origin()} failed: {type(exc).__name__}: {exc}") from exc
+        raise StageFailed(
+            f"stage '{st.id}': resources() of {st.impl.origin()} failed: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def explain_stage(runner, st) -> list[str]:
@@ -67,7 +78,9 @@ def explain_stage(runner, st) -> list[str]:
         s = man.get("stage", {})
         if s.get("memo") or s.get("id") != st.id:
             continue
-        same = s.get("spec") == runner.pipeline.spec.name or (s.get("kind") == st.impl.kind and s.get("uses") == st.impl.name)
+        same = s.get("spec") == runner.pipeline.spec.name or (
+            s.get("kind") == st.impl.kind and s.get("uses") == st.impl.name
+        )
         if same and man.get("created", "") >= best_time:
             best, best_time = man, man.get("created", "")
     if best is None:
@@ -75,11 +88,11 @@ def explain_stage(runner, st) -> list[str]:
     out = []
     for d in diff(best.get("preimage", {}), pre, ""):
         if d.startswith("inputs["):
-            idx = int(d[len("inputs["):d.index("]")])
+            idx = int(d[len("inputs[") : d.index("]")])
             up = st.spec.inputs[idx] if idx < len(st.spec.inputs) else "?"
             out.append(f"{d.split(':')[0]}: upstream stage '{up}' changed")
         elif d.startswith("models.") and ".stage_key" in d:
-            path = d[len("models."):d.index(".stage_key")]
+            path = d[len("models.") : d.index(".stage_key")]
             out.append(f"{d.split(':')[0]}: model from stage '{st.model_refs.get(path, '?')}' changed")
         else:
             out.append(d)

@@ -15,10 +15,16 @@ A spec names a reward or a backend the same way everywhere, with a :class:`Rewar
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Optional, Protocol, Union, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, Protocol, Union, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+
+if TYPE_CHECKING:  # names used in annotations only
+    from .context import ComponentContext, StageContext
+    from .errors import Problem
+    from .model_source import ModelSource
 
 # Annotations name StageContext, ComponentContext (rlhf_spec.context), Problem (rlhf_spec.errors) and
 # ModelSource (rlhf_spec.models) as strings only: records sit below those modules in the layering.
@@ -204,7 +210,9 @@ class StageImpl(_Record):
 
     def origin(self) -> str:
         """``"kind/name (distribution version)"``, for error messages."""
-        return f"{self.kind}/{self.name} ({self.distribution or 'unknown distribution'} {self.dist_version})".replace(" )", ")")
+        return f"{self.kind}/{self.name} ({self.distribution or 'unknown distribution'} {self.dist_version})".replace(
+            " )", ")"
+        )
 
 
 # ----------------------------------------------------------------------------- rewards
@@ -227,9 +235,20 @@ class RewardBatch:
     #: (the prompt comes as ``prompts``), its chat-template tokens, the sampled completion and its metadata
     #: (the completion being scored comes as ``completions``), a preference pair's texts and split. A
     #: ``scored`` row's ``reward`` and ``reward/<component>`` columns are left out too.
-    OWN_COLUMNS: ClassVar[frozenset] = frozenset({
-        "prompt_id", "prompt", "token_ids", "prompt_tokens", "sample_index", "completion", "completion_tokens",
-        "chosen", "rejected", "split"})
+    OWN_COLUMNS: ClassVar[frozenset] = frozenset(
+        {
+            "prompt_id",
+            "prompt",
+            "token_ids",
+            "prompt_tokens",
+            "sample_index",
+            "completion",
+            "completion_tokens",
+            "chosen",
+            "rejected",
+            "split",
+        }
+    )
 
     prompts: list
     completions: list[str]
@@ -276,8 +295,9 @@ class RewardBatch:
         """
         n, r = len(completions), len(rows)
         if (r == 0 and n) or (r and n % r):
-            raise ValueError(f"a reward batch needs the same number of completions for every row: got {n} "
-                             f"completions for {r} rows")
+            raise ValueError(
+                f"a reward batch needs the same number of completions for every row: got {n} completions for {r} rows"
+            )
         k = n // r if r else 0
 
         def spread(values) -> list:
@@ -286,8 +306,9 @@ class RewardBatch:
         if prompts is None:
             prompts = spread(rows["prompt"])
         elif len(prompts) != n:
-            raise ValueError(f"a reward batch needs one prompt per completion: got {len(prompts)} prompts for "
-                             f"{n} completions")
+            raise ValueError(
+                f"a reward batch needs one prompt per completion: got {len(prompts)} prompts for {n} completions"
+            )
         columns = {c: spread(rows[c]) for c in cls.data_columns(rows.column_names)}
         return cls(prompts=list(prompts), completions=list(completions), columns=columns)
 
@@ -356,7 +377,9 @@ class RewardImpl(_Record):
         return bool(self.pairwise(params) if callable(self.pairwise) else self.pairwise)
 
     def origin(self) -> str:
-        return f"reward '{self.name}' ({self.distribution or 'unknown distribution'} {self.dist_version})".replace(" )", ")")
+        return f"reward '{self.name}' ({self.distribution or 'unknown distribution'} {self.dist_version})".replace(
+            " )", ")"
+        )
 
 
 # ----------------------------------------------------------------------------- backends
@@ -389,7 +412,9 @@ class Engine(Protocol):
     params (docs/spec.md, "Seeds").
     """
 
-    def generate(self, prompt_token_ids: list[list[int]], sampling: Any, n: int, seed: int) -> list[list[Completion]]:  # pragma: no cover
+    def generate(
+        self, prompt_token_ids: list[list[int]], sampling: Any, n: int, seed: int
+    ) -> list[list[Completion]]:  # pragma: no cover
         ...
 
 
@@ -411,7 +436,9 @@ class BackendImpl(_Record):
     check: Optional[Callable[..., list["Problem"]]] = None
 
     def origin(self) -> str:
-        return f"backend '{self.name}' ({self.distribution or 'unknown distribution'} {self.dist_version})".replace(" )", ")")
+        return f"backend '{self.name}' ({self.distribution or 'unknown distribution'} {self.dist_version})".replace(
+            " )", ")"
+        )
 
 
 def component_resources(spec: ComponentSpec) -> dict:
@@ -423,3 +450,17 @@ def component_resources(spec: ComponentSpec) -> dict:
     """
     impl = spec.impl
     return dict(impl.resources(spec.parsed)) if impl.resources else {}
+
+
+def call_check(check: Callable, params: BaseModel, spec: Any, inputs: tuple) -> list:
+    """Call a record's static ``check``: ``check(params, spec, inputs)``, or ``check(params, spec)`` for a
+    check written for releases before 0.2 (two parameters).
+
+    Returns:
+        the :class:`~rlhf_spec.Problem` list it returned (``None`` counts as none).
+    """
+    try:
+        n = len(inspect.signature(check).parameters)
+    except (TypeError, ValueError):
+        n = 3
+    return list((check(params, spec, inputs) if n >= 3 else check(params, spec)) or [])

@@ -135,15 +135,20 @@ def key_view(params: BaseModel) -> dict:
     """
     model = type(params)
     drop = {f for f, marks in field_markers(model).items() if marks}
-    return {alias(model, fname): _key_value(getattr(params, fname))
-            for fname in model.model_fields if fname not in drop}
+    return {
+        alias(model, fname): _key_value(getattr(params, fname)) for fname in model.model_fields if fname not in drop
+    }
 
 
 def _key_value(value: Any) -> Any:
     if isinstance(value, ComponentSpec):
         impl = value.impl
-        return {"uses": value.uses, "distribution": impl.distribution, "impl_version": impl.impl_version,
-                "params": key_view(value.parsed)}
+        return {
+            "uses": value.uses,
+            "distribution": impl.distribution,
+            "impl_version": impl.impl_version,
+            "params": key_view(value.parsed),
+        }
     if isinstance(value, BaseModel):
         return key_view(value)
     if isinstance(value, (list, tuple)):
@@ -166,7 +171,9 @@ def find_fields(params: BaseModel, names: tuple[str, ...], path: str = "") -> li
         value = getattr(params, fname)
         if fname in names:
             out.append(fpath)
-        for cpath, child in _children(value, fpath) if isinstance(value, (ComponentSpec, list, tuple, dict)) else [(fpath, value)]:
+        for cpath, child in (
+            _children(value, fpath) if isinstance(value, (ComponentSpec, list, tuple, dict)) else [(fpath, value)]
+        ):
             if isinstance(child, BaseModel) and not isinstance(child, ComponentSpec):
                 out += find_fields(child, names, cpath)
     return out

@@ -180,5 +180,7 @@ def _mark(kind: str, detail: str, n: str, counted: bool) -> None:
         import signal
 
         what, _, sig = at.partition(":")
-        if (what == "after" and f"{kind}:{detail}".startswith(sig)) or (counted and what.isdigit() and _commits[0] == int(what)):
+        if (what == "after" and f"{kind}:{detail}".startswith(sig)) or (
+            counted and what.isdigit() and _commits[0] == int(what)
+        ):
             os.kill(os.getpid(), signal.SIGINT if sig.upper() == "INT" else signal.SIGKILL)

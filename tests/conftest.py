@@ -72,7 +72,7 @@ def tiny_spec_dict(models: dict, hh: Path) -> dict:
         "stages": [
             {"id": "reward_model", "kind": "train", "uses": "reward-model",
              "params": {"backbone": "backbone", "dataset": "rm_pairs", "eval_size": 16, "max_length": 64, "learning_rate": 1e-3,
-                        "per_device_batch_size": 8, "save_every": 2}},
+                        "per_device_train_batch_size": 8, "save_every": 2}},
             {"id": "sample", "kind": "sample", "uses": "generate",
              "params": {"policy": "policy", "prompts": "prompts", "n": 3, "max_new_tokens": 8, "num_shards": 3,
                         "backend": {"uses": "transformers", "params": {"batch_size": 4}}}},
@@ -82,7 +82,7 @@ def tiny_spec_dict(models: dict, hh: Path) -> dict:
              "params": {"tokenizer": "policy", "max_prompt_tokens": 4096, "max_response_tokens": 64}},
             {"id": "pair", "kind": "pair", "uses": "best-worst", "inputs": ["filter"], "params": {"test_size": 2}},
             {"id": "rebel", "kind": "train", "uses": "rebel", "inputs": ["pair"],
-             "params": {"policy": "policy", "eta": 1.0, "learning_rate": 1e-3, "per_device_batch_size": 2, "gradient_accumulation_steps": 1,
+             "params": {"policy": "policy", "eta": 1.0, "learning_rate": 1e-3, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1,
                         "epochs": 1.0, "max_prompt_tokens": 128, "max_response_tokens": 16, "save_every": 2,
                         "logprob_temperature": 0.8}},
             {"id": "evaluate", "kind": "evaluate", "uses": "reward-winrate",
@@ -136,7 +136,7 @@ def mini_spec(models: dict, hh: Path) -> dict:
     score["reward"]["params"]["model"] = "rm"
     score["num_shards"] = 2
     stage_of(spec, "pair").update(inputs=["score"], params={"test_size": 1})
-    stage_of(spec, "rebel")["params"].update(per_device_batch_size=1, max_response_tokens=8, save_every=1)
+    stage_of(spec, "rebel")["params"].update(per_device_train_batch_size=1, max_response_tokens=8, save_every=1)
     return spec
 
 

@@ -494,7 +494,7 @@ def test_out_of_memory_message_has_a_hint(tiny_spec):
     assert "stage 'sample'" in msg and "ran out of memory" in msg
     assert "params.backend.params.batch_size" in msg and "params.max_new_tokens" in msg and "/stages/1/params" in msg
     msg = str(_stage_error(_stage(tiny_spec, "rebel"), torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")))
-    assert "ran out of memory" in msg and "params.per_device_batch_size" in msg and "/stages/5/params" in msg
+    assert "ran out of memory" in msg and "params.per_device_train_batch_size" in msg and "/stages/5/params" in msg
 
 
 def test_a_write_error_during_commit_fails_loudly_and_leaves_no_entry(tmp_path):

@@ -54,7 +54,7 @@ def test_workers_report_their_keys_timings_and_counters(tmp_path, tiny_models, h
     """With num_processes 2 the stage's manifest lists the shared reference-logprob entry it used, its timings
     and counters, so `cache gc` keeps the shared entry and a rerun finds everything cached."""
     spec = mini_spec(tiny_models, hh_file)
-    spec["stages"][3]["params"].update(num_processes=2, per_device_batch_size=1, gradient_accumulation_steps=1)
+    spec["stages"][3]["params"].update(num_processes=2, per_device_train_batch_size=1, gradient_accumulation_steps=1)
     path = write_spec(tmp_path, spec)
     cache = tmp_path / "cache"
     code, rep = run_inprocess(path, cache, tmp_path / "r.json")

@@ -2,7 +2,7 @@
 
 REBEL training of a tiny real Llama on 8 real hh-rlhf pairs, global batch 4, 4 updates:
 
-* reference: 1 process, ``per_device_batch_size`` 1 x ``gradient_accumulation_steps`` 4;
+* reference: 1 process, ``per_device_train_batch_size`` 1 x ``gradient_accumulation_steps`` 4;
 * ``torchrun``: 2 processes (DDP over gloo), 1 x 2 each (no accelerate config);
 * ``accelerate launch`` with the repository's DeepSpeed ZeRO-3 config (made CPU-sized: 2 processes,
   no bf16), 1 x 2 each.
@@ -65,7 +65,7 @@ def _train(tmp: Path, pairs: Path, policy: Path, name: str, processes: int, accu
     from rlhf_spec.stages.train.preference import RebelParams, run_rebel
     from rlhf_spec.testing import execute, make_context
 
-    params = RebelParams(policy="policy", eta=1.0, learning_rate=LR, per_device_batch_size=1, gradient_accumulation_steps=accum,
+    params = RebelParams(policy="policy", eta=1.0, learning_rate=LR, per_device_train_batch_size=1, gradient_accumulation_steps=accum,
                          num_processes=processes, total_episodes=UPDATES * 4, max_prompt_tokens=32, max_response_tokens=8,
                          logprob_temperature=0.8, save_every=2, accelerate_config=accelerate_config)
     assert params.global_batch() == 4

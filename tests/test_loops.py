@@ -94,7 +94,7 @@ def _core(tmp_path: Path, seed: int):
     from rlhf_spec.loops.core import TrainingCore
     from rlhf_spec.loops.trainer import OptimParams
 
-    params = OptimParams(learning_rate=0.1, per_device_batch_size=1, gradient_accumulation_steps=1, log_with=[],
+    params = OptimParams(learning_rate=0.1, per_device_train_batch_size=1, gradient_accumulation_steps=1, log_with=[],
                          scheduler="constant", warmup_ratio=0.0)
     core = TrainingCore(params, tmp_path / "tb", tmp_path / "checkpoints", seed=0, prefix="step",
                         state_file="state.json")

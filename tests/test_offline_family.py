@@ -38,7 +38,7 @@ def base_spec(models: dict, hh: Path) -> dict:
     return spec
 
 
-TRAIN = {"policy": "policy", "learning_rate": 1e-2, "per_device_batch_size": 2, "gradient_accumulation_steps": 1, "epochs": 1.0,
+TRAIN = {"policy": "policy", "learning_rate": 1e-2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "epochs": 1.0,
          "max_prompt_tokens": 128, "max_response_tokens": 16, "save_every": 100}
 
 
@@ -178,7 +178,7 @@ def test_sft_lowers_the_heldout_loss(tmp_path, tiny_models, registry):
             "datasets": {"alpaca": {"path": str(data_file(ALPACA)), "adapter": "alpaca", "limit": 40}},
             "stages": [{"id": "sft", "kind": "train", "uses": "sft",
                         "params": {"policy": "policy", "dataset": "alpaca", "eval_size": 8, "max_length": 128, "learning_rate": 5e-3,
-                                   "warmup_ratio": 0.0, "per_device_batch_size": 8, "epochs": 4, "save_every": 100}}]}
+                                   "warmup_ratio": 0.0, "per_device_train_batch_size": 8, "epochs": 4, "save_every": 100}}]}
     st = run_spec_inprocess(spec, tmp_path, tmp_path / "cache")["sft"]
     m = st["metrics"]
     assert m["eval_rows"] >= 8 and m["train_rows"] + m["eval_rows"] == 40
@@ -245,7 +245,7 @@ def test_rejection_sampling_fine_tuning_through_the_runner(tmp_path, tiny_models
     spec = with_stages(tiny_models, hh_file,
                        {"id": "best", "kind": "filter", "uses": "best-of-n", "inputs": ["score"], "params": {}},
                        {"id": "sft", "kind": "train", "uses": "sft", "inputs": ["best"],
-                        "params": {"policy": "policy", "packing": True, "max_length": 32, "per_device_batch_size": 2,
+                        "params": {"policy": "policy", "packing": True, "max_length": 32, "per_device_train_batch_size": 2,
                                    "learning_rate": 1e-2, "epochs": 1, "save_every": 100}})
     st = run_spec_inprocess(spec, tmp_path, own_cache(base_cache, tmp_path))
     scored = datasets.load_from_disk(str(Path(st["score"]["output"]) / "data"))
@@ -414,7 +414,7 @@ def test_kto_partners_and_reference_point():
 
 def test_kto_from_pairs_end_to_end(tmp_path, tiny_models, hh_file, base_cache):
     spec = with_stages(tiny_models, hh_file, {"id": "kto", "kind": "train", "uses": "kto", "inputs": ["pair"],
-                                              "params": {**TRAIN, "beta": 0.5, "per_device_batch_size": 4}})
+                                              "params": {**TRAIN, "beta": 0.5, "per_device_train_batch_size": 4}})
     cache = own_cache(base_cache, tmp_path)
     st = run_spec_inprocess(spec, tmp_path, cache)
     m = st["kto"]["metrics"]
@@ -435,9 +435,9 @@ def test_kto_on_a_kto_dataset(tmp_path, tiny_models, registry):
     spec = {"name": "kto", "models": {"policy": {"path": str(tiny_models["policy"])}},
             "datasets": {"kto": {"path": str(data_file(KTO)), "adapter": "kto", "limit": 20}},
             "stages": [{"id": "kto", "kind": "train", "uses": "kto",
-                        "params": {**TRAIN, "dataset": "kto", "eval_size": 4, "max_prompt_tokens": 48, "per_device_batch_size": 4}},
+                        "params": {**TRAIN, "dataset": "kto", "eval_size": 4, "max_prompt_tokens": 48, "per_device_train_batch_size": 4}},
                        {"id": "sft", "kind": "train", "uses": "sft",  # SFT on the same data imitates the desirable rows only
-                        "params": {"policy": "policy", "dataset": "kto", "packing": True, "max_length": 64, "per_device_batch_size": 4,
+                        "params": {"policy": "policy", "dataset": "kto", "packing": True, "max_length": 64, "per_device_train_batch_size": 4,
                                    "epochs": 1, "learning_rate": 1e-3}}]}
     stages = run_spec_inprocess(spec, tmp_path, tmp_path / "cache")
     sft = stages["sft"]["metrics"]
@@ -502,11 +502,11 @@ def test_static_checks_of_kto_and_sft_data(tiny_models, registry):
     spec = {"name": "k", "models": {"policy": {"path": str(tiny_models["policy"])}},
             "datasets": {"kto": {"path": "x.json", "adapter": "kto"},
                          "prefs": {"path": "y.json", "adapter": "sharegpt", "chosen_column": "chosen", "rejected_column": "rejected"}},
-            "stages": [{"id": "kto", "kind": "train", "uses": "kto", "params": {"policy": "policy", "dataset": "kto", "per_device_batch_size": 1}},
+            "stages": [{"id": "kto", "kind": "train", "uses": "kto", "params": {"policy": "policy", "dataset": "kto", "per_device_train_batch_size": 1}},
                        {"id": "sft", "kind": "train", "uses": "sft", "params": {"policy": "policy", "dataset": "prefs"}},
                        {"id": "kto2", "kind": "train", "uses": "kto", "params": {"policy": "policy", "dataset": "prefs"}}]}
     probs = {p.pointer: p.message for p in spec_problems(spec, registry, check_files=False)}
-    assert "at least 2" in probs["/stages/0/params/per_device_batch_size"]
+    assert "at least 2" in probs["/stages/0/params/per_device_train_batch_size"]
     assert "completion" in probs["/stages/1/params/dataset"]  # preference data is not SFT data
     assert "label" in probs["/stages/2/params/dataset"]
 

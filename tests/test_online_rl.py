@@ -108,7 +108,7 @@ def online_spec(algo: str, models: dict, prompts: Path, **params) -> dict:
     p = {"policy": "policy", "prompts": "prompts", "eval_prompts": "eval_prompts", "eval_every": 5,
          "reward": {"uses": "length", "params": {"unit": "characters", "per_unit": -0.1}},
          "total_steps": STEPS, "rollout_prompts": 4, "group_size": 4, "max_new_tokens": 8, "learning_rate": 0.05,
-         "per_device_batch_size": 4, "save_every": 2, "backend": {"uses": "transformers", "params": {"batch_size": 16}}}
+         "per_device_train_batch_size": 4, "save_every": 2, "backend": {"uses": "transformers", "params": {"batch_size": 16}}}
     p.update(params)
     return {"name": "online-" + algo.replace("+", "p"), "seed": 0, "models": {"policy": {"path": str(models["policy"])},
                                                          "backbone": {"path": str(models["reward"])}},
@@ -209,7 +209,7 @@ def test_algorithm_learns_moves_weights_and_logs_every_field(algo, tmp_path, onl
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo,extra", [("ppo", {}), ("grpo", {"ppo_epochs": 2, "minibatch_size": 8, "per_device_batch_size": 4,
+@pytest.mark.parametrize("algo,extra", [("ppo", {}), ("grpo", {"ppo_epochs": 2, "minibatch_size": 8, "per_device_train_batch_size": 4,
                                                                   "gradient_accumulation_steps": 2})])
 def test_sigkill_mid_rollout_and_mid_optimisation_resumes_to_the_same_weights(algo, extra, tmp_path, online_registry,
                                                                                 tiny_models, prompts_file):

@@ -212,7 +212,7 @@ def test_rebel_step_loss_matches_an_independent_computation(tmp_path, tiny_model
     n, eta, temp = 5, 2.0, 0.8
     pairs = _pairs(tmp_path / "pairs", hh_file, n)
     reference = make_tiny_policy(tmp_path / "reference", seed=1, texts=[r for r in _texts(hh_file)])
-    params = RebelParams(policy="policy", reference="reference", eta=eta, learning_rate=1e-3, per_device_batch_size=1,
+    params = RebelParams(policy="policy", reference="reference", eta=eta, learning_rate=1e-3, per_device_train_batch_size=1,
                          gradient_accumulation_steps=n, total_episodes=n, logprob_temperature=temp,
                          max_prompt_tokens=4096, max_response_tokens=4096, save_every=100)
     models = {name: ModelSource(name=name, origin="spec", path=str(p), identity={"path": str(p)})

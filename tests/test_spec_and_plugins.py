@@ -197,26 +197,29 @@ def test_third_party_plugin_registers_and_conflict_is_named(tmp_path, tiny_spec)
     assert row["distribution"] == "rlhf-spec-one" and row["version"] == "0.3.1"
 
 
-def test_old_lr_name_is_accepted_with_the_same_key(tmp_path, tiny_spec):
-    """'lr' (the name up to 0.1) still validates, warns, and keys the stage exactly as 'learning_rate' does."""
+@pytest.mark.parametrize("old,new", [("lr", "learning_rate"),
+                                     ("per_device_batch_size", "per_device_train_batch_size")])
+def test_old_param_names_are_accepted_with_the_same_key(tmp_path, tiny_spec, old, new):
+    """Old train param names ('lr' up to 0.1, 'per_device_batch_size' up to 0.2) still validate, warn, and
+    key the stage exactly as the new names do; giving both is an error at the params' pointer."""
     from rlhf_spec.cache import Cache
     from rlhf_spec.runner import Runner
     from rlhf_spec.spec import load_pipeline
 
     keys = []
-    for name in ("learning_rate", "lr"):
+    for name in (new, old):
         spec = json.loads(json.dumps(tiny_spec))
         params = spec["stages"][0]["params"]
-        params[name] = params.pop("learning_rate")
-        with pytest.warns(FutureWarning, match="'lr' is now called 'learning_rate'") if name == "lr" else _no_warning():
+        params[name] = params.pop(new, 2)
+        with pytest.warns(FutureWarning, match=f"'{old}' is now called '{new}'") if name == old else _no_warning():
             (tmp_path / name).mkdir()
             runner = Runner(load_pipeline(write_spec(tmp_path / name, spec), registry()), Cache(tmp_path / "cache"))
             keys.append(runner.key(spec["stages"][0]["id"]))
     assert keys[0] == keys[1]
-    spec["stages"][0]["params"]["learning_rate"] = 1e-3
+    spec["stages"][0]["params"][new] = spec["stages"][0]["params"][old]
     (tmp_path / "both").mkdir()
     r = cli("validate", str(write_spec(tmp_path / "both", spec)))
-    assert r.returncode == 2 and "/stages/0/params: give 'learning_rate' only" in r.stderr, r.stderr
+    assert r.returncode == 2 and f"/stages/0/params: give '{new}' only" in r.stderr, r.stderr
 
 
 def _no_warning():

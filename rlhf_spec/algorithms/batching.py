@@ -71,13 +71,23 @@ def tokenize_pairs(tokenizer, rows, max_prompt: int, max_response: int) -> list[
     out = []
     for prompt, chosen, rejected in zip(rows["prompt"], rows["chosen"], rows["rejected"]):
         p = prompt_ids(tokenizer, prompt, max_prompt)
-        out.append(TokenizedPair(p + response_ids(tokenizer, chosen, max_response),
-                                 p + response_ids(tokenizer, rejected, max_response), len(p)))
+        out.append(
+            TokenizedPair(
+                p + response_ids(tokenizer, chosen, max_response),
+                p + response_ids(tokenizer, rejected, max_response),
+                len(p),
+            )
+        )
     return out
 
 
-def tokenize_completions(tokenizer, prompts: Sequence[list[dict]], completions: Sequence[str],
-                         max_prompt: Optional[int] = None, max_response: Optional[int] = None) -> list[TokenizedCompletion]:
+def tokenize_completions(
+    tokenizer,
+    prompts: Sequence[list[dict]],
+    completions: Sequence[str],
+    max_prompt: Optional[int] = None,
+    max_response: Optional[int] = None,
+) -> list[TokenizedCompletion]:
     """Token ids of (prompt, completion) rows, laid out as :func:`tokenize_pairs` lays out one response."""
     out = []
     for prompt, completion in zip(prompts, completions):
@@ -86,8 +96,13 @@ def tokenize_completions(tokenizer, prompts: Sequence[list[dict]], completions: 
     return out
 
 
-def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, response_starts: Optional[Sequence[int]] = None,
-              token_type_ids: Optional[Sequence[Sequence[int]]] = None, device=None) -> dict:
+def pad_batch(
+    sequences: Sequence[Sequence[int]],
+    pad_id: int,
+    response_starts: Optional[Sequence[int]] = None,
+    token_type_ids: Optional[Sequence[Sequence[int]]] = None,
+    device=None,
+) -> dict:
     """Right-pad token sequences into one batch.
 
     Args:
@@ -110,8 +125,10 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, response_starts: 
     if not sequences:
         raise ValueError("pad_batch needs at least one sequence")
     width = max(len(s) for s in sequences)
-    batch = {"input_ids": torch.full((len(sequences), width), pad_id, dtype=torch.long),
-             "attention_mask": torch.zeros((len(sequences), width), dtype=torch.long)}
+    batch = {
+        "input_ids": torch.full((len(sequences), width), pad_id, dtype=torch.long),
+        "attention_mask": torch.zeros((len(sequences), width), dtype=torch.long),
+    }
     if response_starts is not None:
         batch["response_mask"] = torch.zeros((len(sequences), width), dtype=torch.bool)
     if token_type_ids is not None:
@@ -121,13 +138,15 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, response_starts: 
         batch["input_ids"][i, :n] = torch.tensor(list(seq), dtype=torch.long)
         batch["attention_mask"][i, :n] = 1
         if response_starts is not None:
-            batch["response_mask"][i, response_starts[i]:n] = True
+            batch["response_mask"][i, response_starts[i] : n] = True
         if token_type_ids is not None:
             batch["token_type_ids"][i, :n] = torch.tensor(list(token_type_ids[i]), dtype=torch.long)
     return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
 
 
-def pad_response_aligned(sequences: Sequence[Sequence[int]], pad_id: int, response_starts: Sequence[int], device=None) -> dict:
+def pad_response_aligned(
+    sequences: Sequence[Sequence[int]], pad_id: int, response_starts: Sequence[int], device=None
+) -> dict:
     """Pad (prompt + response) sequences so that every response starts in the same column: prompts
     left-padded to the longest prompt, responses right-padded to the longest response.
 
@@ -161,8 +180,12 @@ def pad_response_aligned(sequences: Sequence[Sequence[int]], pad_id: int, respon
     prompt_width = max(response_starts)
     response_width = max(len(s) - st for s, st in zip(sequences, response_starts))
     shape = (len(sequences), prompt_width + response_width)
-    batch = {"input_ids": torch.full(shape, pad_id, dtype=torch.long), "attention_mask": torch.zeros(shape, dtype=torch.long),
-             "position_ids": torch.zeros(shape, dtype=torch.long), "response_mask": torch.zeros(shape, dtype=torch.bool)}
+    batch = {
+        "input_ids": torch.full(shape, pad_id, dtype=torch.long),
+        "attention_mask": torch.zeros(shape, dtype=torch.long),
+        "position_ids": torch.zeros(shape, dtype=torch.long),
+        "response_mask": torch.zeros(shape, dtype=torch.bool),
+    }
     for i, (seq, start) in enumerate(zip(sequences, response_starts)):
         lo, hi = prompt_width - start, prompt_width - start + len(seq)
         batch["input_ids"][i, lo:hi] = torch.tensor(list(seq), dtype=torch.long)
@@ -187,7 +210,9 @@ def length_batches(lengths: list[int], batch_size: int, max_batch_tokens: Option
     batches: list[list[int]] = []
     cur: list[int] = []
     for i in order:
-        if cur and (len(cur) >= batch_size or (max_batch_tokens and lengths[cur[0]] * (len(cur) + 1) > max_batch_tokens)):
+        if cur and (
+            len(cur) >= batch_size or (max_batch_tokens and lengths[cur[0]] * (len(cur) + 1) > max_batch_tokens)
+        ):
             batches.append(cur)
             cur = []
         cur.append(i)

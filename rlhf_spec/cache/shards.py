@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..data import load_rows, save_rows
-from ..runtime import commit_hook
 from ..files import commit_tree, file_records, verify_files
+from ..runtime import commit_hook
 
 
 def _journal(path: Path) -> dict[int, dict]:

@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from ..errors import CacheError
+from ..files import atomic_write_json, commit_tree, file_records, oserror_text, verify_files
 from ..hashing import HashState
 from ..runtime import commit_hook
-from ..files import atomic_write_json, commit_tree, file_records, oserror_text, verify_files
 from .lease import Lease
 
 KEY_FORMAT = 1
@@ -162,7 +162,9 @@ class Cache:
         tmp, final = Path(tmp), self.entry_dir(key)
         try:
             files = file_records(tmp, skip=(MANIFEST,))
-            man = dict(manifest, format=KEY_FORMAT, key=key, files=files, created=_now(), bytes=sum(f["size"] for f in files))
+            man = dict(
+                manifest, format=KEY_FORMAT, key=key, files=files, created=_now(), bytes=sum(f["size"] for f in files)
+            )
             atomic_write_json(tmp / MANIFEST, man)
             commit_tree(tmp, final, replace=replace)
         except CacheError:

@@ -28,7 +28,7 @@ class PolicyUpdate:
     Args:
         core: the run's prepared :class:`~rlhf_spec.loops.core.TrainingCore` (its model: an ActorCritic).
         algo: the algorithm (its loss, and whether it is a token mean).
-        params: the stage's params (``ppo_epochs``, ``per_device_batch_size``, ``gradient_accumulation_steps``,
+        params: the stage's params (``ppo_epochs``, ``per_device_train_batch_size``, ``gradient_accumulation_steps``,
             ``ptx_coef``).
         seed: the spec seed: epoch ``e`` of step ``s`` is ordered by ``derive_seed(seed, 102, s, e)``, the
             PPO-ptx stream (:func:`~rlhf_spec.loops.online_setup.prompt_order`) is seeded ``derive_seed(seed, 104)``.
@@ -37,12 +37,22 @@ class PolicyUpdate:
         micro_per_epoch: micro-batches per pass over a step's rollouts on this process.
     """
 
-    def __init__(self, core: TrainingCore, algo: Algorithm, params, *, seed: int, pad_id: int, temperature: float,
-                 ptx_items, micro_per_epoch: int):
+    def __init__(
+        self,
+        core: TrainingCore,
+        algo: Algorithm,
+        params,
+        *,
+        seed: int,
+        pad_id: int,
+        temperature: float,
+        ptx_items,
+        micro_per_epoch: int,
+    ):
         self.core, self.algo, self.p = core, algo, params
         self.seed, self.pad_id, self.temperature = seed, pad_id, temperature
         self.ptx_items, self.micro_per_epoch = ptx_items, micro_per_epoch
-        self.micro, self.gas = params.per_device_batch_size, params.gradient_accumulation_steps
+        self.micro, self.gas = params.per_device_train_batch_size, params.gradient_accumulation_steps
 
     def run(self, exp: Experience, step: int, kept: str, after_epoch: Callable[[int, int], None]) -> dict:
         """Every epoch of step ``step``; returns the loss statistics averaged over micro-steps and processes.
@@ -85,8 +95,14 @@ class PolicyUpdate:
         logits, values = self.core.model(batch["input_ids"], batch["attention_mask"], values=self.algo.needs_values)
         b, lens = len(rl_items), [exp.resp_lens[i] for i in idx]
         pos, mask = response_positions([it.prompt_len for it in rl_items], lens, device=dev)
-        lp, _, v = gather_response(logits[:b], batch["input_ids"][:b], pos, mask, self.temperature,
-                                   values=values[:b] if values is not None else None)
+        lp, _, v = gather_response(
+            logits[:b],
+            batch["input_ids"][:b],
+            pos,
+            mask,
+            self.temperature,
+            values=values[:b] if values is not None else None,
+        )
         loss, stats = self.algo.loss(lp, v, exp, idx, max(lens))
         loss = loss * weight
         if ptx:

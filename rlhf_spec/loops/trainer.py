@@ -10,6 +10,7 @@ where the computation is deterministic.
 from __future__ import annotations
 
 import math
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Optional
@@ -36,10 +37,14 @@ class LoraParams(BaseModel):
     )
 
 
+#: Old train param names -> their names now (read with a FutureWarning).
+OLD_PARAM_NAMES = {"lr": "learning_rate", "per_device_batch_size": "per_device_train_batch_size"}
+
+
 class OptimParams(BaseModel):
     """Optimizer, schedule, batch and distribution settings shared by every ``train`` implementation.
 
-    Global batch = ``per_device_batch_size * gradient_accumulation_steps * num_processes``.
+    Global batch = ``per_device_train_batch_size * gradient_accumulation_steps * num_processes``.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -49,36 +54,55 @@ class OptimParams(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _old_names(cls, data: Any) -> Any:
-        # 'lr' was the name up to 0.1; accepted (with a FutureWarning) so that older specs keep their keys
-        if isinstance(data, dict) and "lr" in data:
-            if "learning_rate" in data:
-                raise ValueError("give 'learning_rate' only ('lr' is its old name)")
-            import warnings
-
-            warnings.warn("train params: 'lr' is now called 'learning_rate'", FutureWarning, stacklevel=2)
-            data = {("learning_rate" if k == "lr" else k): v for k, v in data.items()}
+        # earlier names, read with a FutureWarning so that older specs keep working: 'lr' (up to 0.1) and
+        # 'per_device_batch_size' (up to 0.2; transformers and TRL name it per_device_train_batch_size)
+        if not isinstance(data, dict):
+            return data
+        for old, new in OLD_PARAM_NAMES.items():
+            if old in data:
+                if new in data:
+                    raise ValueError(f"give '{new}' only ('{old}' is its old name)")
+                warnings.warn(f"train params: '{old}' is now called '{new}'", FutureWarning, stacklevel=2)
+                data = {(new if k == old else k): v for k, v in data.items()}
         return data
+
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     weight_decay: float = Field(1e-6, ge=0, description="AdamW weight decay.")
-    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field("cosine", description="LR schedule (transformers.get_scheduler).")
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="LR schedule (transformers.get_scheduler)."
+    )
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of updates spent warming up.")
-    per_device_batch_size: int = Field(1, ge=1, le=4096, description="Pairs per micro-batch per process.")
+    per_device_train_batch_size: int = Field(1, ge=1, le=4096, description="Pairs per micro-batch per process.")
     gradient_accumulation_steps: int = Field(16, ge=1, le=65536, description="Micro-batches per optimizer update.")
-    num_processes: int = Field(1, ge=1, le=4096, description="Processes (GPUs); more than 1 runs under 'accelerate launch'.")
-    total_episodes: Optional[int] = Field(None, ge=1, description="Pairs to train on in total (REBEL: 60000). Overrides epochs.")
+    num_processes: int = Field(
+        1, ge=1, le=4096, description="Processes (GPUs); more than 1 runs under 'accelerate launch'."
+    )
+    total_episodes: Optional[int] = Field(
+        None, ge=1, description="Pairs to train on in total (REBEL: 60000). Overrides epochs."
+    )
     epochs: float = Field(1.0, gt=0, description="Passes over the training pairs when total_episodes is unset.")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="accelerate mixed precision.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     disable_dropout: bool = Field(True, description="Set every dropout probability to 0 (REBEL does).")
     lora: Optional[LoraParams] = Field(None, description="Train LoRA adapters instead of all weights.")
-    accelerate_config: Optional[str] = Field(None, description="accelerate config file (e.g. DeepSpeed ZeRO-3) for multi-process runs.")
-    max_grad_norm: Optional[float] = Field(None, gt=0, description="Clip the gradient norm (None: no clipping, as REBEL).")
-    save_every: Annotated[int, NotInKey()] = Field(200, ge=1, description="Checkpoint every N updates for resume. Not part of the key.")
-    log_every: Annotated[int, NotInKey()] = Field(1, ge=1, description="Log to the trackers every N updates. Not part of the key.")
+    accelerate_config: Optional[str] = Field(
+        None, description="accelerate config file (e.g. DeepSpeed ZeRO-3) for multi-process runs."
+    )
+    max_grad_norm: Optional[float] = Field(
+        None, gt=0, description="Clip the gradient norm (None: no clipping, as REBEL)."
+    )
+    save_every: Annotated[int, NotInKey()] = Field(
+        200, ge=1, description="Checkpoint every N updates for resume. Not part of the key."
+    )
+    log_every: Annotated[int, NotInKey()] = Field(
+        1, ge=1, description="Log to the trackers every N updates. Not part of the key."
+    )
     log_with: Annotated[list[Literal["tensorboard", "wandb", "mlflow"]], NotInKey()] = Field(
         default_factory=lambda: ["tensorboard"],
-        description="Experiment trackers (accelerate's log_with); wandb and mlflow need their package installed. Not part of the key.")
+        description="Experiment trackers (accelerate's log_with); wandb and mlflow need their package installed. Not "
+        "part of the key.",
+    )
 
     @field_validator("log_with")
     @classmethod
@@ -91,7 +115,7 @@ class OptimParams(BaseModel):
         return v
 
     def global_batch(self) -> int:
-        return self.per_device_batch_size * self.gradient_accumulation_steps * self.num_processes
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.num_processes
 
     def num_updates(self, n_train: int) -> int:
         """Optimizer updates for ``n_train`` training rows (at least 1).
@@ -122,9 +146,21 @@ class Trainer(TrainingCore):
         run_name: the trackers' run name (the stage id).
     """
 
-    def __init__(self, params: OptimParams, model, n_train: int, step: Callable, ckpt_dir: Path, log_dir: Path,
-                 seed: int, progress=None, evaluate: Optional[Callable] = None, eval_every: Optional[int] = None,
-                 task_type: str = "CAUSAL_LM", run_name: str = "train"):
+    def __init__(
+        self,
+        params: OptimParams,
+        model,
+        n_train: int,
+        step: Callable,
+        ckpt_dir: Path,
+        log_dir: Path,
+        seed: int,
+        progress=None,
+        evaluate: Optional[Callable] = None,
+        eval_every: Optional[int] = None,
+        task_type: str = "CAUSAL_LM",
+        run_name: str = "train",
+    ):
         super().__init__(params, Path(log_dir), Path(ckpt_dir), seed)
         self.n_train, self.step_fn, self.seed = n_train, step, seed
         self.progress, self.evaluate, self.eval_every = progress, evaluate, eval_every
@@ -140,12 +176,12 @@ class Trainer(TrainingCore):
 
         g = torch.Generator().manual_seed(self.seed + epoch)
         perm = torch.randperm(self.n_train, generator=g).tolist()
-        per_update = self.p.per_device_batch_size * self.world
+        per_update = self.p.per_device_train_batch_size * self.world
         out = []
         for start in range(0, len(perm) - per_update + 1, per_update):
             chunk = perm[start : start + per_update]
             r = self.accelerator.process_index
-            out.append(chunk[r * self.p.per_device_batch_size : (r + 1) * self.p.per_device_batch_size])
+            out.append(chunk[r * self.p.per_device_train_batch_size : (r + 1) * self.p.per_device_train_batch_size])
         return out
 
     def _batches(self, start_micro: int):
@@ -155,8 +191,10 @@ class Trainer(TrainingCore):
         while True:
             mbs = self._micro_batches(epoch)
             if not mbs:
-                raise ValueError(f"fewer training rows ({self.n_train}) than one micro-batch across processes "
-                                 f"({self.p.per_device_batch_size * self.world})")
+                raise ValueError(
+                    f"fewer training rows ({self.n_train}) than one micro-batch across processes "
+                    f"({self.p.per_device_train_batch_size * self.world})"
+                )
             for mb in mbs:
                 if micro >= start_micro:
                     yield micro, mb
@@ -191,9 +229,11 @@ class Trainer(TrainingCore):
         self.history.append(row)
         max_kl = getattr(self.p, "max_kl", None)
         if max_kl is not None and row.get("kl_ref", 0.0) > max_kl:  # the same on every process (a global mean)
-            raise TrainingDiverged(f"the KL to the reference policy reached {row['kl_ref']:.4g} nats at update "
-                                   f"{update}, above max_kl {max_kl}; the last checkpoint is kept (lower "
-                                   "params.learning_rate or raise max_kl)")
+            raise TrainingDiverged(
+                f"the KL to the reference policy reached {row['kl_ref']:.4g} nats at update "
+                f"{update}, above max_kl {max_kl}; the last checkpoint is kept (lower "
+                "params.learning_rate or raise max_kl)"
+            )
         if update % self.p.log_every == 0:
             self.log(row, update, skip="update")
         if self.progress is not None:
@@ -211,7 +251,7 @@ class Trainer(TrainingCore):
             self.progress.advance(update)
         acc: dict[str, float] = {}
         n_acc, eval_metrics = 0, {}
-        for micro, mb in ([] if update >= self.num_updates else self._batches(start_micro)):
+        for micro, mb in [] if update >= self.num_updates else self._batches(start_micro):
             for k, v in self._micro_step(mb, update, micro).items():
                 acc[k] = acc.get(k, 0.0) + float(v)
             n_acc += 1
@@ -235,7 +275,7 @@ class Trainer(TrainingCore):
         Each process sums its own micro-batch statistics; with several processes the
         per-process means are averaged (all-reduce), so the logged loss of an update is
         the same whether its global batch ran in one process or was split across many
-        (every process holds ``per_device_batch_size`` pairs per micro-step).
+        (every process holds ``per_device_train_batch_size`` pairs per micro-step).
         """
         return self.mean({k: v / max(1, n_acc) for k, v in acc.items()})
 
@@ -254,10 +294,12 @@ class Trainer(TrainingCore):
         last = self.history[-1] if self.history else {}
         n = max(1, min(10, len(self.history)))
         tail = self.history[-n:]
-        out: dict[str, Any] = {"updates": self.num_updates,
-                               "global_batch": self.p.global_batch() // self.p.num_processes * self.world,
-                               "processes": self.world,
-                               "distributed_type": str(self.accelerator.distributed_type.value)}
+        out: dict[str, Any] = {
+            "updates": self.num_updates,
+            "global_batch": self.p.global_batch() // self.p.num_processes * self.world,
+            "processes": self.world,
+            "distributed_type": str(self.accelerator.distributed_type.value),
+        }
         ds_plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         if ds_plugin is not None:
             out["zero_stage"] = ds_plugin.deepspeed_config.get("zero_optimization", {}).get("stage")

@@ -19,9 +19,9 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from ..errors import SpecError
 from ..graph import Pipeline, Stage  # noqa: F401
 from ..refs import field_markers  # noqa: F401
-from ..errors import SpecError
 from .load import apply_overrides, load_json, strict_loads  # noqa: F401
 from .models import CacheSpec, DatasetSpec, ModelSpec, Spec, StageSpec  # noqa: F401
 from .problems import pointer, problems_from_validation  # noqa: F401
@@ -30,7 +30,9 @@ from .schema import json_schema  # noqa: F401
 from .validate import validate  # noqa: F401
 
 
-def load_pipeline(path: str | os.PathLike, registry, overrides: Optional[list[str]] = None, check_files: bool = True) -> Pipeline:
+def load_pipeline(
+    path: str | os.PathLike, registry, overrides: Optional[list[str]] = None, check_files: bool = True
+) -> Pipeline:
     """Read, override and validate a spec file.
 
     Raises:
@@ -43,7 +45,9 @@ def load_pipeline(path: str | os.PathLike, registry, overrides: Optional[list[st
         expanded, origins = expand(apply_overrides(data, before))
     except SpecError as exc:
         raise SpecError(exc.problems, str(path)) from None
-    return validate(apply_overrides(expanded, after), registry, source=str(path), check_files=check_files, origins=origins)
+    return validate(
+        apply_overrides(expanded, after), registry, source=str(path), check_files=check_files, origins=origins
+    )
 
 
 def split_overrides(data: dict, overrides: list[str]) -> tuple[list[str], list[str]]:

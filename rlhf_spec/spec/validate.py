@@ -24,15 +24,21 @@ from pydantic import BaseModel, ValidationError
 from ..errors import Problem, SpecError, did_you_mean
 from ..graph import Pipeline, Stage, toposort
 from ..paths import check_path, looks_local
-from ..records import KINDS, ComponentSpec, DatasetRef, ModelRef
+from ..records import KINDS, ComponentSpec, DatasetRef, ModelRef, call_check
 from ..refs import pointer_of, walk_components, walk_refs
 from .models import Spec
 from .problems import problems_from_validation
 from .repeat import expand, locate
 
 
-def validate(data: dict, registry, source: str = "", base: Optional[Path] = None, check_files: bool = True,
-             origins: Optional[list] = None) -> Pipeline:
+def validate(
+    data: dict,
+    registry,
+    source: str = "",
+    base: Optional[Path] = None,
+    check_files: bool = True,
+    origins: Optional[list] = None,
+) -> Pipeline:
     """Validate a raw spec dict completely, before any compute.
 
     ``repeat`` blocks are expanded first (:mod:`rlhf_spec.spec.repeat`); a problem in an expanded stage
@@ -110,7 +116,9 @@ def _stages(spec, registry, problems: list[Problem]) -> list[Stage]:
             continue
         ids[st.id] = i
         if st.id in spec.models:
-            problems.append(Problem(f"/stages/{i}/id", f"stage id '{st.id}' is also a model name in /models; rename one"))
+            problems.append(
+                Problem(f"/stages/{i}/id", f"stage id '{st.id}' is also a model name in /models; rename one")
+            )
         res = stage_params(i, st.model_dump(by_alias=True), registry, problems)
         if res is not None:
             stages.append(Stage(i, st, res[0], res[1]))
@@ -194,8 +202,13 @@ def _references(spec, stages: list[Stage], problems: list[Problem]) -> None:
                 elif value in ids:
                     deps.append(value)
                 else:
-                    problems.append(Problem(ptr, f"'{value}' is neither a model in /models nor a stage id",
-                                            did_you_mean(value, list(spec.models) + list(ids))))
+                    problems.append(
+                        Problem(
+                            ptr,
+                            f"'{value}' is neither a model in /models nor a stage id",
+                            did_you_mean(value, list(spec.models) + list(ids)),
+                        )
+                    )
             elif isinstance(mark, DatasetRef):
                 s.dataset_refs[path] = value
                 _dataset_ref(spec, value, mark, ptr, problems)
@@ -204,14 +217,23 @@ def _references(spec, stages: list[Stage], problems: list[Problem]) -> None:
 
 def _dataset_ref(spec, value: str, mark: DatasetRef, ptr: str, problems: list[Problem]) -> None:
     if value not in spec.datasets:
-        problems.append(Problem(ptr, f"unknown dataset '{value}'",
-                                did_you_mean(value, spec.datasets) or f"defined: {', '.join(spec.datasets) or 'none'}"))
+        problems.append(
+            Problem(
+                ptr,
+                f"unknown dataset '{value}'",
+                did_you_mean(value, spec.datasets) or f"defined: {', '.join(spec.datasets) or 'none'}",
+            )
+        )
         return
     have = spec.datasets[value].columns()
     missing = [c for c in mark.columns if c not in have]
     if missing:
         hint = "set chosen_column/rejected_column, or use adapter 'hh-rlhf'" if "chosen" in missing else ""
-        problems.append(Problem(ptr, f"dataset '{value}' has no column(s) {', '.join(missing)} (it provides {', '.join(have)})", hint))
+        problems.append(
+            Problem(
+                ptr, f"dataset '{value}' has no column(s) {', '.join(missing)} (it provides {', '.join(have)})", hint
+            )
+        )
 
 
 def _types(order: list[Stage], problems: list[Problem]) -> None:
@@ -222,13 +244,23 @@ def _types(order: list[Stage], problems: list[Problem]) -> None:
             up = by_id[ref]
             in_types.append(up.output_type)
             if s.impl.inputs and up.output_type not in s.impl.inputs:
-                problems.append(Problem(f"{s.ptr}/inputs/{j}", f"{s.impl.kind}/{s.impl.name} needs {' or '.join(s.impl.inputs)} "
-                                        f"input, but stage '{ref}' ({up.impl.kind}) produces {up.output_type}"))
+                problems.append(
+                    Problem(
+                        f"{s.ptr}/inputs/{j}",
+                        f"{s.impl.kind}/{s.impl.name} needs {' or '.join(s.impl.inputs)} "
+                        f"input, but stage '{ref}' ({up.impl.kind}) produces {up.output_type}",
+                    )
+                )
         s.output_type = in_types[0] if (s.impl.output == "same" and in_types) else s.impl.output
         for path, mark, value in walk_refs(s.params):
             if isinstance(mark, ModelRef) and value in by_id and by_id[value].output_type not in mark.artifacts:
-                problems.append(Problem(f"{s.ptr}/params{pointer_of(path)}", f"stage '{value}' produces "
-                                        f"{by_id[value].output_type}, but this param needs {' or '.join(mark.artifacts)}"))
+                problems.append(
+                    Problem(
+                        f"{s.ptr}/params{pointer_of(path)}",
+                        f"stage '{value}' produces "
+                        f"{by_id[value].output_type}, but this param needs {' or '.join(mark.artifacts)}",
+                    )
+                )
 
 
 def check_requires(reqs: list[str]) -> list[Problem]:
@@ -251,7 +283,13 @@ def check_requires(reqs: list[str]) -> list[Problem]:
             out.append(Problem(ptr, f"distribution '{req.name}' is not installed", f"pip install '{r}'"))
             continue
         if req.specifier and not req.specifier.contains(have, prereleases=True):
-            out.append(Problem(ptr, f"'{req.name}' {have} is installed, but the spec requires {req.specifier}", f"pip install '{r}'"))
+            out.append(
+                Problem(
+                    ptr,
+                    f"'{req.name}' {have} is installed, but the spec requires {req.specifier}",
+                    f"pip install '{r}'",
+                )
+            )
     return out
 
 
@@ -285,7 +323,7 @@ def _plugin_checks(spec, stages: list[Stage], problems: list[Problem]) -> None:
     for s in stages:
         if s.impl.check is not None:
             in_types = tuple(by_id[r].output_type if r in by_id else "" for r in s.spec.inputs)
-            for p in _call_check(s.impl.check, s.params, spec, in_types):
+            for p in call_check(s.impl.check, s.params, spec, in_types):
                 where = f"{s.ptr}{p.pointer[1:]}" if p.pointer.startswith("#") else f"{s.ptr}/params{p.pointer}"
                 problems.append(Problem(where, p.message, p.hint))
         for path, comp in walk_components(s.params):
@@ -324,21 +362,14 @@ def _reward_columns(spec, stages: list[Stage], problems: list[Problem]) -> None:
         for path, comp in rewards:
             missing = [c for c in comp.impl.required_columns(comp.parsed) if c not in have]
             if missing:
-                problems.append(Problem(f"{s.ptr}/params{pointer_of(path)}",
-                                        f"reward '{comp.uses}' reads the row column(s) {', '.join(missing)}, which the prompts "
-                                        f"reaching this stage do not have (they have {', '.join(sorted(have))})",
-                                        "give the prompts dataset a reference_column (or keep_columns)"))
-
-
-def _call_check(check, params, spec, in_types) -> list[Problem]:
-    """Call a stage's ``check``: ``check(params, spec, inputs)``, or ``check(params, spec)`` as earlier releases had it."""
-    import inspect
-
-    try:
-        n = len(inspect.signature(check).parameters)
-    except (TypeError, ValueError):
-        n = 3
-    return list((check(params, spec, in_types) if n >= 3 else check(params, spec)) or [])
+                problems.append(
+                    Problem(
+                        f"{s.ptr}/params{pointer_of(path)}",
+                        f"reward '{comp.uses}' reads the row column(s) {', '.join(missing)}, which the prompts "
+                        f"reaching this stage do not have (they have {', '.join(sorted(have))})",
+                        "give the prompts dataset a reference_column (or keep_columns)",
+                    )
+                )
 
 
 def _finite(value: Any, ptr: str, problems: list[Problem]) -> None:

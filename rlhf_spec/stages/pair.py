@@ -16,11 +16,18 @@ class PairParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    drop_identical: bool = Field(True, description="Drop pairs whose chosen and rejected texts are equal, or whose rewards tie.")
-    test_size: Union[int, float] = Field(
-        0, ge=0, description="Prompts held out as split 'test': a count (int), or a share in [0, 1) (float). REBEL holds out 1000."
+    drop_identical: bool = Field(
+        True, description="Drop pairs whose chosen and rejected texts are equal, or whose rewards tie."
     )
-    split_seed: int = Field(0, ge=0, description="Seed of the prompt-level split (the REBEL script's split is unseeded).")
+    test_size: Union[int, float] = Field(
+        0,
+        ge=0,
+        description="Prompts held out as split 'test': a count (int), or a share in [0, 1) (float). REBEL holds out "
+        "1000.",
+    )
+    split_seed: int = Field(
+        0, ge=0, description="Seed of the prompt-level split (the REBEL script's split is unseeded)."
+    )
 
     @field_validator("test_size")
     @classmethod
@@ -46,7 +53,9 @@ def run(ctx) -> StageResult:
             continue
         best = max(idx, key=lambda i: (rewards[i], -i))
         worst = min(idx, key=lambda i: (rewards[i], i))
-        if p.drop_identical and (best == worst or comps[best].strip() == comps[worst].strip() or rewards[best] == rewards[worst]):
+        if p.drop_identical and (
+            best == worst or comps[best].strip() == comps[worst].strip() or rewards[best] == rewards[worst]
+        ):
             dropped_identical += 1
             continue
         out["prompt_id"].append(pid)
@@ -57,8 +66,10 @@ def run(ctx) -> StageResult:
         out["rejected_reward"].append(float(rewards[worst]))
     n = len(out["prompt_id"])
     if n == 0:
-        raise ValueError(f"no pairs: {len(rows)} input rows over {len(groups)} prompts gave no prompt with two different, "
-                         "differently scored completions (raise sample n, or loosen the filter)")
+        raise ValueError(
+            f"no pairs: {len(rows)} input rows over {len(groups)} prompts gave no prompt with two different, "
+            "differently scored completions (raise sample n, or loosen the filter)"
+        )
     n_test = int(p.test_size) if isinstance(p.test_size, int) else int(round(p.test_size * n))
     if n_test >= n and n > 0:
         raise ValueError(f"test_size {p.test_size} leaves no training pairs ({n} pairs)")
@@ -69,13 +80,32 @@ def run(ctx) -> StageResult:
     ds = datasets.Dataset.from_dict(out)
     ctx.save_dataset(ds)
     margins = [c - r for c, r in zip(out["chosen_reward"], out["rejected_reward"])]
-    return StageResult(metrics={"pairs": n, "train": n - n_test, "test": n_test, "dropped_single": dropped_single,
-                                "dropped_identical": dropped_identical,
-                                "reward_margin_mean": float(sum(margins) / len(margins)) if margins else 0.0}, rows=n)
+    return StageResult(
+        metrics={
+            "pairs": n,
+            "train": n - n_test,
+            "test": n_test,
+            "dropped_single": dropped_single,
+            "dropped_identical": dropped_identical,
+            "reward_margin_mean": float(sum(margins) / len(margins)) if margins else 0.0,
+        },
+        rows=n,
+    )
 
 
 @hookimpl
 def rlhf_spec_register_stages(register):
-    register(StageImpl(kind="pair", name="best-worst", params=PairParams, run=run, version="1",
-                       inputs=(SCORED,), min_inputs=1, max_inputs=1, output=PAIRS,
-                       description="chosen = argmax reward, rejected = argmin; seeded prompt-level test split"))
+    register(
+        StageImpl(
+            kind="pair",
+            name="best-worst",
+            params=PairParams,
+            run=run,
+            version="1",
+            inputs=(SCORED,),
+            min_inputs=1,
+            max_inputs=1,
+            output=PAIRS,
+            description="chosen = argmax reward, rejected = argmin; seeded prompt-level test split",
+        )
+    )
