@@ -70,17 +70,8 @@ def cmd_plugins(args) -> int:
     failures = [f.__dict__ for f in reg.failures]
     conflicts = {"/".join(p for p in k if p): v for k, v in reg.conflicts.items()}
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "implementations": rows,
-                    "stages": [r for r in rows if r["surface"] == "stage"],
-                    "failures": failures,
-                    "conflicts": conflicts,
-                },
-                indent=2,
-            )
-        )
+        print(json.dumps({"implementations": rows, "stages": [r for r in rows if r["surface"] == "stage"],
+                          "failures": failures, "conflicts": conflicts}, indent=2))
         return 0
     from rich.table import Table
 
@@ -93,9 +84,8 @@ def cmd_plugins(args) -> int:
         t.add_row(r["surface"], r["kind"] or "-", r["name"], r["distribution"], r["version"], io, r["description"])
     con.print(t)
     for f in failures:
-        con.print(
-            f"[red]plugin '{f['entry_point']}' from {f['distribution']} {f['version']} failed to load:[/] {f['error']}"
-        )
+        con.print(f"[red]plugin '{f['entry_point']}' from {f['distribution']} {f['version']} failed to load:[/] "
+                  f"{f['error']}")
     for k, v in conflicts.items():
         con.print(f"[red]{k} is registered by more than one distribution:[/] {', '.join(v)}")
     return 0
@@ -122,15 +112,8 @@ def cmd_plan(args) -> int:
         res = r.get("resources") or {}
         res_txt = ", ".join(f"{k}={v}" for k, v in res.items())
         style = "green" if r["status"] == "cached" else "yellow"
-        t.add_row(
-            r["id"],
-            r["kind"],
-            r["uses"],
-            f"[{style}]{r['status']}[/]",
-            (r.get("key") or "?")[:12],
-            res_txt,
-            r["reason"],
-        )
+        t.add_row(r["id"], r["kind"], r["uses"], f"[{style}]{r['status']}[/]", (r.get("key") or "?")[:12], res_txt,
+                  r["reason"])
     con.print(t)
     if args.explain:
         for r in rows:
@@ -164,11 +147,8 @@ def cmd_run(args) -> int:
         with contextlib.suppress(RLHFSpecError):
             runner.record()
     report = build_report(runner, started, outcomes, status, error)
-    path = (
-        Path(args.report)
-        if args.report
-        else cache.root / "reports" / (f"{pipe.spec.name}-{_dt.datetime.now().strftime('%Y%m%dT%H%M%S')}.json")
-    )
+    path = Path(args.report) if args.report else cache.root / "reports" / (
+        f"{pipe.spec.name}-{_dt.datetime.now().strftime('%Y%m%dT%H%M%S')}.json")
     write_report(path, report)
     print_summary(con, report)
     con.print(f"report: {path}")
@@ -192,18 +172,10 @@ def cmd_cache(args) -> int:
         rows = []
         for key, man in cache.entries():
             st = man.get("stage", {})
-            rows.append(
-                {
-                    "key": key,
-                    "spec": st.get("spec", ""),
-                    "stage": st.get("id", ""),
-                    "kind": st.get("kind", st.get("memo", "")),
-                    "uses": st.get("uses", ""),
-                    "created": man.get("created", ""),
-                    "bytes": man.get("bytes", 0),
-                    "rows": man.get("rows"),
-                }
-            )
+            rows.append({"key": key, "spec": st.get("spec", ""), "stage": st.get("id", ""),
+                         "kind": st.get("kind", st.get("memo", "")),
+                         "uses": st.get("uses", ""), "created": man.get("created", ""), "bytes": man.get("bytes", 0),
+                         "rows": man.get("rows")})
         rows.sort(key=lambda r: r["created"])
         if args.json:
             print(json.dumps(rows, indent=2))
@@ -214,16 +186,8 @@ def cmd_cache(args) -> int:
         for col in ("key", "spec", "stage", "kind", "uses", "created", "MB", "rows"):
             t.add_column(col)
         for r in rows:
-            t.add_row(
-                r["key"][:12],
-                r["spec"],
-                r["stage"],
-                r["kind"],
-                r["uses"],
-                r["created"],
-                f"{r['bytes'] / 1e6:.1f}",
-                "" if r["rows"] is None else str(r["rows"]),
-            )
+            t.add_row(r["key"][:12], r["spec"], r["stage"], r["kind"], r["uses"], r["created"],
+                      f"{r['bytes'] / 1e6:.1f}", "" if r["rows"] is None else str(r["rows"]))
         con.print(t)
         return 0
     if args.cache_cmd == "verify":
@@ -239,10 +203,8 @@ def cmd_cache(args) -> int:
         verb = "would remove" if args.dry_run else "removed"
         for k in res["removed"]:
             con.print(f"{verb} {k}")
-        con.print(
-            f"{verb} {len(res['removed'])} item(s), {res['freed_bytes'] / 1e6:.1f} MB; kept {res['kept']} key(s) of "
-            f"the last {args.keep_last} run(s) per spec"
-        )
+        con.print(f"{verb} {len(res['removed'])} item(s), {res['freed_bytes'] / 1e6:.1f} MB; kept {res['kept']} key(s) "
+                  f"of the last {args.keep_last} run(s) per spec")
         return 0
     raise UsageError("cache needs one of: ls, verify, gc")
 
@@ -255,21 +217,14 @@ def _common(sp, cache_dir: bool = True) -> None:
     top-level parser; a sub-parser only overrides a value the user gave there (SUPPRESS)."""
     sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     if cache_dir:
-        sp.add_argument(
-            "--cache-dir",
-            default=argparse.SUPPRESS,
-            help="cache folder (default: $RLHF_SPEC_CACHE, the spec's cache.dir, or .rlhf-cache)",
-        )
+        sp.add_argument("--cache-dir", default=argparse.SUPPRESS,
+                        help="cache folder (default: $RLHF_SPEC_CACHE, the spec's cache.dir, or .rlhf-cache)")
 
 
 def _spec_args(sp) -> None:
     sp.add_argument("spec", help="path of the JSON spec")
-    sp.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="override a spec value by dotted path, e.g. stages.sample.params.n=2 (repeatable)",
-    )
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override a spec value by dotted path, e.g. stages.sample.params.n=2 (repeatable)")
 
 
 def _cache_parser(sub) -> None:
@@ -299,11 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``rlhf-spec`` argument parser. ``--debug`` and ``--cache-dir`` mean the same before or after a command."""
     p = argparse.ArgumentParser(prog="rlhf-spec", description="Run an RLHF pipeline from one declarative JSON spec.")
     p.add_argument("--debug", action="store_true", default=False, help="show tracebacks")
-    p.add_argument(
-        "--cache-dir",
-        default=None,
-        help="cache folder (default: $RLHF_SPEC_CACHE, the spec's cache.dir, or .rlhf-cache)",
-    )
+    p.add_argument("--cache-dir", default=None, help="cache folder (default: $RLHF_SPEC_CACHE, the spec's cache.dir, "
+                                                     "or .rlhf-cache)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     sp = sub.add_parser("run", help="run a spec, reusing cached stages")
@@ -319,9 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(sp)
     sp.add_argument("--force", action="append", metavar="ID")
     sp.add_argument("--until", metavar="ID")
-    sp.add_argument(
-        "--explain", action="store_true", help="name the key ingredient that changed for each stage that reruns"
-    )
+    sp.add_argument("--explain", action="store_true", help="name the key ingredient that changed for each stage that "
+                                                           "reruns")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(fn=cmd_plan)
 
@@ -341,11 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_schema)
     _cache_parser(sub)
     sp = sub.add_parser("report", help="write a self-contained HTML report of a run (plots, win rates, examples)")
-    sp.add_argument(
-        "source",
-        metavar="RUN_OR_REPORT",
-        help="run report JSON (rlhf-spec run --report PATH) or cache run record (<cache>/runs/*.json)",
-    )
+    sp.add_argument("source", metavar="RUN_OR_REPORT",
+                    help="run report JSON (rlhf-spec run --report PATH) or cache run record (<cache>/runs/*.json)")
     sp.add_argument("-o", "--output", metavar="OUT.html", help="where to write the HTML (default: SOURCE with .html)")
     _common(sp, cache_dir=False)
     sp.set_defaults(fn=cmd_report)
@@ -381,10 +329,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if debug:
             traceback.print_exc()
         else:
-            print(
-                f"rlhf-spec: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
-                file=sys.stderr,
-            )
+            print(f"rlhf-spec: internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+                  file=sys.stderr)
         code = 1
     return code
 

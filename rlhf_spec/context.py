@@ -131,14 +131,8 @@ class StageContext:
         progress: a :class:`Progress`.
     """
 
-    def __init__(
-        self,
-        inputs: StageInputs,
-        output: StageOutput,
-        partial_dir: Path,
-        cache_root: Path,
-        progress: Optional[Progress] = None,
-    ):
+    def __init__(self, inputs: StageInputs, output: StageOutput, partial_dir: Path, cache_root: Path,
+                 progress: Optional[Progress] = None):
         self.spec = inputs
         self.output = output
         self.partial_dir = Path(partial_dir)
@@ -226,12 +220,8 @@ class StageContext:
         """
         spec = self.component(path)
         cctx = ComponentContext(self, path)
-        return CheckedReward(
-            spec.impl.load(spec.parsed, cctx),
-            spec.impl.origin(),
-            cctx.pointer,
-            pairwise=spec.impl.is_pairwise(spec.parsed),
-        )
+        return CheckedReward(spec.impl.load(spec.parsed, cctx), spec.impl.origin(), cctx.pointer,
+                             pairwise=spec.impl.is_pairwise(spec.parsed))
 
     def backend(self, path: str, policy: ModelSource) -> Engine:
         """Load the generation backend named at params ``path`` (a :class:`~rlhf_spec.BackendSpec`) for ``policy``."""
@@ -382,10 +372,8 @@ class CheckedReward:
                 raise RewardError(f"{self.pointer}: {self.origin} returned {len(values)} {name} for {n} completions")
             bad = [i for i, v in enumerate(values) if not math.isfinite(float(v))]
             if bad:
-                raise RewardError(
-                    f"{self.pointer}: {self.origin} returned a non-finite {name} value "
-                    f"({values[bad[0]]}) for completion {bad[0]} of {n}"
-                )
+                raise RewardError(f"{self.pointer}: {self.origin} returned a non-finite {name} value "
+                                  f"({values[bad[0]]}) for completion {bad[0]} of {n}")
         return out
 
     def compare(self, prompts: list, completions_a: list, completions_b: list) -> tuple[list[float], list[bool]]:
@@ -403,10 +391,8 @@ class CheckedReward:
         import math
 
         if not self.pairwise:
-            raise RewardError(
-                f"{self.pointer}: {self.origin} does not compare two completions with these params "
-                "(its record declares no pairwise capability for them)"
-            )
+            raise RewardError(f"{self.pointer}: {self.origin} does not compare two completions with these params "
+                              "(its record declares no pairwise capability for them)")
         p_a, disagreement = self.reward.compare(prompts, completions_a, completions_b)
         n = len(prompts)
         for name, values in (("preferences", p_a), ("disagreement flags", disagreement)):
@@ -414,24 +400,14 @@ class CheckedReward:
                 raise RewardError(f"{self.pointer}: {self.origin} returned {len(values)} {name} for {n} pairs")
         bad = [i for i, v in enumerate(p_a) if not math.isfinite(float(v))]
         if bad:
-            raise RewardError(
-                f"{self.pointer}: {self.origin} returned a non-finite preference ({p_a[bad[0]]}) "
-                f"for pair {bad[0]} of {n}"
-            )
+            raise RewardError(f"{self.pointer}: {self.origin} returned a non-finite preference ({p_a[bad[0]]}) "
+                              f"for pair {bad[0]} of {n}")
         return p_a, disagreement
 
     def __getattr__(self, name):  # the loaded reward's own attributes (a judge's tokenizer, for example)
         return getattr(self.reward, name)
 
 
-__all__ = [
-    "ComponentContext",
-    "CheckedReward",
-    "Completion",
-    "InputArtifact",
-    "Progress",
-    "RewardError",
-    "StageContext",
-    "StageInputs",
-    "StageOutput",
-]
+__all__ = ["ComponentContext", "CheckedReward", "Completion", "InputArtifact", "Progress", "RewardError",
+           "StageContext",
+           "StageInputs", "StageOutput"]

@@ -72,10 +72,8 @@ def fsync_dir(path: Path) -> None:
 def oserror_text(exc: OSError, path: Path) -> str:
     """A one-line message for a failed write; a full disk gets a hint."""
     if exc.errno == errno.ENOSPC:
-        return (
-            f"out of disk space while writing {path}; free space or point --cache-dir at a larger disk "
-            "(entries already cached are intact)"
-        )
+        return (f"out of disk space while writing {path}; free space or point --cache-dir at a larger disk "
+                "(entries already cached are intact)")
     return f"cannot write {path}: {exc}"
 
 

@@ -83,7 +83,7 @@ def toposort(stages: list[Stage], problems: list[Problem]) -> list[Stage]:
         if st == 2:
             return True
         if st == 1:
-            cyc = path[path.index(s.id) :] + [s.id]
+            cyc = path[path.index(s.id):] + [s.id]
             problems.append(Problem(f"{s.ptr}/inputs", "cycle: " + " -> ".join(cyc)))
             return False
         state[s.id] = 1

@@ -139,6 +139,7 @@ def package_digest(obj) -> str:
     """
     import importlib
 
+
     top = importlib.import_module(obj.__module__.split(".")[0])
     if hasattr(top, "__path__"):
         root = Path(list(top.__path__)[0])

@@ -44,19 +44,10 @@ def context_to_job(ctx: StageContext) -> dict:
     """
     s = ctx.spec
     return {
-        "stage_id": s.stage_id,
-        "kind": s.kind,
-        "uses": s.uses,
-        "key": s.key,
-        "pointer": s.pointer,
-        "params": s.params.model_dump(mode="json", by_alias=True),
-        "seed": s.seed,
-        "base_dir": str(s.base_dir),
-        "inputs": [i.__dict__ for i in s.inputs],
-        "models": {k: v.to_dict() for k, v in s.models.items()},
-        "datasets": dict(s.datasets),
-        "out_dir": str(ctx.out_dir),
-        "partial_dir": str(ctx.partial_dir),
+        "stage_id": s.stage_id, "kind": s.kind, "uses": s.uses, "key": s.key, "pointer": s.pointer,
+        "params": s.params.model_dump(mode="json", by_alias=True), "seed": s.seed, "base_dir": str(s.base_dir),
+        "inputs": [i.__dict__ for i in s.inputs], "models": {k: v.to_dict() for k, v in s.models.items()},
+        "datasets": dict(s.datasets), "out_dir": str(ctx.out_dir), "partial_dir": str(ctx.partial_dir),
         "cache_root": str(ctx.cache_root),
     }
 
@@ -77,22 +68,12 @@ def job_to_context(job: dict, registry) -> tuple[StageContext, object]:
     bind_components(params, registry, job["pointer"] + "/params", problems)
     if problems:
         raise RuntimeError("; ".join(p.render() for p in problems))
-    inputs = StageInputs(
-        stage_id=job["stage_id"],
-        kind=job["kind"],
-        uses=job["uses"],
-        key=job["key"],
-        params=params,
-        seed=job["seed"],
-        inputs=tuple(InputArtifact(**i) for i in job["inputs"]),
-        models={k: ModelSource.from_dict(v) for k, v in job["models"].items()},
-        datasets=job["datasets"],
-        base_dir=Path(job["base_dir"]),
-        pointer=job["pointer"],
-    )
-    return StageContext(
-        inputs, StageOutput(out_dir=Path(job["out_dir"])), Path(job["partial_dir"]), Path(job["cache_root"])
-    ), impl
+    inputs = StageInputs(stage_id=job["stage_id"], kind=job["kind"], uses=job["uses"], key=job["key"], params=params,
+                         seed=job["seed"], inputs=tuple(InputArtifact(**i) for i in job["inputs"]),
+                         models={k: ModelSource.from_dict(v) for k, v in job["models"].items()},
+                         datasets=job["datasets"], base_dir=Path(job["base_dir"]), pointer=job["pointer"])
+    return StageContext(inputs, StageOutput(out_dir=Path(job["out_dir"])), Path(job["partial_dir"]),
+                        Path(job["cache_root"])), impl
 
 
 def free_port() -> int:
@@ -106,32 +87,12 @@ def launch_command(num_processes: int, accelerate_config: str | None, job_path: 
     """The command that starts ``num_processes`` workers: ``accelerate launch`` with a config file, else
     ``torchrun``."""
     if accelerate_config:
-        return [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            accelerate_config,
-            "--num_processes",
-            str(num_processes),
-            "--main_process_port",
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config,
+                "--num_processes", str(num_processes), "--main_process_port", str(port), "-m", "rlhf_spec.launch",
+                str(job_path)]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(num_processes), "--master_port",
             str(port),
-            "-m",
-            "rlhf_spec.launch",
-            str(job_path),
-        ]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(num_processes),
-        "--master_port",
-        str(port),
-        "-m",
-        "rlhf_spec.launch",
-        str(job_path),
-    ]
+            "-m", "rlhf_spec.launch", str(job_path)]
 
 
 def launch_stage(ctx: StageContext) -> StageResult:
@@ -154,15 +115,12 @@ def launch_stage(ctx: StageContext) -> StageResult:
     # a worker killed by a signal (SIGSEGV, SIGABRT from C++) writes its Python stack to launch.log
     env.setdefault("PYTHONFAULTHANDLER", "1")
     ctx.progress.note(f"{p.num_processes} processes")
-    code = _run_filtered(
-        launch_command(p.num_processes, cfg, job_path, free_port()), env, ctx.base_dir, ctx.partial_dir / "launch.log"
-    )
+    code = _run_filtered(launch_command(p.num_processes, cfg, job_path, free_port()), env, ctx.base_dir,
+                         ctx.partial_dir / "launch.log")
     if code != 0:
-        raise RuntimeError(
-            f"{p.num_processes}-process run of stage '{ctx.stage_id}' exited with code {code}: "
-            f"{worker_errors((ctx.partial_dir / 'launch.log').read_text(errors='replace'))} "
-            f"(all output in {ctx.partial_dir / 'launch.log'})"
-        )
+        raise RuntimeError(f"{p.num_processes}-process run of stage '{ctx.stage_id}' exited with code {code}: "
+                           f"{worker_errors((ctx.partial_dir / 'launch.log').read_text(errors='replace'))} "
+                           f"(all output in {ctx.partial_dir / 'launch.log'})")
     data = json.loads(result_path.read_text())
     for name, secs in data.get("timings", {}).items():
         ctx.output.timings[name] = ctx.output.timings.get(name, 0.0) + secs
@@ -193,16 +151,8 @@ def _run_filtered(cmd: list[str], env: dict, cwd: Path, log_path: Path) -> int:
     from .runtime import is_noise
 
     with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.Popen(
-            cmd,
-            env=env,
-            cwd=str(cwd),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            errors="replace",
-            bufsize=1,
-        )
+        proc = subprocess.Popen(cmd, env=env, cwd=str(cwd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                errors="replace", bufsize=1)
         assert proc.stdout is not None
         for line in proc.stdout:
             log.write(line)
@@ -222,14 +172,8 @@ def main(argv=None) -> int:
     ctx, impl = job_to_context(json.loads(Path(argv[0]).read_text()), registry())
     result = impl.run(ctx) or StageResult()
     if int(os.environ.get("RANK", "0")) == 0:
-        out = {
-            "metrics": result.metrics,
-            "rows": result.rows,
-            "output_type": result.output_type,
-            "timings": ctx.output.timings,
-            "counters": ctx.output.counters,
-            "used_keys": ctx.output.used_keys,
-        }
+        out = {"metrics": result.metrics, "rows": result.rows, "output_type": result.output_type,
+               "timings": ctx.output.timings, "counters": ctx.output.counters, "used_keys": ctx.output.used_keys}
         (ctx.partial_dir / "launch_result.json").write_text(json.dumps(out))
     return 0
 

@@ -115,13 +115,8 @@ def _lc_fit(y: np.ndarray, dlen: np.ndarray, x0=None) -> tuple[float, float, flo
 
 
 def length_controlled_win_rate(
-    preferences,
-    policy_lengths,
-    reference_lengths,
-    ci: bool = False,
-    confidence: float = 0.95,
-    n_resamples: int = LC_RESAMPLES,
-    seed: int = 0,
+    preferences, policy_lengths, reference_lengths, ci: bool = False, confidence: float = 0.95,
+    n_resamples: int = LC_RESAMPLES, seed: int = 0,
 ) -> LengthControlledWinRate:
     """Length-controlled win rate: the predicted preference at zero length difference.
 
@@ -200,12 +195,7 @@ def _lc_bootstrap(y, d, start, lc, confidence, n_resamples, seed) -> tuple[float
         return special.expit(_lc_fit(y[idx].ravel(), d[idx].ravel(), start)[0])
 
     res = stats.bootstrap(
-        (np.arange(y.shape[0]),),
-        stat,
-        n_resamples=n_resamples,
-        confidence_level=confidence,
-        method="percentile",
-        vectorized=False,
-        rng=np.random.default_rng(seed),
+        (np.arange(y.shape[0]),), stat, n_resamples=n_resamples, confidence_level=confidence,
+        method="percentile", vectorized=False, rng=np.random.default_rng(seed),
     )
     return float(res.confidence_interval.low), float(res.confidence_interval.high)

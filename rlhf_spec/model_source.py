@@ -102,6 +102,7 @@ def _transport_errors() -> tuple:
     return tuple(out)
 
 
+
 @dataclass
 class ModelSource:
     """Where to load one model from.
@@ -229,11 +230,8 @@ class ModelSource:
 
         loc, kw = self._location()
         model = AutoModelForSequenceClassification.from_pretrained(
-            loc,
-            num_labels=num_labels,
-            dtype=dtype or torch_dtype(self.dtype),
-            trust_remote_code=self.trust_remote_code,
-            **kw,
+            loc, num_labels=num_labels, dtype=dtype or torch_dtype(self.dtype),
+            trust_remote_code=self.trust_remote_code, **kw
         )
         if device is not None:
             model.to(device)

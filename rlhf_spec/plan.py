@@ -21,12 +21,8 @@ def plan(runner, until: Optional[str] = None, force: frozenset = frozenset(), ex
     runner.check_force(force)
     rows = []
     for st in runner.selected(until):
-        row: dict[str, Any] = {
-            "id": st.id,
-            "kind": st.impl.kind,
-            "uses": st.impl.name,
-            "distribution": st.impl.distribution,
-        }
+        row: dict[str, Any] = {"id": st.id, "kind": st.impl.kind, "uses": st.impl.name,
+                               "distribution": st.impl.distribution}
         if st.id in runner.key_errors:
             row.update(status="run", key=None, reason=f"key unknown: {runner.key_errors[st.id]}")
         else:
@@ -44,11 +40,8 @@ def _status(runner, st, force, explain: bool) -> dict:
     if runner.cache.has(key):
         return {"key": key, "status": "cached", "reason": "entry exists"}
     partial = runner.cache.partial_dir(key).exists()
-    row = {
-        "key": key,
-        "status": "run",
-        "reason": "no cached entry" + (" (partial work will be resumed)" if partial else ""),
-    }
+    row = {"key": key, "status": "run",
+           "reason": "no cached entry" + (" (partial work will be resumed)" if partial else "")}
     if explain:
         row["changes"] = explain_stage(runner, st)
         if row["changes"]:
@@ -88,11 +81,11 @@ def explain_stage(runner, st) -> list[str]:
     out = []
     for d in diff(best.get("preimage", {}), pre, ""):
         if d.startswith("inputs["):
-            idx = int(d[len("inputs[") : d.index("]")])
+            idx = int(d[len("inputs["):d.index("]")])
             up = st.spec.inputs[idx] if idx < len(st.spec.inputs) else "?"
             out.append(f"{d.split(':')[0]}: upstream stage '{up}' changed")
         elif d.startswith("models.") and ".stage_key" in d:
-            path = d[len("models.") : d.index(".stage_key")]
+            path = d[len("models."):d.index(".stage_key")]
             out.append(f"{d.split(':')[0]}: model from stage '{st.model_refs.get(path, '?')}' changed")
         else:
             out.append(d)

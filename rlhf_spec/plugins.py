@@ -59,10 +59,8 @@ class Registry:
         return tables[surface]
 
     def _failures_note(self) -> str:
-        return "".join(
-            f"; note: plugin '{f.entry_point}' from {f.distribution} {f.version} failed to load: {f.error}"
-            for f in self.failures
-        )
+        return "".join(f"; note: plugin '{f.entry_point}' from {f.distribution} {f.version} failed to load: {f.error}"
+                       for f in self.failures)
 
     def lookup(self, kind: str, name: str) -> tuple[Optional[StageImpl], str]:
         """Find a stage implementation; on failure return ``(None, reason)``.
@@ -71,11 +69,8 @@ class Registry:
         ``name``, two distributions that both claim it, and any plugins that failed to load.
         """
         if ("stage", kind, name) in self.conflicts:
-            return None, (
-                f"'{name}' is registered for kind '{kind}' by more than one distribution: "
-                + ", ".join(self.conflicts[("stage", kind, name)])
-                + "; uninstall one of them"
-            )
+            return None, (f"'{name}' is registered for kind '{kind}' by more than one distribution: "
+                          + ", ".join(self.conflicts[("stage", kind, name)]) + "; uninstall one of them")
         impl = self.stages.get((kind, name))
         if impl is not None:
             return impl, ""
@@ -92,11 +87,8 @@ class Registry:
         """Find a reward or backend by name; on failure return ``(None, reason)`` (installed names,
         "did you mean", conflicts and failed plugins, as :meth:`lookup`)."""
         if (surface, "", name) in self.conflicts:
-            return None, (
-                f"{surface} '{name}' is registered by more than one distribution: "
-                + ", ".join(self.conflicts[(surface, "", name)])
-                + "; uninstall one of them"
-            )
+            return None, (f"{surface} '{name}' is registered by more than one distribution: "
+                          + ", ".join(self.conflicts[(surface, "", name)]) + "; uninstall one of them")
         table = self._table(surface)
         if name in table:
             return table[name], ""
@@ -108,25 +100,16 @@ class Registry:
         """One dict per implementation (stages by kind, then rewards, backends and dataset adapters), for
         ``rlhf-spec plugins``."""
         order = {k: i for i, k in enumerate(KINDS)}
-        items = [
-            ("stage", k, n, impl)
-            for (k, n), impl in sorted(self.stages.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][1]))
-        ]
+        items = [("stage", k, n, impl) for (k, n), impl in sorted(self.stages.items(),
+                                                                  key=lambda kv: (order.get(kv[0][0], 99), kv[0][1]))]
         items += [("reward", "", n, impl) for n, impl in sorted(self.rewards.items())]
         items += [("backend", "", n, impl) for n, impl in sorted(self.backends.items())]
         items += [("dataset", "", n, impl) for n, impl in sorted(self.datasets.items())]
         out = []
         for surface, kind, name, impl in items:
-            row = {
-                "surface": surface,
-                "kind": kind,
-                "name": name,
-                "distribution": impl.distribution,
-                "version": impl.dist_version,
-                "impl_version": impl.impl_version,
-                "entry_point": impl.entry_point,
-                "description": impl.description,
-            }
+            row = {"surface": surface, "kind": kind, "name": name, "distribution": impl.distribution,
+                   "version": impl.dist_version, "impl_version": impl.impl_version, "entry_point": impl.entry_point,
+                   "description": impl.description}
             if surface == "stage":
                 row.update(inputs=list(impl.inputs), output=impl.output)
             out.append(row)
@@ -179,9 +162,8 @@ def _check_record(surface: str, rec: object) -> None:
         raise ValueError(f"a {want.__name__} needs a non-empty name")
     if surface == "dataset":
         if not rec.fit_for or set(rec.fit_for) - set(FIT):
-            raise ValueError(
-                f"dataset adapter '{rec.name}': fit_for must name some of {', '.join(FIT)}, got {rec.fit_for!r}"
-            )
+            raise ValueError(f"dataset adapter '{rec.name}': fit_for must name some of {', '.join(FIT)}, "
+                             f"got {rec.fit_for!r}")
         return
     if not (isinstance(rec.params, type) and issubclass(rec.params, BaseModel)):
         raise TypeError(f"{surface} '{rec.name}': params must be a pydantic BaseModel subclass")
@@ -207,9 +189,8 @@ def _finish(rec, dist: str, ver: str, ep_name: str):
     run_check = getattr(rec.run, "check", None) if isinstance(rec, StageImpl) else None
     if callable(run_check) and rec.check is not run_check:
         extra["check"] = run_check if rec.check is None else _both_checks(run_check, rec.check)
-    return dataclasses.replace(
-        rec, distribution=dist, dist_version=ver, entry_point=ep_name, source_digest=digest, **extra
-    )
+    return dataclasses.replace(rec, distribution=dist, dist_version=ver, entry_point=ep_name, source_digest=digest,
+                               **extra)
 
 
 def _both_checks(first, second):

@@ -14,17 +14,10 @@ class RichProgress(Progress):
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
         from rich.progress import Progress as RP
 
-        self._rp = RP(
-            TextColumn("[bold]{task.fields[label]}[/] {task.fields[note]}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}"),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            console=console,
-            transient=False,
-        )
+        self._rp = RP(TextColumn("[bold]{task.fields[label]}[/] {task.fields[note]}"), BarColumn(),
+                      MofNCompleteColumn(),
+                      TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                      console=console, transient=False)
         self._task = self._rp.add_task(label, total=None, label=label, note="", rate="")
         self._t0, self._done, self._unit = time.perf_counter(), 0, "rows"
 

@@ -235,20 +235,9 @@ class RewardBatch:
     #: (the prompt comes as ``prompts``), its chat-template tokens, the sampled completion and its metadata
     #: (the completion being scored comes as ``completions``), a preference pair's texts and split. A
     #: ``scored`` row's ``reward`` and ``reward/<component>`` columns are left out too.
-    OWN_COLUMNS: ClassVar[frozenset] = frozenset(
-        {
-            "prompt_id",
-            "prompt",
-            "token_ids",
-            "prompt_tokens",
-            "sample_index",
-            "completion",
-            "completion_tokens",
-            "chosen",
-            "rejected",
-            "split",
-        }
-    )
+    OWN_COLUMNS: ClassVar[frozenset] = frozenset({
+        "prompt_id", "prompt", "token_ids", "prompt_tokens", "sample_index", "completion", "completion_tokens",
+        "chosen", "rejected", "split"})
 
     prompts: list
     completions: list[str]
@@ -295,9 +284,8 @@ class RewardBatch:
         """
         n, r = len(completions), len(rows)
         if (r == 0 and n) or (r and n % r):
-            raise ValueError(
-                f"a reward batch needs the same number of completions for every row: got {n} completions for {r} rows"
-            )
+            raise ValueError(f"a reward batch needs the same number of completions for every row: got {n} "
+                             f"completions for {r} rows")
         k = n // r if r else 0
 
         def spread(values) -> list:
@@ -306,9 +294,8 @@ class RewardBatch:
         if prompts is None:
             prompts = spread(rows["prompt"])
         elif len(prompts) != n:
-            raise ValueError(
-                f"a reward batch needs one prompt per completion: got {len(prompts)} prompts for {n} completions"
-            )
+            raise ValueError(f"a reward batch needs one prompt per completion: got {len(prompts)} prompts for "
+                             f"{n} completions")
         columns = {c: spread(rows[c]) for c in cls.data_columns(rows.column_names)}
         return cls(prompts=list(prompts), completions=list(completions), columns=columns)
 
@@ -412,9 +399,8 @@ class Engine(Protocol):
     params (docs/spec.md, "Seeds").
     """
 
-    def generate(
-        self, prompt_token_ids: list[list[int]], sampling: Any, n: int, seed: int
-    ) -> list[list[Completion]]:  # pragma: no cover
+    def generate(self, prompt_token_ids: list[list[int]], sampling: Any, n: int,
+                 seed: int) -> list[list[Completion]]:  # pragma: no cover
         ...
 
 

@@ -126,8 +126,10 @@ def key_view(params: BaseModel) -> dict:
     implementation's distribution, version and key view.
 
     A field is named as a spec writes it: by its alias when it has one (``Field(alias="rows-count")``),
-    else by its name; so the keys of params without aliases are those of earlier releases. For params
-    without nested specs this equals ``params.model_dump(mode="json", by_alias=True)`` minus those fields.
+    else by its name; a field renamed after its keys were first written is named by the name it had
+    then (:func:`key_name`), so a rename keeps the cache entries and, since a stage's seed derives from
+    its key, every computed figure. For params without nested specs and renames this equals
+    ``params.model_dump(mode="json", by_alias=True)`` minus those fields.
 
     Raises:
         RuntimeError: if a reward or backend spec inside ``params`` was not resolved (validate first).
@@ -135,20 +137,22 @@ def key_view(params: BaseModel) -> dict:
     """
     model = type(params)
     drop = {f for f, marks in field_markers(model).items() if marks}
-    return {
-        alias(model, fname): _key_value(getattr(params, fname)) for fname in model.model_fields if fname not in drop
-    }
+    return {key_name(model, fname): _key_value(getattr(params, fname))
+            for fname in model.model_fields if fname not in drop}
+
+
+def key_name(model: type[BaseModel], fname: str) -> str:
+    """The name field ``fname`` of ``model`` has in cache keys: the name the params model lists for it in
+    its ``key_names`` class variable (``{field name: name in keys}``, for a field renamed after its keys
+    were first written), else its alias, else its name."""
+    return getattr(model, "key_names", {}).get(fname) or alias(model, fname)
 
 
 def _key_value(value: Any) -> Any:
     if isinstance(value, ComponentSpec):
         impl = value.impl
-        return {
-            "uses": value.uses,
-            "distribution": impl.distribution,
-            "impl_version": impl.impl_version,
-            "params": key_view(value.parsed),
-        }
+        return {"uses": value.uses, "distribution": impl.distribution, "impl_version": impl.impl_version,
+                "params": key_view(value.parsed)}
     if isinstance(value, BaseModel):
         return key_view(value)
     if isinstance(value, (list, tuple)):
@@ -171,9 +175,8 @@ def find_fields(params: BaseModel, names: tuple[str, ...], path: str = "") -> li
         value = getattr(params, fname)
         if fname in names:
             out.append(fpath)
-        for cpath, child in (
-            _children(value, fpath) if isinstance(value, (ComponentSpec, list, tuple, dict)) else [(fpath, value)]
-        ):
+        for cpath, child in _children(value, fpath) if isinstance(value, (ComponentSpec, list, tuple,
+                                                                          dict)) else [(fpath, value)]:
             if isinstance(child, BaseModel) and not isinstance(child, ComponentSpec):
                 out += find_fields(child, names, cpath)
     return out

@@ -10,23 +10,9 @@ from typing import Any
 
 from .cache import atomic_write_json
 
-HEADLINE = (
-    "eval_accuracy",
-    "eval_pairs",
-    "win_rate",
-    "win_rate_ci_low",
-    "win_rate_ci_high",
-    "lc_win_rate",
-    "reward_mean_policy",
-    "reward_mean_reference",
-    "kl_k1",
-    "kl_k3",
-    "reward_mean",
-    "pairs",
-    "samples",
-    "updates",
-    "train_loss_last10",
-)
+HEADLINE = ("eval_accuracy", "eval_pairs", "win_rate", "win_rate_ci_low", "win_rate_ci_high", "lc_win_rate",
+            "reward_mean_policy", "reward_mean_reference", "kl_k1", "kl_k3", "reward_mean", "pairs", "samples",
+            "updates", "train_loss_last10")
 #: Statuses of a stage served from the cache; its report row also carries ``computed_seconds``.
 CACHED = ("cached", "reused")
 
@@ -103,21 +89,12 @@ def print_summary(con, report: dict) -> None:
         t.add_column(col, overflow="fold")
     for o in report["stages"]:
         style = {"ran": "yellow", "cached": "green", "reused": "green"}.get(o["status"], "red")
-        t.add_row(
-            o["id"],
-            o["kind"],
-            o["uses"],
-            f"[{style}]{o['status']}[/]",
-            _seconds(o),
-            o["key"][:12],
-            "" if o["rows"] is None else str(o["rows"]),
-            o["output"],
-        )
+        t.add_row(o["id"], o["kind"], o["uses"], f"[{style}]{o['status']}[/]", _seconds(o), o["key"][:12],
+                  "" if o["rows"] is None else str(o["rows"]), o["output"])
     con.print(t)
     for o in report["stages"]:
-        headline = {
-            k: v for k, v in o["metrics"].items() if isinstance(v, (int, float)) and not k.startswith("seconds_")
-        }
+        headline = {k: v for k, v in o["metrics"].items()
+                    if isinstance(v, (int, float)) and not k.startswith("seconds_")}
         if headline:
             con.print(f"  {o['id']}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in list(headline.items())[:10]))
     for w in report.get("warnings", []):

@@ -15,19 +15,9 @@ from typing import Any
 from .errors import UsageError
 
 #: Suffixes of per-judge evaluate metrics, ``<judge>.<suffix>``.
-JUDGE_SUFFIXES = (
-    "win_rate",
-    "win_rate_ci_low",
-    "win_rate_ci_high",
-    "lc_win_rate",
-    "lc_win_rate_ci_low",
-    "lc_win_rate_ci_high",
-    "win_rate_wilson_low",
-    "win_rate_wilson_high",
-    "reward_mean_policy",
-    "reward_mean_reference",
-    "reward_delta",
-)
+JUDGE_SUFFIXES = ("win_rate", "win_rate_ci_low", "win_rate_ci_high", "lc_win_rate", "lc_win_rate_ci_low",
+                  "lc_win_rate_ci_high", "win_rate_wilson_low", "win_rate_wilson_high", "reward_mean_policy",
+                  "reward_mean_reference", "reward_delta")
 #: Statuses of a stage whose output came from the cache in that run (its ``seconds`` are about 0).
 CACHED = ("cached", "reused")
 
@@ -85,10 +75,8 @@ def load_run(source: Path) -> dict:
         return run
     if isinstance(doc, dict) and isinstance(doc.get("keys"), list) and "spec" in doc:
         return _run_from_record(doc, source)
-    raise UsageError(
-        f"{source} is neither a run report (written by `rlhf-spec run --report PATH`, with 'spec' and "
-        "'stages') nor a cache run record (<cache>/runs/*.json, with 'spec' and 'keys')"
-    )
+    raise UsageError(f"{source} is neither a run report (written by `rlhf-spec run --report PATH`, with 'spec' and "
+                     "'stages') nor a cache run record (<cache>/runs/*.json, with 'spec' and 'keys')")
 
 
 def _spec_order(spec_source: str) -> list[str]:
@@ -111,46 +99,23 @@ def _run_from_record(record: dict, source: Path) -> dict:
         try:
             man = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            missing.append(
-                f"cache entry {key[:12]} is gone (removed by `cache gc`?) or unreadable; its stage is not shown"
-            )
+            missing.append(f"cache entry {key[:12]} is gone (removed by `cache gc`?) or unreadable; "
+                           "its stage is not shown")
             continue
         st = man.get("stage") or {}
         if not st.get("id") or "memo" in st or "kind" not in st:
             continue  # memo entries (reference logprobs) and converted models are not stages
-        stages.append(
-            {
-                "id": st["id"],
-                "kind": st.get("kind", ""),
-                "uses": st.get("uses", ""),
-                "key": key,
-                "status": "recorded",
-                "seconds": float(man.get("seconds") or 0.0),
-                "output": str(folder),
-                "output_type": man.get("output_type", ""),
-                "metrics": man.get("metrics") or {},
-                "rows": man.get("rows"),
-                "reason": "",
-                "_created": man.get("created", ""),
-            }
-        )
+        stages.append({"id": st["id"], "kind": st.get("kind", ""), "uses": st.get("uses", ""), "key": key,
+                       "status": "recorded", "seconds": float(man.get("seconds") or 0.0), "output": str(folder),
+                       "output_type": man.get("output_type", ""), "metrics": man.get("metrics") or {},
+                       "rows": man.get("rows"), "reason": "", "_created": man.get("created", "")})
     order = _spec_order(record.get("source", ""))
     stages.sort(key=lambda s: (order.index(s["id"]) if s["id"] in order else len(order), s["_created"]))
     seconds = sum(s["seconds"] for s in stages)
-    return {
-        "spec": record.get("spec", ""),
-        "source": record.get("source", ""),
-        "status": "recorded",
-        "error": "",
-        "started": "",
-        "seconds": seconds,
-        "warnings": [],
-        "summary": {},
-        "stages": stages,
-        "missing": missing,
-        "cache_dir": str(root),
-        "kind_of_source": f"cache run record {source.name} (times are those of the run that computed each entry)",
-    }
+    return {"spec": record.get("spec", ""), "source": record.get("source", ""), "status": "recorded", "error": "",
+            "started": "", "seconds": seconds, "warnings": [], "summary": {}, "stages": stages, "missing": missing,
+            "cache_dir": str(root), "kind_of_source": f"cache run record {source.name} (times are those of the run "
+                                                       "that computed each entry)"}
 
 
 def _entry(stage: dict) -> Path | None:

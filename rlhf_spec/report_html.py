@@ -40,17 +40,8 @@ from .report_plots import (
     winrate_figure,
 )
 
-__all__ = [
-    "MAX_EXAMPLES",
-    "build_html",
-    "cmd_report",
-    "eval_metrics",
-    "judges_of",
-    "load_run",
-    "read_eval_table",
-    "read_history",
-    "render_report",
-]
+__all__ = ["MAX_EXAMPLES", "build_html", "cmd_report", "eval_metrics", "judges_of", "load_run", "read_eval_table",
+           "read_history", "render_report"]
 
 #: Examples shown per evaluate stage (the rest are counted, not shown).
 MAX_EXAMPLES = 50
@@ -86,7 +77,7 @@ def _fmt(v: Any, digits: int = 4) -> str:
         return "n/a" if v is None else _e(v)
     if isinstance(v, int):
         return str(v)
-    return f"{n:.3g}" if n and abs(n) < 10**-digits else f"{n:.{digits}f}"
+    return f"{n:.3g}" if n and abs(n) < 10 ** -digits else f"{n:.{digits}f}"
 
 
 def _fmt_g(v: Any) -> str:
@@ -106,34 +97,23 @@ def _header_html(run: dict, missing: list[str]) -> str:
     """The page header: spec name, status, total seconds, start time, source, error, warnings and what is missing."""
     status = str(run.get("status", "?"))
     color = STATUS_COLORS.get(status, STATUS_COLORS["ran"] if status == "ok" else "#7f7f7f")
-    meta = [
-        ("status", f'<span class="status" style="background:{color}">{_e(status)}</span>'),
-        ("total seconds", _e(f"{num(run.get('seconds')) or 0.0:.1f}")),
-        ("started", _e(run.get("started") or "n/a")),
-        ("spec file", _e(run.get("source") or "n/a")),
-        ("cache", _e(run.get("cache_dir") or "n/a")),
-        ("host", _e(run.get("host") or "n/a")),
-        ("from", _e(run.get("kind_of_source", "run report"))),
-        ("stages", _e(len(run.get("stages", [])))),
-    ]
-    parts = [
-        f"<h1>rlhf-spec run: {_e(run.get('spec') or '?')}</h1>",
-        '<table class="meta">' + "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in meta) + "</table>",
-    ]
+    meta = [("status", f'<span class="status" style="background:{color}">{_e(status)}</span>'),
+            ("total seconds", _e(f"{num(run.get('seconds')) or 0.0:.1f}")),
+            ("started", _e(run.get("started") or "n/a")),
+            ("spec file", _e(run.get("source") or "n/a")), ("cache", _e(run.get("cache_dir") or "n/a")),
+            ("host", _e(run.get("host") or "n/a")), ("from", _e(run.get("kind_of_source", "run report"))),
+            ("stages", _e(len(run.get("stages", []))))]
+    parts = [f"<h1>rlhf-spec run: {_e(run.get('spec') or '?')}</h1>",
+             '<table class="meta">' + "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in meta) + "</table>"]
     if run.get("error"):
         parts.append(f'<div class="box error"><b>error:</b> {_e(run["error"])}</div>')
     warnings = list(run.get("warnings") or [])
-    parts.append(
-        f'<div class="box warn" id="warnings"><b>warnings ({len(warnings)}):</b> '
-        + ("<ul>" + "".join(f"<li>{_e(w)}</li>" for w in warnings) + "</ul>" if warnings else "none")
-        + "</div>"
-    )
+    parts.append(f'<div class="box warn" id="warnings"><b>warnings ({len(warnings)}):</b> '
+                 + ("<ul>" + "".join(f"<li>{_e(w)}</li>" for w in warnings) + "</ul>" if warnings else "none")
+                 + "</div>")
     if missing:
-        parts.append(
-            '<div class="box missing" id="missing"><b>not shown (missing pieces):</b><ul>'
-            + "".join(f"<li>{_e(m)}</li>" for m in missing)
-            + "</ul></div>"
-        )
+        parts.append('<div class="box missing" id="missing"><b>not shown (missing pieces):</b><ul>'
+                     + "".join(f"<li>{_e(m)}</li>" for m in missing) + "</ul></div>")
     return "<header>" + "".join(parts) + "</header>"
 
 
@@ -146,23 +126,15 @@ def _computed_cell(stage: dict) -> str:
 def _stages_table(stages: list[dict]) -> str:
     """One row per stage: id, kind, uses, status, seconds in this run, seconds when computed (cached stages),
     rows, key and the reason it reran or failed."""
-    rows = [
-        [
-            f"<td>{_e(s.get('id', '?'))}</td>",
-            f"<td>{_e(s.get('kind', ''))}</td>",
-            f"<td>{_e(s.get('uses', ''))}</td>",
-            f'<td style="color:{STATUS_COLORS.get(s.get("status"), "#222")}">{_e(s.get("status", "?"))}</td>',
-            f'<td class="num">{num(s.get("seconds")) or 0.0:.2f}</td>',
-            _computed_cell(s),
-            f'<td class="num">{"" if s.get("rows") is None else _e(s.get("rows"))}</td>',
-            f"<td><code>{_e(str(s.get('key', ''))[:12])}</code></td>",
-            f"<td>{_e(s.get('reason') or '')}</td>",
-        ]
-        for s in stages
-    ]
-    return _table(
-        ["stage", "kind", "uses", "status", "seconds", "seconds when computed", "rows", "key", "reason"], rows, "stages"
-    )
+    rows = [[f"<td>{_e(s.get('id', '?'))}</td>", f"<td>{_e(s.get('kind', ''))}</td>",
+             f"<td>{_e(s.get('uses', ''))}</td>",
+             f'<td style="color:{STATUS_COLORS.get(s.get("status"), "#222")}">{_e(s.get("status", "?"))}</td>',
+             f'<td class="num">{num(s.get("seconds")) or 0.0:.2f}</td>', _computed_cell(s),
+             f'<td class="num">{"" if s.get("rows") is None else _e(s.get("rows"))}</td>',
+             f"<td><code>{_e(str(s.get('key', ''))[:12])}</code></td>", f"<td>{_e(s.get('reason') or '')}</td>"]
+            for s in stages]
+    return _table(["stage", "kind", "uses", "status", "seconds", "seconds when computed", "rows", "key", "reason"],
+                  rows, "stages")
 
 
 def _interval(metrics: dict, judge: str, prefix: str, primary: bool) -> str:
@@ -177,33 +149,17 @@ def _winrate_table(metrics: dict, judges: list[str]) -> str:
     rows = []
     for j in judges:
         first = j == judges[0]
-        rows.append(
-            [
-                f"<td>{_e(j)}{' (primary)' if j == metrics.get('primary_judge') else ''}</td>",
-                f'<td class="num winrate">{_fmt(judge_value(metrics, j, "win_rate", first), 3)}</td>',
-                f'<td class="num">{_interval(metrics, j, "win_rate_ci", first)}</td>',
-                f'<td class="num">{_interval(metrics, j, "win_rate_wilson", first)}</td>',
-                f'<td class="num lcwinrate">{_fmt(judge_value(metrics, j, "lc_win_rate", first), 3)}</td>',
-                f'<td class="num">{_interval(metrics, j, "lc_win_rate_ci", first)}</td>',
-                f'<td class="num">{_fmt(judge_value(metrics, j, "reward_mean_policy", first))}</td>',
-                f'<td class="num">{_fmt(judge_value(metrics, j, "reward_mean_reference", first))}</td>',
-            ]
-        )
+        rows.append([f"<td>{_e(j)}{' (primary)' if j == metrics.get('primary_judge') else ''}</td>",
+                     f'<td class="num winrate">{_fmt(judge_value(metrics, j, "win_rate", first), 3)}</td>',
+                     f'<td class="num">{_interval(metrics, j, "win_rate_ci", first)}</td>',
+                     f'<td class="num">{_interval(metrics, j, "win_rate_wilson", first)}</td>',
+                     f'<td class="num lcwinrate">{_fmt(judge_value(metrics, j, "lc_win_rate", first), 3)}</td>',
+                     f'<td class="num">{_interval(metrics, j, "lc_win_rate_ci", first)}</td>',
+                     f'<td class="num">{_fmt(judge_value(metrics, j, "reward_mean_policy", first))}</td>',
+                     f'<td class="num">{_fmt(judge_value(metrics, j, "reward_mean_reference", first))}</td>'])
     conf = num(metrics.get("confidence")) or 0.95
-    return _table(
-        [
-            "judge",
-            "win rate",
-            f"{conf:.0%} interval (bootstrap)",
-            "Wilson interval",
-            "LC win rate",
-            "LC interval",
-            "reward mean policy",
-            "reward mean reference",
-        ],
-        rows,
-        "winrates",
-    )
+    return _table(["judge", "win rate", f"{conf:.0%} interval (bootstrap)", "Wilson interval", "LC win rate",
+                   "LC interval", "reward mean policy", "reward mean reference"], rows, "winrates")
 
 
 def _prompt_cell(prompt: Any) -> str:
@@ -215,9 +171,8 @@ def _prompt_cell(prompt: Any) -> str:
     last = f'<div class="text">{_e(turns[-1].get("content", ""))}</div>'
     if len(turns) > 1:
         earlier = "".join(f"<p><b>{_e(t.get('role', ''))}:</b> {_e(t.get('content', ''))}</p>" for t in turns[:-1])
-        last += (
-            f'<details><summary>{len(turns) - 1} earlier turn(s)</summary><div class="text">{earlier}</div></details>'
-        )
+        last += (f'<details><summary>{len(turns) - 1} earlier turn(s)</summary>'
+                 f'<div class="text">{earlier}</div></details>')
     return f"<td>{last}</td>"
 
 
@@ -228,20 +183,16 @@ def _examples_table(table: dict, judges: list[str], limit: int = MAX_EXAMPLES) -
     rows = []
     for i in range(min(n, limit)):
         pid, idx = table.get("prompt_id", [""] * n)[i], table.get("sample_index", [0] * n)[i]
-        row = [
-            f'<td class="num">{_e(pid)}#{_e(idx)}</td>',
-            _prompt_cell(table.get("prompt", [None] * n)[i]),
-            f'<td><div class="text">{_e(table["policy"][i])}</div></td>',
-            f'<td><div class="text">{_e(table.get("reference", [""] * n)[i])}</div></td>',
-        ]
+        row = [f'<td class="num">{_e(pid)}#{_e(idx)}</td>',
+               _prompt_cell(table.get("prompt", [None] * n)[i]),
+               f'<td><div class="text">{_e(table["policy"][i])}</div></td>',
+               f'<td><div class="text">{_e(table.get("reference", [""] * n)[i])}</div></td>']
         for j in judges:
             p = num(table.get(f"policy_reward/{j}", [None] * n)[i])
             r = num(table.get(f"reference_reward/{j}", [None] * n)[i])
             pw, rw = (p > r, r > p) if p is not None and r is not None else (False, False)
-            row += [
-                f'<td class="num{" win" if pw else ""}">{_fmt(p)}</td>',
-                f'<td class="num{" win" if rw else ""}">{_fmt(r)}</td>',
-            ]
+            row += [f'<td class="num{" win" if pw else ""}">{_fmt(p)}</td>',
+                    f'<td class="num{" win" if rw else ""}">{_fmt(r)}</td>']
         rows.append(row)
     head = ["prompt#sample", "prompt (last turn)", "policy answer", "reference answer"]
     head += [h for j in judges for h in (f"{j}: policy", f"{j}: reference")]
@@ -258,9 +209,8 @@ def _time_section(page: Page) -> None:
         page.missing.append("the run has no stages; no time bars")
         page.sections.append("<section id='times'><h2>Time per stage</h2><p>No stages.</p></section>")
         return
-    page.sections.append(
-        "<section id='times'><h2>Time per stage</h2>" + time_figure(page, stages) + _stages_table(stages) + "</section>"
-    )
+    page.sections.append("<section id='times'><h2>Time per stage</h2>" + time_figure(page, stages)
+                         + _stages_table(stages) + "</section>")
 
 
 def _training_section(page: Page) -> None:
@@ -289,11 +239,8 @@ def _evaluate_section(page: Page, stage: dict) -> str:
         parts += ["<h3>Win rates</h3>", winrate_figure(page, stage, metrics, judges), _winrate_table(metrics, judges)]
     else:
         page.missing.append(f"stage '{stage.get('id')}': no win-rate metrics")
-    extra = [
-        (k, metrics.get(k))
-        for k in ("kl_k1", "kl_k3", "length_mean_policy", "length_mean_reference", "prompts", "samples_per_prompt")
-        if k in metrics
-    ]
+    extra = [(k, metrics.get(k)) for k in ("kl_k1", "kl_k3", "length_mean_policy", "length_mean_reference", "prompts",
+                                           "samples_per_prompt") if k in metrics]
     if extra:
         parts.append("<p class='extra'>" + ", ".join(f"{_e(k)} = {_fmt_g(v)}" for k, v in extra) + "</p>")
     if table is not None:
@@ -334,12 +281,9 @@ def build_html(run: dict) -> str:
 
         script = f'<script type="text/javascript">{get_plotlyjs()}</script>'
     title = _e(f"rlhf-spec report: {run.get('spec') or '?'} ({run.get('status', '?')})")
-    return (
-        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-        f"<style>{CSS}</style>{script}</head><body>{_header_html(run, page.missing)}"
-        + "".join(page.sections)
-        + "</body></html>\n"
-    )
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+            f"<style>{CSS}</style>{script}</head><body>{_header_html(run, page.missing)}"
+            + "".join(page.sections) + "</body></html>\n")
 
 
 def render_report(source: Path, out: Path | None = None) -> Path:

@@ -11,14 +11,8 @@ from dataclasses import dataclass, field
 from .errors import RLHFSpecError
 from .report_data import CACHED, computed_seconds, judge_value, num
 
-STATUS_COLORS = {
-    "ran": "#1f77b4",
-    "cached": "#2ca02c",
-    "reused": "#2ca02c",
-    "recorded": "#7f7f7f",
-    "failed": "#d62728",
-    "interrupted": "#ff7f0e",
-}
+STATUS_COLORS = {"ran": "#1f77b4", "cached": "#2ca02c", "reused": "#2ca02c", "recorded": "#7f7f7f",
+                 "failed": "#d62728", "interrupted": "#ff7f0e"}
 
 
 @dataclass
@@ -38,9 +32,8 @@ def plotly():
         import plotly.io as pio
         from plotly.subplots import make_subplots
     except ImportError as exc:
-        raise RLHFSpecError(
-            f"rlhf-spec report needs plotly ({exc}); install it with `pip install 'plotly>=6'`"
-        ) from None
+        raise RLHFSpecError(f"rlhf-spec report needs plotly ({exc}); "
+                            "install it with `pip install 'plotly>=6'`") from None
     return go, pio, make_subplots
 
 
@@ -53,14 +46,9 @@ def figure_html(page: Page, fig, div_id: str) -> str:
     _, pio, _ = plotly()
     page.figures += 1
     fig.update_layout(template="plotly_white", margin={"l": 60, "r": 30, "t": 60, "b": 50})
-    return pio.to_html(
-        fig,
-        include_plotlyjs=False,
-        full_html=False,
-        div_id=div_id,
-        config={"displaylogo": False, "responsive": True},
-        default_height=f"{fig.layout.height or 420}px",
-    )
+    return pio.to_html(fig, include_plotlyjs=False, full_html=False, div_id=div_id,
+                       config={"displaylogo": False, "responsive": True},
+                       default_height=f"{fig.layout.height or 420}px")
 
 
 def stage_bar(stage: dict) -> tuple[float, str, str]:
@@ -87,30 +75,16 @@ def time_figure(page: Page, stages: list[dict]) -> str:
         secs, labels, patterns = zip(*(stage_bar(s) for s in rows))
         longest, hatched = max(longest, *secs), hatched or any(patterns)
         name = f"{status} (seconds when computed)" if status in CACHED and any(patterns) else status
-        fig.add_trace(
-            go.Bar(
-                y=[s.get("id", "?") for s in rows],
-                x=list(secs),
-                orientation="h",
-                name=name,
-                marker={"color": STATUS_COLORS.get(status, "#9467bd"), "pattern": {"shape": list(patterns)}},
-                text=list(labels),
-                textposition="outside",
-                cliponaxis=False,
-            )
-        )
+        fig.add_trace(go.Bar(y=[s.get("id", "?") for s in rows], x=list(secs), orientation="h", name=name,
+                             marker={"color": STATUS_COLORS.get(status, "#9467bd"),
+                                     "pattern": {"shape": list(patterns)}},
+                             text=list(labels), textposition="outside", cliponaxis=False))
     title = "Seconds per stage"
     if hatched:
         title += " (hatched: served from the cache; bar = seconds when computed)"
-    fig.update_layout(
-        title=title,
-        xaxis={"title": "seconds", "range": [0, 1.45 * longest or 1.0]},
-        height=max(260, 70 + 40 * len(stages)),
-        barmode="overlay",
-        showlegend=True,
-        legend_title_text="status",
-        yaxis={"categoryorder": "array", "categoryarray": ids[::-1]},
-    )
+    fig.update_layout(title=title, xaxis={"title": "seconds", "range": [0, 1.45 * longest or 1.0]},
+                      height=max(260, 70 + 40 * len(stages)), barmode="overlay", showlegend=True,
+                      legend_title_text="status", yaxis={"categoryorder": "array", "categoryarray": ids[::-1]})
     return figure_html(page, fig, "fig-stage-times")
 
 
@@ -120,32 +94,22 @@ def training_figure(page: Page, stage: dict, history: list[dict]) -> str:
     Returns ``""`` (and notes it on the page) when the history has no numeric key.
     """
     go, _, make_subplots = plotly()
-    keys = [
-        k
-        for k in dict.fromkeys(k for h in history for k in h)
-        if k != "update" and any(num(h.get(k)) is not None for h in history)
-    ]
+    keys = [k for k in dict.fromkeys(k for h in history for k in h) if k != "update"
+            and any(num(h.get(k)) is not None for h in history)]
     if not keys:
         page.missing.append(f"stage '{stage.get('id')}': history.json has no numeric values; no training curves")
         return ""
     xs = [num(h.get("update")) or i + 1 for i, h in enumerate(history)]
     cols = min(3, len(keys))
     nrows = math.ceil(len(keys) / cols)
-    fig = make_subplots(
-        rows=nrows, cols=cols, subplot_titles=keys, horizontal_spacing=0.07, vertical_spacing=min(0.12, 0.35 / nrows)
-    )
+    fig = make_subplots(rows=nrows, cols=cols, subplot_titles=keys, horizontal_spacing=0.07,
+                        vertical_spacing=min(0.12, 0.35 / nrows))
     for i, k in enumerate(keys):
-        fig.add_trace(
-            go.Scatter(x=xs, y=[num(h.get(k)) for h in history], mode="lines+markers", name=k),
-            row=i // cols + 1,
-            col=i % cols + 1,
-        )
+        fig.add_trace(go.Scatter(x=xs, y=[num(h.get(k)) for h in history], mode="lines+markers", name=k),
+                      row=i // cols + 1, col=i % cols + 1)
         fig.update_xaxes(title_text="update", row=i // cols + 1, col=i % cols + 1)
-    fig.update_layout(
-        title=f"Training curves: {stage.get('id')} ({stage.get('uses')}, {len(history)} updates)",
-        height=120 + 260 * nrows,
-        showlegend=False,
-    )
+    fig.update_layout(title=f"Training curves: {stage.get('id')} ({stage.get('uses')}, {len(history)} updates)",
+                      height=120 + 260 * nrows, showlegend=False)
     return figure_html(page, fig, f"fig-train-{slug(stage.get('id'))}")
 
 
@@ -158,13 +122,8 @@ def reward_figure(page: Page, stage: dict, table: dict, judge: str) -> str:
         fig.add_trace(go.Histogram(x=vals, name=f"{who} (n={len(vals)})", opacity=0.6, marker_color=color))
         if vals:
             fig.add_vline(x=sum(vals) / len(vals), line_dash="dash", line_color=color)
-    fig.update_layout(
-        title=f"Reward distribution, judge '{judge}' ({stage.get('id')}); dashed lines: means",
-        barmode="overlay",
-        xaxis_title="reward",
-        yaxis_title="answers",
-        height=380,
-    )
+    fig.update_layout(title=f"Reward distribution, judge '{judge}' ({stage.get('id')}); dashed lines: means",
+                      barmode="overlay", xaxis_title="reward", yaxis_title="answers", height=380)
     return figure_html(page, fig, f"fig-rewards-{slug(stage.get('id'))}-{slug(judge)}")
 
 
@@ -182,24 +141,11 @@ def winrate_figure(page: Page, stage: dict, metrics: dict, judges: list[str]) ->
             ys.append(y)
             lo.append(y - low if y is not None and low is not None else 0.0)
             hi.append(high - y if y is not None and high is not None else 0.0)
-        fig.add_trace(
-            go.Bar(
-                x=judges,
-                y=ys,
-                name=label,
-                marker_color=color,
-                error_y={"type": "data", "symmetric": False, "array": hi, "arrayminus": lo},
-                text=[f"{y:.3f}" if y is not None else "n/a" for y in ys],
-                textposition="inside",
-                insidetextanchor="start",
-            )
-        )
+        fig.add_trace(go.Bar(x=judges, y=ys, name=label, marker_color=color,
+                             error_y={"type": "data", "symmetric": False, "array": hi, "arrayminus": lo},
+                             text=[f"{y:.3f}" if y is not None else "n/a" for y in ys], textposition="inside",
+                             insidetextanchor="start"))
     fig.add_hline(y=0.5, line_dash="dot", line_color="#555", annotation_text="0.5 (tie)")
-    fig.update_layout(
-        title=f"Win rate of the policy over the reference ({stage.get('id')}), with intervals",
-        barmode="group",
-        yaxis={"range": [0, 1.05], "title": "win rate"},
-        xaxis_title="judge",
-        height=400,
-    )
+    fig.update_layout(title=f"Win rate of the policy over the reference ({stage.get('id')}), with intervals",
+                      barmode="group", yaxis={"range": [0, 1.05], "title": "win rate"}, xaxis_title="judge", height=400)
     return figure_html(page, fig, f"fig-winrate-{slug(stage.get('id'))}")

@@ -94,12 +94,8 @@ class Runner:
                 models[path], sources[path] = model_identity(ref, spec.models[ref], self.base_dir, self.cache)
             else:
                 models[path] = {"stage_key": self.keys[ref]}
-                sources[path] = ModelSource(
-                    name=ref,
-                    origin="stage",
-                    identity=models[path],
-                    path=str(self.cache.entry_dir(self.keys[ref]) / "model"),
-                )
+                sources[path] = ModelSource(name=ref, origin="stage", identity=models[path],
+                                            path=str(self.cache.entry_dir(self.keys[ref]) / "model"))
         for path, ref in sorted(st.dataset_refs.items()):
             dsets[path] = dataset_identity(spec.datasets[ref], self.base_dir, self.cache.hash_state)
             dicts[path] = dict(spec.datasets[ref].model_dump(mode="json"), revision=dsets[path].get("revision"))
@@ -182,18 +178,10 @@ class Runner:
 
     def _from_cache(self, st: Stage, key: str, status: str) -> None:
         man = self.cache.manifest(key) or {}
-        self.outcomes[st.id] = StageOutcome(
-            st.id,
-            st.impl.kind,
-            st.impl.name,
-            key,
-            status,
-            0.0,
-            str(self.cache.entry_dir(key)),
-            man.get("output_type", st.output_type),
-            man.get("metrics", {}),
-            man.get("rows"),
-        )
+        self.outcomes[st.id] = StageOutcome(st.id, st.impl.kind, st.impl.name, key, status, 0.0,
+                                            str(self.cache.entry_dir(key)),
+                                            man.get("output_type", st.output_type), man.get("metrics", {}),
+                                            man.get("rows"))
         self.used_keys.extend(man.get("used_keys", []))
 
     def _ensure(self, sid: str) -> None:
@@ -211,10 +199,8 @@ class Runner:
         while not lease.try_acquire():
             if not waited and self.console is not None:
                 holder = lease.holder() or {}
-                self.console.print(
-                    f"[yellow]stage {st.id}: another run (pid {holder.get('pid')} on "
-                    f"{holder.get('host')}) is computing it; waiting[/]"
-                )
+                self.console.print(f"[yellow]stage {st.id}: another run (pid {holder.get('pid')} on "
+                                   f"{holder.get('host')}) is computing it; waiting[/]")
             waited = True
             if not forced and self.cache.has(key) and self.cache.verify(key):
                 break  # the other run committed it; a corrupt commit is set aside and we keep waiting
@@ -233,27 +219,14 @@ class Runner:
         for ref in st.spec.inputs:
             k = self.key(ref)
             man = self.cache.manifest(k) or {}
-            inputs.append(
-                InputArtifact(
-                    ref, man.get("output_type", self.pipeline.stage(ref).output_type), k, str(self.cache.entry_dir(k))
-                )
-            )
-        spec_inputs = StageInputs(
-            stage_id=st.id,
-            kind=st.impl.kind,
-            uses=st.impl.name,
-            key=key,
-            params=st.params,
-            seed=self.pipeline.spec.seed,
-            inputs=tuple(inputs),
-            models=dict(self.sources.get(st.id, {})),
-            datasets=dict(self.datasets.get(st.id, {})),
-            base_dir=self.base_dir,
-            pointer=st.ptr,
-        )
-        return StageContext(
-            spec_inputs, StageOutput(out_dir=tmp), self.cache.partial_dir(key), self.cache.root, progress
-        )
+            inputs.append(InputArtifact(ref, man.get("output_type", self.pipeline.stage(ref).output_type), k,
+                                        str(self.cache.entry_dir(k))))
+        spec_inputs = StageInputs(stage_id=st.id, kind=st.impl.kind, uses=st.impl.name, key=key, params=st.params,
+                                  seed=self.pipeline.spec.seed, inputs=tuple(inputs),
+                                  models=dict(self.sources.get(st.id, {})),
+                                  datasets=dict(self.datasets.get(st.id, {})), base_dir=self.base_dir, pointer=st.ptr)
+        return StageContext(spec_inputs, StageOutput(out_dir=tmp), self.cache.partial_dir(key), self.cache.root,
+                            progress)
 
     def _execute(self, st: Stage, key: str, forced: bool) -> None:
         quiet_libraries()
@@ -271,49 +244,31 @@ class Runner:
         except BaseException as exc:  # noqa: BLE001 - recorded, then re-raised with a place
             shutil.rmtree(tmp, ignore_errors=True)
             status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-            self.outcomes[st.id] = StageOutcome(
-                st.id,
-                st.impl.kind,
-                st.impl.name,
-                key,
-                status,
-                time.perf_counter() - t0,
-                reason=f"{type(exc).__name__}: {exc}",
-            )
+            self.outcomes[st.id] = StageOutcome(st.id, st.impl.kind, st.impl.name, key, status,
+                                                time.perf_counter() - t0,
+                                                reason=f"{type(exc).__name__}: {exc}")
             if isinstance(exc, (KeyboardInterrupt, RLHFSpecError)):
                 raise
             raise stage_error(st, exc) from exc
         self._commit(st, key, ctx, result, time.perf_counter() - t0, forced)
 
-    def _commit(
-        self, st: Stage, key: str, ctx: StageContext, result: StageResult, seconds: float, forced: bool
-    ) -> None:
+    def _commit(self, st: Stage, key: str, ctx: StageContext, result: StageResult, seconds: float,
+                forced: bool) -> None:
         metrics = dict(result.metrics)
         metrics.update({f"seconds_{name}": round(secs, 3) for name, secs in ctx.output.timings.items()})
         metrics.update(ctx.output.counters)
         out_type = result.output_type or st.output_type
         manifest = {
-            "stage": {
-                "id": st.id,
-                "kind": st.impl.kind,
-                "uses": st.impl.name,
-                "spec": self.pipeline.spec.name,
-                "distribution": st.impl.distribution,
-                "dist_version": st.impl.dist_version,
-            },
-            "preimage": self.preimages[st.id],
-            "output_type": out_type,
-            "metrics": metrics,
-            "rows": result.rows,
-            "seconds": round(seconds, 3),
-            "used_keys": ctx.output.used_keys,
+            "stage": {"id": st.id, "kind": st.impl.kind, "uses": st.impl.name, "spec": self.pipeline.spec.name,
+                      "distribution": st.impl.distribution, "dist_version": st.impl.dist_version},
+            "preimage": self.preimages[st.id], "output_type": out_type, "metrics": metrics, "rows": result.rows,
+            "seconds": round(seconds, 3), "used_keys": ctx.output.used_keys,
         }
         path = self.cache.commit(key, ctx.out_dir, manifest, replace=forced)
         shutil.rmtree(self.cache.partial_dir(key), ignore_errors=True)
         self.used_keys.extend(ctx.output.used_keys)
-        self.outcomes[st.id] = StageOutcome(
-            st.id, st.impl.kind, st.impl.name, key, "ran", seconds, str(path), out_type, metrics, result.rows
-        )
+        self.outcomes[st.id] = StageOutcome(st.id, st.impl.kind, st.impl.name, key, "ran", seconds, str(path), out_type,
+                                            metrics, result.rows)
 
     def record(self) -> None:
         """Record the keys this run used, for ``cache gc``.
@@ -321,9 +276,8 @@ class Runner:
         Raises:
             CacheError: if the record cannot be written.
         """
-        self.cache.record_run(
-            {"spec": self.pipeline.spec.name, "source": self.pipeline.source, "keys": sorted(set(self.used_keys))}
-        )
+        self.cache.record_run({"spec": self.pipeline.spec.name, "source": self.pipeline.source,
+                               "keys": sorted(set(self.used_keys))})
 
 
 def stage_error(st: Stage, exc: BaseException) -> StageFailed:
@@ -340,18 +294,13 @@ def stage_error(st: Stage, exc: BaseException) -> StageFailed:
     if name == "OutOfMemoryError" or isinstance(exc, MemoryError):
         from .refs import find_fields
 
-        fields = [
-            f"params.{f}"
-            for f in find_fields(
-                st.params, ("batch_size", "per_device_train_batch_size", "max_new_tokens", "max_length")
-            )
-        ]
+        fields = [f"params.{f}" for f in find_fields(st.params, ("batch_size", "per_device_train_batch_size",
+                                                                 "max_new_tokens", "max_length"))]
         hint = f"; lower {' or '.join(fields)} at {st.ptr}/params" if fields else ""
         return StageFailed(f"{where} ran out of memory{hint}")
     if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or any(
-        t in str(exc) for t in ("No space left on device", "StorageFull", "code: 28")
-    ):  # also when a library wraps it
-        return StageFailed(
-            f"{where}: out of disk space; free space or use --cache-dir on a larger disk (cached entries are intact)"
-        )
+            t in str(exc) for t in ("No space left on device", "StorageFull",
+                                    "code: 28")):  # also when a library wraps it
+        return StageFailed(f"{where}: out of disk space; free space or use --cache-dir on a larger disk (cached "
+                           f"entries are intact)")
     return StageFailed(f"{where} failed: {name}: {exc}")

@@ -165,14 +165,8 @@ def bootstrap_mean_ci(
         m = float(v.mean())
         return m, m
     res = stats.bootstrap(
-        (v,),
-        np.mean,
-        n_resamples=n_resamples,
-        confidence_level=confidence,
-        method=method,
-        vectorized=True,
-        batch=max(1, min(n_resamples, _MAX_CELLS // v.size)),
-        rng=np.random.default_rng(seed),
+        (v,), np.mean, n_resamples=n_resamples, confidence_level=confidence, method=method,
+        vectorized=True, batch=max(1, min(n_resamples, _MAX_CELLS // v.size)), rng=np.random.default_rng(seed),
     )
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
@@ -220,12 +214,8 @@ def wilson_interval(wins: float, n: float, confidence: float = 0.95) -> tuple[fl
 
 
 def reward_difference(
-    policy_scores,
-    reference_scores,
-    confidence: float = 0.95,
-    n_resamples: int = DEFAULT_RESAMPLES,
-    seed: int = 0,
-    method: str = "BCa",
+    policy_scores, reference_scores, confidence: float = 0.95, n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0, method: str = "BCa",
 ) -> RewardDifference:
     """Paired mean reward difference (policy minus reference) with a bootstrap interval.
 
@@ -259,15 +249,8 @@ def reward_difference(
 
 
 def compare(
-    policy_scores,
-    reference_scores,
-    policy_lengths,
-    reference_lengths,
-    confidence: float = 0.95,
-    seed: int = 0,
-    n_resamples: int = DEFAULT_RESAMPLES,
-    lc_ci: bool = True,
-    lc_resamples: int = LC_RESAMPLES,
+    policy_scores, reference_scores, policy_lengths, reference_lengths, confidence: float = 0.95, seed: int = 0,
+    n_resamples: int = DEFAULT_RESAMPLES, lc_ci: bool = True, lc_resamples: int = LC_RESAMPLES,
 ) -> dict:
     """All comparison statistics for one judge, as a JSON-able dict of Python floats/ints.
 
@@ -310,42 +293,22 @@ def compare(
     pair_lr = np.broadcast_to(lr[:, None, :], (P, k, k)).reshape(P, k * k)
     lc = length_controlled_win_rate(prefs, pair_lp, pair_lr, lc_ci, confidence, lc_resamples, seed)
     return {
-        "win_rate": wr.value,
-        "win_rate_ci_low": lo,
-        "win_rate_ci_high": hi,
-        "win_rate_wilson_low": wlo,
-        "win_rate_wilson_high": whi,
-        "reward_mean_policy": rd.mean_policy,
-        "reward_mean_reference": rd.mean_reference,
-        "reward_mean_policy_ci_low": mp_lo,
-        "reward_mean_policy_ci_high": mp_hi,
-        "reward_mean_reference_ci_low": mr_lo,
-        "reward_mean_reference_ci_high": mr_hi,
-        "reward_delta": rd.delta,
-        "reward_delta_ci_low": rd.ci_low,
-        "reward_delta_ci_high": rd.ci_high,
-        "lc_win_rate": lc.win_rate,
-        "lc_intercept": lc.intercept,
-        "lc_length_coef": lc.length_coef,
-        "lc_win_rate_ci_low": lc.ci_low,
-        "lc_win_rate_ci_high": lc.ci_high,
-        "prompts": int(P),
-        "samples_per_prompt": int(k),
-        "length_mean_policy": float(lp.mean()),
-        "length_mean_reference": float(lr.mean()),
+        "win_rate": wr.value, "win_rate_ci_low": lo, "win_rate_ci_high": hi,
+        "win_rate_wilson_low": wlo, "win_rate_wilson_high": whi,
+        "reward_mean_policy": rd.mean_policy, "reward_mean_reference": rd.mean_reference,
+        "reward_mean_policy_ci_low": mp_lo, "reward_mean_policy_ci_high": mp_hi,
+        "reward_mean_reference_ci_low": mr_lo, "reward_mean_reference_ci_high": mr_hi,
+        "reward_delta": rd.delta, "reward_delta_ci_low": rd.ci_low, "reward_delta_ci_high": rd.ci_high,
+        "lc_win_rate": lc.win_rate, "lc_intercept": lc.intercept, "lc_length_coef": lc.length_coef,
+        "lc_win_rate_ci_low": lc.ci_low, "lc_win_rate_ci_high": lc.ci_high,
+        "prompts": int(P), "samples_per_prompt": int(k),
+        "length_mean_policy": float(lp.mean()), "length_mean_reference": float(lr.mean()),
         "confidence": float(confidence),
     }
 
 
-def compare_preferences(
-    preferences,
-    policy_lengths,
-    reference_lengths,
-    confidence: float = 0.95,
-    seed: int = 0,
-    n_resamples: int = DEFAULT_RESAMPLES,
-    lc_resamples: int = LC_RESAMPLES,
-) -> dict:
+def compare_preferences(preferences, policy_lengths, reference_lengths, confidence: float = 0.95, seed: int = 0,
+                        n_resamples: int = DEFAULT_RESAMPLES, lc_resamples: int = LC_RESAMPLES) -> dict:
     """The statistics of :func:`compare` for a pairwise judge, which gives P(policy answer preferred)
     for matched pairs (policy answer j against reference answer j of a prompt) instead of scores.
 
@@ -372,28 +335,15 @@ def compare_preferences(
     wlo, whi = wilson_interval(float(per_prompt.sum()), P, confidence)
     lc = length_controlled_win_rate(y, lp, lr, True, confidence, lc_resamples, seed)
     return {
-        "win_rate": float(per_prompt.mean()),
-        "win_rate_ci_low": lo,
-        "win_rate_ci_high": hi,
-        "win_rate_wilson_low": wlo,
-        "win_rate_wilson_high": whi,
-        "reward_mean_policy": None,
-        "reward_mean_reference": None,
-        "reward_mean_policy_ci_low": None,
-        "reward_mean_policy_ci_high": None,
-        "reward_mean_reference_ci_low": None,
-        "reward_mean_reference_ci_high": None,
+        "win_rate": float(per_prompt.mean()), "win_rate_ci_low": lo, "win_rate_ci_high": hi,
+        "win_rate_wilson_low": wlo, "win_rate_wilson_high": whi,
+        "reward_mean_policy": None, "reward_mean_reference": None, "reward_mean_policy_ci_low": None,
+        "reward_mean_policy_ci_high": None, "reward_mean_reference_ci_low": None, "reward_mean_reference_ci_high": None,
         "reward_delta": None,
-        "reward_delta_ci_low": None,
-        "reward_delta_ci_high": None,
-        "lc_win_rate": lc.win_rate,
-        "lc_intercept": lc.intercept,
-        "lc_length_coef": lc.length_coef,
-        "lc_win_rate_ci_low": lc.ci_low,
-        "lc_win_rate_ci_high": lc.ci_high,
-        "prompts": int(P),
-        "samples_per_prompt": int(k),
-        "length_mean_policy": float(lp.mean()),
-        "length_mean_reference": float(lr.mean()),
+        "reward_delta_ci_low": None, "reward_delta_ci_high": None,
+        "lc_win_rate": lc.win_rate, "lc_intercept": lc.intercept, "lc_length_coef": lc.length_coef,
+        "lc_win_rate_ci_low": lc.ci_low, "lc_win_rate_ci_high": lc.ci_high,
+        "prompts": int(P), "samples_per_prompt": int(k),
+        "length_mean_policy": float(lp.mean()), "length_mean_reference": float(lr.mean()),
         "confidence": float(confidence),
     }

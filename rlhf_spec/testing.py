@@ -50,21 +50,11 @@ def make_tokenizer(texts: Optional[Iterable[str]] = None, vocab_size: int = 256)
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(list(texts or _DEFAULT_TEXT) * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        eos_token="<|end|>",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-    )
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|end|>",
+                                   cls_token="[CLS]", sep_token="[SEP]")
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
@@ -76,19 +66,10 @@ def make_tiny_policy(folder: str | os.PathLike, seed: int = 0, texts: Optional[I
 
     tok = make_tokenizer(texts)
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=True,
-    )
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id, bos_token_id=None, tie_word_embeddings=True)
     model = LlamaForCausalLM(cfg)
     folder = Path(folder)
     model.save_pretrained(folder)
@@ -106,15 +87,9 @@ def make_tiny_reward_model(folder: str | os.PathLike, seed: int = 0, texts: Opti
 
     tok = make_tokenizer(texts)
     torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=512,
-        pad_token_id=tok.pad_token_id,
-    )
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4,
+                     max_position_embeddings=512, pad_token_id=tok.pad_token_id)
     BertModel(cfg).save_pretrained(folder)
     tok.chat_template = None
     tok.save_pretrained(folder)
@@ -166,13 +141,10 @@ def check_contract(record, example_params: dict, spec_for_key: Optional[dict] = 
             sp = write_json(Path(d) / "spec.json", spec_for_key)
             keys = []
             for seed in ("1", "2"):
-                out = subprocess.run(
-                    [sys.executable, "-m", "rlhf_spec", "plan", str(sp), "--json", "--cache-dir", str(Path(d) / "c")],
-                    capture_output=True,
-                    text=True,
-                    check=True,
-                    env=dict(os.environ, PYTHONHASHSEED=seed),
-                )
+                out = subprocess.run([sys.executable, "-m", "rlhf_spec", "plan", str(sp), "--json", "--cache-dir",
+                                      str(Path(d) / "c")],
+                                     capture_output=True, text=True, check=True, env=dict(os.environ,
+                                                                                          PYTHONHASHSEED=seed))
                 keys.append([r["key"] for r in json.loads(out.stdout)])
             assert keys[0] == keys[1], f"{name}: cache keys differ between processes"
 
@@ -187,9 +159,8 @@ def write_json(path: str | os.PathLike, obj) -> Path:
     return path
 
 
-def run_spec(
-    spec: dict, folder: str | os.PathLike, *args: str, env: Optional[dict] = None, timeout: float = 900
-) -> tuple[subprocess.CompletedProcess, Optional[dict]]:
+def run_spec(spec: dict, folder: str | os.PathLike, *args: str, env: Optional[dict] = None,
+             timeout: float = 900) -> tuple[subprocess.CompletedProcess, Optional[dict]]:
     """Run ``rlhf-spec run`` on ``spec`` in a real subprocess, with its cache and report in ``folder``.
 
     Returns:
@@ -200,24 +171,9 @@ def run_spec(
     sp = write_json(folder / "spec.json", spec)
     report = folder / "report.json"
     report.unlink(missing_ok=True)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "rlhf_spec",
-            "run",
-            str(sp),
-            "--cache-dir",
-            str(folder / "cache"),
-            "--report",
-            str(report),
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})),
-    )
+    proc = subprocess.run([sys.executable, "-m", "rlhf_spec", "run", str(sp), "--cache-dir", str(folder / "cache"),
+                           "--report", str(report), *args], capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1", **(env or {})))
     return proc, (json.loads(report.read_text()) if report.exists() else None)
 
 
@@ -301,18 +257,9 @@ def installed_record(kind: str, name: str, registry=None):
     return rec
 
 
-def make_context(
-    params,
-    folder: str | os.PathLike,
-    kind: str = "train",
-    uses: str = "",
-    stage_id: str = "stage",
-    inputs: Iterable = (),
-    models: Optional[dict] = None,
-    datasets: Optional[dict] = None,
-    seed: int = 0,
-    registry=None,
-):
+def make_context(params, folder: str | os.PathLike, kind: str = "train", uses: str = "", stage_id: str = "stage",
+                 inputs: Iterable = (), models: Optional[dict] = None, datasets: Optional[dict] = None, seed: int = 0,
+                 registry=None):
     """A real :class:`~rlhf_spec.StageContext` for calling a stage's ``run`` directly in a test.
 
     Reward and backend specs inside ``params`` are resolved against ``registry`` (default: the
@@ -340,19 +287,9 @@ def make_context(
         raise RuntimeError("; ".join(p.render() for p in problems))
     folder = Path(folder)
     (folder / "out").mkdir(parents=True, exist_ok=True)
-    spec = StageInputs(
-        stage_id=stage_id,
-        kind=kind,
-        uses=uses,
-        key=uuid.uuid4().hex * 2,
-        params=params,
-        seed=seed,
-        inputs=tuple(inputs),
-        models=dict(models or {}),
-        datasets=dict(datasets or {}),
-        base_dir=folder,
-        pointer="/stages/0",
-    )
+    spec = StageInputs(stage_id=stage_id, kind=kind, uses=uses, key=uuid.uuid4().hex * 2, params=params, seed=seed,
+                       inputs=tuple(inputs), models=dict(models or {}), datasets=dict(datasets or {}), base_dir=folder,
+                       pointer="/stages/0")
     return StageContext(spec, StageOutput(out_dir=folder / "out"), folder / "partial", folder / "cache")
 
 

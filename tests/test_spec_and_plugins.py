@@ -222,6 +222,21 @@ def test_old_param_names_are_accepted_with_the_same_key(tmp_path, tiny_spec, old
     assert r.returncode == 2 and f"/stages/0/params: give '{new}' only" in r.stderr, r.stderr
 
 
+def test_a_renamed_param_keeps_the_key_name_it_was_written_with():
+    """per_device_train_batch_size (per_device_batch_size up to 0.2) enters keys under its old name, so
+    the rename reuses every cache entry and, the stage seed deriving from the key, every figure; a field
+    that was never renamed enters under its own name."""
+    from rlhf_spec import key_view
+    from rlhf_spec.stages.train.preference import DPOParams
+    from rlhf_spec.stages.train.reward_model import RewardModelParams
+
+    for params in (DPOParams(policy="p", per_device_train_batch_size=4),
+                   RewardModelParams(backbone="b", per_device_train_batch_size=4)):
+        view = key_view(params)
+        assert view["per_device_batch_size"] == 4 and "per_device_train_batch_size" not in view
+        assert "gradient_accumulation_steps" in view and "learning_rate" in view
+
+
 def _no_warning():
     import contextlib
 

@@ -61,8 +61,8 @@ def test_unseeded_split_equals_the_train_stages_old_rule():
 
 def test_seeded_split_equals_the_pair_stages_old_rule():
     """Same test rows for the same prompt ids, seed and count, with one row per prompt (as both ``pair``
-    stages write) and with repeated prompt ids, through ``ai-feedback``'s :func:`assign_split`."""
-    from rlhf_spec.stages.ai_feedback import assign_split
+    stages write) and with repeated prompt ids, through the pair stages' :func:`assign_split`."""
+    from rlhf_spec.data import assign_split
 
     rng = random.Random(1)
     for trial in range(300):

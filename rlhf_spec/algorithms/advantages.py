@@ -43,7 +43,9 @@ def _require_token_layout(mask: torch.Tensor, **tensors: torch.Tensor) -> None:
         raise ValueError(f"token-level inputs must have shape (B, T), got {tuple(mask.shape)}")
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "std", eps: float = 1e-6) -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale: str = "std", eps: float = 1e-6
+) -> torch.Tensor:
     """Group-relative advantages of GRPO (``scale="std"``) and Dr. GRPO (``scale="none"``).
 
     For each group ``g`` of ``G`` responses to one prompt (outcome supervision)::
@@ -117,7 +119,9 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return (grouped - others_mean).reshape(-1)
 
 
-def reinforce_pp_advantages(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+def reinforce_pp_advantages(
+    token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0
+) -> torch.Tensor:
     """REINFORCE++ advantages: per-token discounted return-to-go, whitened over the whole batch.
 
     With ``r_s`` the per-token rewards (0 outside the mask)::

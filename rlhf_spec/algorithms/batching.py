@@ -71,23 +71,14 @@ def tokenize_pairs(tokenizer, rows, max_prompt: int, max_response: int) -> list[
     out = []
     for prompt, chosen, rejected in zip(rows["prompt"], rows["chosen"], rows["rejected"]):
         p = prompt_ids(tokenizer, prompt, max_prompt)
-        out.append(
-            TokenizedPair(
-                p + response_ids(tokenizer, chosen, max_response),
-                p + response_ids(tokenizer, rejected, max_response),
-                len(p),
-            )
-        )
+        out.append(TokenizedPair(p + response_ids(tokenizer, chosen, max_response),
+                                 p + response_ids(tokenizer, rejected, max_response), len(p)))
     return out
 
 
-def tokenize_completions(
-    tokenizer,
-    prompts: Sequence[list[dict]],
-    completions: Sequence[str],
-    max_prompt: Optional[int] = None,
-    max_response: Optional[int] = None,
-) -> list[TokenizedCompletion]:
+def tokenize_completions(tokenizer, prompts: Sequence[list[dict]], completions: Sequence[str],
+                         max_prompt: Optional[int] = None,
+                         max_response: Optional[int] = None) -> list[TokenizedCompletion]:
     """Token ids of (prompt, completion) rows, laid out as :func:`tokenize_pairs` lays out one response."""
     out = []
     for prompt, completion in zip(prompts, completions):
@@ -96,13 +87,8 @@ def tokenize_completions(
     return out
 
 
-def pad_batch(
-    sequences: Sequence[Sequence[int]],
-    pad_id: int,
-    response_starts: Optional[Sequence[int]] = None,
-    token_type_ids: Optional[Sequence[Sequence[int]]] = None,
-    device=None,
-) -> dict:
+def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, response_starts: Optional[Sequence[int]] = None,
+              token_type_ids: Optional[Sequence[Sequence[int]]] = None, device=None) -> dict:
     """Right-pad token sequences into one batch.
 
     Args:
@@ -125,10 +111,8 @@ def pad_batch(
     if not sequences:
         raise ValueError("pad_batch needs at least one sequence")
     width = max(len(s) for s in sequences)
-    batch = {
-        "input_ids": torch.full((len(sequences), width), pad_id, dtype=torch.long),
-        "attention_mask": torch.zeros((len(sequences), width), dtype=torch.long),
-    }
+    batch = {"input_ids": torch.full((len(sequences), width), pad_id, dtype=torch.long),
+             "attention_mask": torch.zeros((len(sequences), width), dtype=torch.long)}
     if response_starts is not None:
         batch["response_mask"] = torch.zeros((len(sequences), width), dtype=torch.bool)
     if token_type_ids is not None:
@@ -138,15 +122,14 @@ def pad_batch(
         batch["input_ids"][i, :n] = torch.tensor(list(seq), dtype=torch.long)
         batch["attention_mask"][i, :n] = 1
         if response_starts is not None:
-            batch["response_mask"][i, response_starts[i] : n] = True
+            batch["response_mask"][i, response_starts[i]:n] = True
         if token_type_ids is not None:
             batch["token_type_ids"][i, :n] = torch.tensor(list(token_type_ids[i]), dtype=torch.long)
     return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
 
 
-def pad_response_aligned(
-    sequences: Sequence[Sequence[int]], pad_id: int, response_starts: Sequence[int], device=None
-) -> dict:
+def pad_response_aligned(sequences: Sequence[Sequence[int]], pad_id: int, response_starts: Sequence[int],
+                         device=None) -> dict:
     """Pad (prompt + response) sequences so that every response starts in the same column: prompts
     left-padded to the longest prompt, responses right-padded to the longest response.
 
@@ -180,12 +163,10 @@ def pad_response_aligned(
     prompt_width = max(response_starts)
     response_width = max(len(s) - st for s, st in zip(sequences, response_starts))
     shape = (len(sequences), prompt_width + response_width)
-    batch = {
-        "input_ids": torch.full(shape, pad_id, dtype=torch.long),
-        "attention_mask": torch.zeros(shape, dtype=torch.long),
-        "position_ids": torch.zeros(shape, dtype=torch.long),
-        "response_mask": torch.zeros(shape, dtype=torch.bool),
-    }
+    batch = {"input_ids": torch.full(shape, pad_id, dtype=torch.long),
+             "attention_mask": torch.zeros(shape, dtype=torch.long),
+             "position_ids": torch.zeros(shape, dtype=torch.long),
+             "response_mask": torch.zeros(shape, dtype=torch.bool)}
     for i, (seq, start) in enumerate(zip(sequences, response_starts)):
         lo, hi = prompt_width - start, prompt_width - start + len(seq)
         batch["input_ids"][i, lo:hi] = torch.tensor(list(seq), dtype=torch.long)

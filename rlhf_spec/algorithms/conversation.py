@@ -70,11 +70,11 @@ def assistant_spans(tokenizer, messages: list[dict], turns: str = "all") -> tupl
         before = render(tokenizer, messages[:i], True)
         after = render(tokenizer, messages[: i + 1], False)
         if not (after.startswith(before) and text.startswith(after)):
-            raise ValueError(
-                f"the chat template does not render the conversation before assistant turn {i} as a prefix of the "
-                "whole conversation, so the assistant tokens cannot be found by rendering prefixes; use a template "
-                "that renders turns independently (params.chat_template)"
-            )
+            raise ValueError(f"the chat template does not render the conversation before assistant turn {i} as a "
+                             f"prefix of the "
+                             "whole conversation, so the assistant tokens cannot be found by rendering prefixes; use a "
+                             "template "
+                             "that renders turns independently (params.chat_template)")
         spans.append((len(before), len(after)))
     return text, spans
 
@@ -101,17 +101,15 @@ def mask_by_token_prefix(tokenizer, text: str, spans: list[tuple[int, int]]) -> 
         for b in (s, e):
             head = list(tokenizer(text[:b], add_special_tokens=False)["input_ids"])
             if ids[: len(head)] != head:
-                raise ValueError(
-                    f"tokenizing the conversation up to character {b} is not a prefix of its whole tokenization"
-                )
+                raise ValueError(f"tokenizing the conversation up to character {b} is not a prefix of its whole "
+                                 f"tokenization")
             bounds.append(len(head))
         mask[bounds[0] : bounds[1]] = [True] * (bounds[1] - bounds[0])
     return ids, mask
 
 
-def tokenize_conversation(
-    tokenizer, messages: list[dict], max_length: Optional[int] = None, turns: str = "all"
-) -> SFTExample:
+def tokenize_conversation(tokenizer, messages: list[dict], max_length: Optional[int] = None,
+                          turns: str = "all") -> SFTExample:
     """One conversation as an :class:`SFTExample`: the chat template rendered once and tokenized without
     added special tokens, the mask True on the tokens of the trained assistant turns (see
     :func:`assistant_spans`), both right-truncated to ``max_length`` tokens.

@@ -14,15 +14,8 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-__all__ = [
-    "KL_ESTIMATORS",
-    "kl_terms",
-    "kl_term_float",
-    "kl_mean_float",
-    "kl_estimate",
-    "FixedKLController",
-    "AdaptiveKLController",
-]
+__all__ = ["KL_ESTIMATORS", "kl_terms", "kl_term_float", "kl_mean_float", "kl_estimate", "FixedKLController",
+           "AdaptiveKLController"]
 
 from .ops import _require_same_shape
 

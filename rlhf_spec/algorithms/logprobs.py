@@ -37,12 +37,8 @@ def _response_logits(model, seqs: Sequence[Sequence[int]], starts: Sequence[int]
     if _computes_response_logits_only(model):
         b = pad_response_aligned(seqs, pad_id, starts, device=device)
         k = b["keep"]
-        logits = model(
-            input_ids=b["input_ids"],
-            attention_mask=b["attention_mask"],
-            position_ids=b["position_ids"],
-            logits_to_keep=k,
-        ).logits
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], position_ids=b["position_ids"],
+                       logits_to_keep=k).logits
         return logits, b["input_ids"][:, -k:], b["response_mask"][:, -k:]
     b = pad_batch(seqs, pad_id, starts, device=device)
     logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
@@ -69,12 +65,11 @@ def pair_logprobs(model, pad_id, items: Sequence[TokenizedPair], temperature: fl
     seqs = [it.chosen_ids for it in items] + [it.rejected_ids for it in items]
     logits, ids, mask = _response_logits(model, seqs, [it.prompt_len for it in items] * 2, pad)
     lp = sequence_logprobs(logits, ids, mask, temperature=temperature)
-    return lp[: len(items)], lp[len(items) :]
+    return lp[: len(items)], lp[len(items):]
 
 
-def completion_logprobs(
-    model, pad_id: int, items: Sequence[TokenizedCompletion], temperature: float = 1.0, per_token: bool = False
-):
+def completion_logprobs(model, pad_id: int, items: Sequence[TokenizedCompletion], temperature: float = 1.0,
+                        per_token: bool = False):
     """Logprobs of the completions of (prompt, completion) rows, in one forward pass (response columns
     only where the model allows, see :func:`_response_logits`; ``per_token`` keeps the right-padded
     layout its callers index).
@@ -94,18 +89,14 @@ def completion_logprobs(
     if per_token:
         batch = pad_batch([it.input_ids for it in items], pad_id, starts, device=_model_device(model))
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return (
-            token_logprobs(logits, batch["input_ids"], batch["response_mask"], temperature),
-            batch["response_mask"],
-            batch,
-        )
+        return token_logprobs(logits, batch["input_ids"], batch["response_mask"],
+                              temperature), batch["response_mask"], batch
     logits, ids, mask = _response_logits(model, [it.input_ids for it in items], starts, pad_id)
     return sequence_logprobs(logits, ids, mask, temperature=temperature)
 
 
-def batched_completion_logprobs(
-    model, pad_id: int, items: Sequence[TokenizedCompletion], temperature: float, batch_size: int
-) -> list[float]:
+def batched_completion_logprobs(model, pad_id: int, items: Sequence[TokenizedCompletion], temperature: float,
+                                batch_size: int) -> list[float]:
     """:func:`completion_logprobs` over many rows, ``batch_size`` at a time, without gradients.
 
     Returns:

@@ -264,6 +264,8 @@ def sequence_logprobs(
     return torch.where(mask, token_logps, torch.zeros_like(token_logps)).sum(dim=-1)
 
 
+
+
 def token_logprobs(
     logits: torch.Tensor,
     input_ids: torch.Tensor,

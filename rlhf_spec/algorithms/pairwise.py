@@ -347,7 +347,9 @@ class PairwiseRewardLoss(nn.Module):
             _require_batch_vectors(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
             gap = chosen_rewards - rejected_rewards
         else:
-            _require_batch_vectors(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards, margin=margin)
+            _require_batch_vectors(
+                chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards, margin=margin
+            )
             gap = chosen_rewards - rejected_rewards - margin
         return -F.logsigmoid(gap).mean()
 
@@ -378,6 +380,8 @@ def pairwise_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tens
     rejected = rejected_rewards.detach()
     score = (chosen > rejected).double() + 0.5 * (chosen == rejected).double()
     return float(score.mean().item())
+
+
 
 
 # ---------------------------------------------------------------------------

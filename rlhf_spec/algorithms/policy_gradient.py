@@ -107,25 +107,16 @@ class Algorithm:
         from .ppo import ClippedPolicyLoss
 
         agg = getattr(self.p, "loss_aggregation", "token-mean")
-        return ClippedPolicyLoss(
-            self.p.clip_eps,
-            getattr(self.p, "clip_eps_high", None),
-            kl_coef,
-            agg,
-            float(self.p.max_new_tokens) if agg == "seq-mean-token-sum-norm" else None,
-        )
+        return ClippedPolicyLoss(self.p.clip_eps, getattr(self.p, "clip_eps_high", None), kl_coef, agg,
+                                 float(self.p.max_new_tokens) if agg == "seq-mean-token-sum-norm" else None)
 
     def _policy_loss(self, fn, logprobs, exp: Experience, idx, L: int, ref: bool = False):
         old, adv, mask = exp.old_logprobs[idx, :L], exp.advantages[idx, :L], exp.mask[idx, :L]
         dev = logprobs.device
-        loss, st = fn(
-            logprobs, old.to(dev), adv.to(dev), mask.to(dev), exp.ref_logprobs[idx, :L].to(dev) if ref else None
-        )
-        stats = {
-            "policy_loss": float(st["pg_loss"]),
-            "clip_fraction": float(st["clip_fraction"]),
-            "approx_kl": float(st["approx_kl"]),
-        }
+        loss, st = fn(logprobs, old.to(dev), adv.to(dev), mask.to(dev),
+                      exp.ref_logprobs[idx, :L].to(dev) if ref else None)
+        stats = {"policy_loss": float(st["pg_loss"]), "clip_fraction": float(st["clip_fraction"]),
+                 "approx_kl": float(st["approx_kl"])}
         if "ref_kl" in st:
             stats["kl_loss"] = float(st["ref_kl"])
         return loss, stats
@@ -187,10 +178,8 @@ class PPO(Algorithm):
         adv, ret = gae_advantages(rewards, exp.values, exp.mask, self.p.gamma, self.p.lam)
         exp.returns = ret
         exp.advantages = masked_whiten(adv, exp.mask)
-        return {
-            "value_mean": float(masked_mean(exp.values, exp.mask)),
-            "return_mean": float(masked_mean(ret, exp.mask)),
-        }
+        return {"value_mean": float(masked_mean(exp.values, exp.mask)),
+                "return_mean": float(masked_mean(ret, exp.mask))}
 
     def loss(self, logprobs, values, exp, idx, L):
         pg, stats = self._policy_loss(self.pg, logprobs, exp, idx, L)
@@ -319,3 +308,5 @@ class ReinforcePP(Algorithm):
 
 
 # ----------------------------------------------------------------------------- helpers
+
+

@@ -76,7 +76,9 @@ class PolicyLossPPO(nn.Module):
         if mask is None:
             _require_same_shape(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages)
         else:
-            _require_same_shape(logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask)
+            _require_same_shape(
+                logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages, mask=mask
+            )
         ratio = torch.exp(logprobs - old_logprobs)
         clipped = ratio.clamp(1.0 - self.clip_eps, 1.0 + self.clip_eps)
         per_token = torch.maximum(-advantages * ratio, -advantages * clipped)
@@ -143,7 +145,9 @@ class ValueLoss(nn.Module):
         return 0.5 * masked_mean(per_token, mask)
 
 
-def _check_gae_args(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> None:
+def _check_gae_args(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> None:
     """ValueError unless rewards/values/mask share one (B, T) shape and gamma, lam lie in [0, 1]."""
     _require_same_shape(rewards=rewards, values=values, mask=mask)
     if rewards.dim() != 2:

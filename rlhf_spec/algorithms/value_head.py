@@ -105,12 +105,8 @@ class ActorCritic(nn.Module):
     def forward(self, input_ids, attention_mask, values: bool = True):
         """``(logits (B, T, V), values (B, T) or None)``; values only when asked and a critic exists."""
         want = values and self.has_values
-        out = self.policy(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            use_cache=False,
-            output_hidden_states=bool(want and self.value_head is not None),
-        )
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                          output_hidden_states=bool(want and self.value_head is not None))
         v = None
         if want and self.value_head is not None:
             v = self.value_head(out.hidden_states[-1]).float()
@@ -134,15 +130,8 @@ def response_positions(prompt_lens: list[int], resp_lens: list[int], device=None
     return pos, mask
 
 
-def gather_response(
-    logits: torch.Tensor,
-    input_ids: torch.Tensor,
-    pos: torch.Tensor,
-    mask: torch.Tensor,
-    temperature: float,
-    entropy: bool = False,
-    values: Optional[torch.Tensor] = None,
-):
+def gather_response(logits: torch.Tensor, input_ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
+                    temperature: float, entropy: bool = False, values: Optional[torch.Tensor] = None):
     """Per-response-token logprobs (and entropies, values) in the (B, L) layout of :func:`response_positions`.
 
     The token at position ``t`` is predicted by the logits at ``t - 1``, divided by ``temperature + 1e-7``

@@ -83,22 +83,14 @@ def prefill_cache(model, seqs: list[list[int]], pad: int, cache, bucket_tokens: 
         ids, mask = left_padded(members, w, pad, device)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         bucket_cache = DynamicCache(config=model.config)  # filled in place by the forward pass
-        model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=position_ids,
-            use_cache=True,
-            logits_to_keep=1,
-            **{kwarg: bucket_cache},
-        )
+        model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True, logits_to_keep=1,
+              **{kwarg: bucket_cache})
         dst = [r for p in members for r in rows_of[p]]
         src = [j for j, p in enumerate(members) for _ in rows_of[p]]
         parts.append((w, torch.tensor(dst, device=device), torch.tensor(src, device=device), bucket_cache))
     for layer in range(len(parts[0][3].layers)):
-        keys, values = (
-            _assemble([(w, d, s, getattr(c.layers[layer], name)) for w, d, s, c in parts], len(seqs), width)
-            for name in ("keys", "values")
-        )
+        keys, values = (_assemble([(w, d, s, getattr(c.layers[layer], name)) for w, d, s, c in parts], len(seqs), width)
+                        for name in ("keys", "values"))
         cache.update(keys, values, layer)
     return cache
 

@@ -26,49 +26,33 @@ class TransformersParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    batch_size: int = Field(
-        8,
-        ge=1,
-        le=4096,
-        description="Requests per generate call. It fixes batch composition (and so the random stream), so it is part "
-        "of the key.",
-    )
+    batch_size: int = Field(8, ge=1, le=4096, description="Requests per generate call. It fixes batch composition (and "
+                                                          "so the random stream), so it is part of the key.")
     sort_by_length: bool = Field(True, description="Batch prompts longest first to cut padding.")
     dtype: Literal["model", "float32", "bfloat16", "float16"] = Field(
-        "model",
-        description="Weights dtype for generation; 'model' uses the /models entry's dtype (float32 on CPU). "
+        "model", description="Weights dtype for generation; 'model' uses the /models entry's dtype (float32 on CPU). "
         "bfloat16 roughly doubles CPU throughput where the CPU has bf16 instructions (AVX-512 BF16, AMX); it changes "
-        "the samples, so it is part of the key.",
-    )
+        "the samples, so it is part of the key.")
     cache: Literal["static", "dynamic"] = Field(
-        "static",
-        description="KV cache: 'static' preallocates it for the batch's prompt plus max_new_tokens (fewer "
-        "reallocations; "
-        "needed for compile), 'dynamic' grows it token by token.",
-    )
+        "static", description="KV cache: 'static' preallocates it for the batch's prompt plus max_new_tokens (fewer "
+                              "reallocations; "
+        "needed for compile), 'dynamic' grows it token by token.")
     prefill_batch_tokens: int = Field(
-        2048,
-        ge=0,
-        le=1_048_576,
-        description="Prefill each distinct prompt once, in length buckets of at most this many "
+        2048, ge=0, le=1_048_576, description="Prefill each distinct prompt once, in length buckets of at most this "
+                                              "many "
         "padded tokens, and copy its keys and values to the rows that share it (rlhf_spec.backends.prefill); 0 lets "
         "generate run every row's prompt, padded to the batch's longest. Bucket shapes change bf16 rounding, so it is "
-        "part of the key.",
-    )
+        "part of the key.")
     compile: bool = Field(
-        False,
-        description="torch.compile the forward pass (static cache only). Compiling takes about a minute per batch "
-        "shape "
-        "and paid off on GPUs, not on a 2-core CPU in our measurements (docs/benchmarks.md).",
-    )
+        False, description="torch.compile the forward pass (static cache only). Compiling takes about a minute per "
+                           "batch shape "
+        "and paid off on GPUs, not on a 2-core CPU in our measurements (docs/benchmarks.md).")
     sampler: Literal["candidates", "transformers"] = Field(
-        "candidates",
-        description="How a token is drawn. 'candidates': the nucleus is found among the most likely "
+        "candidates", description="How a token is drawn. 'candidates': the nucleus is found among the most likely "
         "tokens (rows whose nucleus is larger are sorted in full) and drawn with a per-batch generator "
         "(rlhf_spec.backends.nucleus); the same distribution as transformers' top-p with much less work per step "
         "on CPU. 'transformers': generate's own top-p warper and multinomial draw, token for token what a plain "
-        "generate loop with the same seed writes.",
-    )
+        "generate loop with the same seed writes.")
 
 
 def _stop_ids(tokenizer) -> set:
@@ -108,15 +92,11 @@ class TransformersEngine:
         else:
             extra["disable_compile"] = True
         return GenerationConfig(
-            do_sample=not greedy,
-            temperature=None if greedy else sampling.temperature,
+            do_sample=not greedy, temperature=None if greedy else sampling.temperature,
             top_p=None if greedy else sampling.top_p,
             top_k=None if greedy else 0,  # nucleus sampling only (None would mean transformers' default top-k of 50)
-            max_new_tokens=sampling.max_new_tokens,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-            **extra,
-        )
+            max_new_tokens=sampling.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id, **extra)
 
     def _empty_cache(self, max_cache_len: int):
         from transformers import DynamicCache, StaticCache
@@ -134,9 +114,8 @@ class TransformersEngine:
         text = self.tokenizer.decode(row[:k], skip_special_tokens=True).strip()
         return Completion(token_ids=ids, text=text, finish_reason="stop" if stopped else "length")
 
-    def generate(
-        self, prompt_token_ids: list[list[int]], sampling: SamplingParams, n: int, seed: int
-    ) -> list[list[Completion]]:
+    def generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams, n: int,
+                 seed: int) -> list[list[Completion]]:
         """``n`` completions for each of P prompts (token-id lists), all drawn with ``seed``; returns P lists of ``n``.
 
         Raises:
@@ -144,9 +123,8 @@ class TransformersEngine:
         """
         return self._generate(prompt_token_ids, sampling, [seed] * n)
 
-    def generate_passes(
-        self, prompt_token_ids: list[list[int]], sampling: SamplingParams, seeds: list[int]
-    ) -> list[list[Completion]]:
+    def generate_passes(self, prompt_token_ids: list[list[int]], sampling: SamplingParams,
+                        seeds: list[int]) -> list[list[Completion]]:
         """One completion per prompt for each seed in ``seeds`` (the stages' sampling passes); returns one list of P
         completions per seed.
 
@@ -166,9 +144,8 @@ class TransformersEngine:
         out = self._generate(prompt_token_ids, sampling, list(seeds))
         return [[per[j] for per in out] for j in range(len(seeds))]
 
-    def _generate(
-        self, prompt_token_ids: list[list[int]], sampling: SamplingParams, seeds: list[int]
-    ) -> list[list[Completion]]:
+    def _generate(self, prompt_token_ids: list[list[int]], sampling: SamplingParams,
+                  seeds: list[int]) -> list[list[Completion]]:
         """Sample ``j`` of every prompt drawn with ``seeds[j]``; returns P lists of ``len(seeds)``."""
         import torch
 
@@ -188,13 +165,8 @@ class TransformersEngine:
             ids, mask = left_padded(seqs, width, pad, self.device)
             extra = {}
             if self.p.prefill_batch_tokens:
-                cache = prefill_cache(
-                    self.model,
-                    seqs,
-                    pad,
-                    self._empty_cache(width + sampling.max_new_tokens),
-                    self.p.prefill_batch_tokens,
-                )
+                cache = prefill_cache(self.model, seqs, pad, self._empty_cache(width + sampling.max_new_tokens),
+                                      self.p.prefill_batch_tokens)
                 if cache is not None:
                     extra[kwarg] = cache
             batch_hash = zlib.crc32(repr(seqs).encode())
@@ -228,10 +200,9 @@ class TransformersEngine:
         if len(distinct) == 1:
             generator = rng(distinct[0])
         else:
-            generator = [
-                (torch.tensor([k for k, s in enumerate(row_seeds) if s == seed], device=self.device), rng(seed))
-                for seed in distinct
-            ]
+            generator = [(torch.tensor([k for k, s in enumerate(row_seeds) if s == seed], device=self.device),
+                          rng(seed))
+                         for seed in distinct]
         return LogitsProcessorList([NucleusSampler(sampling.temperature, sampling.top_p, generator)])
 
 
@@ -259,13 +230,5 @@ def _check(params: TransformersParams, spec) -> list:
 
 @hookimpl
 def rlhf_spec_register_backends(register):
-    register(
-        BackendImpl(
-            name="transformers",
-            params=TransformersParams,
-            load=load,
-            version="3",
-            check=_check,
-            description="batched transformers generate on CPU or one GPU",
-        )
-    )
+    register(BackendImpl(name="transformers", params=TransformersParams, load=load, version="3", check=_check,
+                         description="batched transformers generate on CPU or one GPU"))

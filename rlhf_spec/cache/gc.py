@@ -86,9 +86,8 @@ def _partial(cache, keep: set[str], older_than, now, dry_run, removed: list) -> 
         live = cache.lease(d.name)
         if not cache.has(d.name) and live.path.exists() and not live.stale():
             continue
-        if cache.has(d.name) or (
-            older_than is not None and _old(d.stat().st_mtime, older_than, now) and d.name not in keep
-        ):
+        if cache.has(d.name) or (older_than is not None and _old(d.stat().st_mtime, older_than,
+                                                                 now) and d.name not in keep):
             removed.append(f"partial/{d.name}")
             if not dry_run:
                 shutil.rmtree(d, ignore_errors=True)

@@ -30,16 +30,8 @@ def model_identity(name: str, m, base_dir: Path, cache) -> tuple[dict, ModelSour
         FileNotFoundError: a local file is missing. RuntimeError: a hub revision cannot be resolved.
     """
     ident: dict[str, Any] = {"dtype": m.dtype, "trust_remote_code": m.trust_remote_code}
-    src = ModelSource(
-        name=name,
-        origin="spec",
-        hub=m.hub,
-        revision=m.revision,
-        dtype=m.dtype,
-        trust_remote_code=m.trust_remote_code,
-        gguf_file=m.gguf_file,
-        tokenizer=m.tokenizer,
-    )
+    src = ModelSource(name=name, origin="spec", hub=m.hub, revision=m.revision, dtype=m.dtype,
+                      trust_remote_code=m.trust_remote_code, gguf_file=m.gguf_file, tokenizer=m.tokenizer)
     if m.path:
         path = resolve(m.path, base_dir)
         src.path = str(path)

@@ -162,9 +162,8 @@ class Cache:
         tmp, final = Path(tmp), self.entry_dir(key)
         try:
             files = file_records(tmp, skip=(MANIFEST,))
-            man = dict(
-                manifest, format=KEY_FORMAT, key=key, files=files, created=_now(), bytes=sum(f["size"] for f in files)
-            )
+            man = dict(manifest, format=KEY_FORMAT, key=key, files=files, created=_now(),
+                       bytes=sum(f["size"] for f in files))
             atomic_write_json(tmp / MANIFEST, man)
             commit_tree(tmp, final, replace=replace)
         except CacheError:

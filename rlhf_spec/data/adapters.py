@@ -42,10 +42,8 @@ def _label(ds, always: bool = False) -> list[tuple[str, str, str, bool]]:
 
 def _chosen_rejected(ds) -> list[tuple[str, str, str, bool]]:
     if ds.chosen_column and ds.rejected_column:
-        return [
-            ("chosen", ds.chosen_column, "chosen_column", True),
-            ("rejected", ds.rejected_column, "rejected_column", True),
-        ]
+        return [("chosen", ds.chosen_column, "chosen_column", True),
+                ("rejected", ds.rejected_column, "rejected_column", True)]
     return []
 
 
@@ -61,10 +59,8 @@ class Generic(DatasetAdapter):
     name: str = "generic"
     fit_for: tuple[str, ...] = ("prompts", "pairs")
     fields: tuple[str, ...] = ("chosen_column", "rejected_column", "reference_column", "prompt_template")
-    description: str = (
-        "read prompt_column (a string is one user turn; a list of {role, content} or {from, value} "
-        "messages is kept) and, for preference data, chosen_column/rejected_column."
-    )
+    description: str = ("read prompt_column (a string is one user turn; a list of {role, content} or {from, value} "
+                        "messages is kept) and, for preference data, chosen_column/rejected_column.")
 
     def source_columns(self, ds):
         prompt = [("prompt", ds.prompt_column, "prompt_column", True)]
@@ -75,11 +71,8 @@ class Generic(DatasetAdapter):
 
     def required_columns(self, ds):
         # the first release's checks, plus reference_column (a lone chosen_column is checked too)
-        return [
-            (f, getattr(ds, f))
-            for f in ("prompt_column", "chosen_column", "rejected_column", "reference_column")
-            if getattr(ds, f)
-        ]
+        return [(f, getattr(ds, f)) for f in ("prompt_column", "chosen_column", "rejected_column", "reference_column")
+                if getattr(ds, f)]
 
     def features(self, ds):
         return None  # inferred, as in the first release
@@ -129,11 +122,8 @@ class _Conversation(DatasetAdapter):
         if system is not None and str(system).strip() and not (msgs and msgs[0]["role"] == "system"):
             msgs = [{"role": "system", "content": str(system)}] + msgs
         if self.produces(ds) == "pairs":
-            out = {
-                "prompt": msgs,
-                "chosen": response_text(row[cols["chosen"]]),
-                "rejected": response_text(row[cols["rejected"]]),
-            }
+            out = {"prompt": msgs, "chosen": response_text(row[cols["chosen"]]),
+                   "rejected": response_text(row[cols["rejected"]])}
         else:
             out = split_conversation(msgs)
         return _label_and_reference(out, row, cols)
@@ -145,9 +135,8 @@ class Messages(_Conversation):
 
     name: str = "messages"
     fields: tuple[str, ...] = ("messages_column", "label_column", "reference_column", "prompt_template")
-    description: str = (
-        "messages_column (default 'messages') holds the whole conversation; the final assistant turn is the completion."
-    )
+    description: str = ("messages_column (default 'messages') holds the whole conversation; the final assistant turn "
+                        "is the completion.")
 
     def source_columns(self, ds):
         return _reference(ds) + [("messages", *pick(ds, "messages_column", "messages"), True)] + _label(ds)
@@ -159,25 +148,15 @@ class ShareGPT(_Conversation):
 
     name: str = "sharegpt"
     fit_for: tuple[str, ...] = ("completions", "pairs")
-    fields: tuple[str, ...] = (
-        "messages_column",
-        "system_column",
-        "chosen_column",
-        "rejected_column",
-        "reference_column",
-        "prompt_template",
-    )
-    description: str = (
-        "LLaMA-Factory's conversations (messages_column, default 'conversations') of {from, value} "
-        "turns, an optional system column; with chosen_column and rejected_column set it is "
-        "preference data (the conversation is the prompt)."
-    )
+    fields: tuple[str, ...] = ("messages_column", "system_column", "chosen_column", "rejected_column",
+                               "reference_column", "prompt_template")
+    description: str = ("LLaMA-Factory's conversations (messages_column, default 'conversations') of {from, value} "
+                        "turns, an optional system column; with chosen_column and rejected_column set it is "
+                        "preference data (the conversation is the prompt).")
 
     def source_columns(self, ds):
-        conversation = [
-            ("messages", *pick(ds, "messages_column", "conversations"), True),
-            ("system", *pick(ds, "system_column", "system"), False),
-        ]
+        conversation = [("messages", *pick(ds, "messages_column", "conversations"), True),
+                        ("system", *pick(ds, "system_column", "system"), False)]
         return _reference(ds) + conversation + _label(ds) + _chosen_rejected(ds)
 
     def produces(self, ds) -> str:
@@ -185,10 +164,8 @@ class ShareGPT(_Conversation):
 
     def check(self, ds) -> Optional[str]:
         if bool(ds.chosen_column) != bool(ds.rejected_column):
-            return (
-                "adapter 'sharegpt': give both chosen_column and rejected_column (preference data) or neither "
-                "(SFT data)"
-            )
+            return ("adapter 'sharegpt': give both chosen_column and rejected_column (preference data) or neither "
+                    "(SFT data)")
         return None
 
 
@@ -198,10 +175,8 @@ class Kto(_Conversation):
 
     name: str = "kto"
     fields: tuple[str, ...] = ("messages_column", "label_column", "reference_column", "prompt_template")
-    description: str = (
-        "messages (messages_column, default 'messages') whose final assistant turn is the "
-        "completion, and a boolean label (label_column, default 'label')."
-    )
+    description: str = ("messages (messages_column, default 'messages') whose final assistant turn is the "
+                        "completion, and a boolean label (label_column, default 'label').")
 
     def source_columns(self, ds):
         return _reference(ds) + [("messages", *pick(ds, "messages_column", "messages"), True)] + _label(ds, always=True)
@@ -217,14 +192,8 @@ class PromptCompletion(DatasetAdapter):
     description: str = "prompt_column (string or messages) and completion_column (default 'completion')."
 
     def source_columns(self, ds):
-        return (
-            _reference(ds)
-            + [
-                ("prompt", ds.prompt_column, "prompt_column", True),
-                ("completion", *pick(ds, "completion_column", "completion"), True),
-            ]
-            + _label(ds)
-        )
+        return (_reference(ds) + [("prompt", ds.prompt_column, "prompt_column", True),
+                                  ("completion", *pick(ds, "completion_column", "completion"), True)] + _label(ds))
 
     def prompt(self, row: dict, cols: dict, ds) -> list[dict]:
         """The prompt messages of a raw row."""
@@ -237,11 +206,8 @@ class PromptCompletion(DatasetAdapter):
     def build_row(self, row, ds):
         cols = {role: col for role, col, _, _ in self.source_columns(ds)}
         prompt, completion = self.prompt(row, cols, ds), self.completion(row, cols, ds)
-        out = {
-            "prompt": prompt,
-            "completion": completion,
-            "messages": prompt + [{"role": "assistant", "content": completion}],
-        }
+        out = {"prompt": prompt, "completion": completion,
+               "messages": prompt + [{"role": "assistant", "content": completion}]}
         return _label_and_reference(out, row, cols)
 
 
@@ -251,22 +217,14 @@ class Alpaca(PromptCompletion):
 
     name: str = "alpaca"
     fields: tuple[str, ...] = ("completion_column", "input_column", "reference_column", "prompt_template")
-    description: str = (
-        "instruction (prompt_column; the default 'prompt' means 'instruction') plus optional input "
-        "(input_column, default 'input', appended after a blank line) as the user turn, output "
-        "(completion_column, default 'output') as the reply."
-    )
+    description: str = ("instruction (prompt_column; the default 'prompt' means 'instruction') plus optional input "
+                        "(input_column, default 'input', appended after a blank line) as the user turn, output "
+                        "(completion_column, default 'output') as the reply.")
 
     def source_columns(self, ds):
-        return (
-            _reference(ds)
-            + [
-                ("prompt", *_renamed_prompt(ds, "instruction"), True),
-                ("input", *pick(ds, "input_column", "input"), False),
-                ("completion", *pick(ds, "completion_column", "output"), True),
-            ]
-            + _label(ds)
-        )
+        return (_reference(ds) + [("prompt", *_renamed_prompt(ds, "instruction"), True),
+                                  ("input", *pick(ds, "input_column", "input"), False),
+                                  ("completion", *pick(ds, "completion_column", "output"), True)] + _label(ds))
 
     def prompt(self, row, cols, ds):
         return alpaca_prompt(row[cols["prompt"]], row.get(cols["input"]))
@@ -278,24 +236,16 @@ class Gsm8k(PromptCompletion):
 
     name: str = "gsm8k"
     fields: tuple[str, ...] = ("completion_column", "completion_template", "prompt_template")
-    description: str = (
-        "GSM8K's question (prompt_column; the default 'prompt' means 'question') as the user turn "
-        "and its worked solution (completion_column, default 'answer') twice: verbatim in "
-        "'reference' (for the math-answer reward) and, through completion_template, as the reply to "
-        "train on."
-    )
+    description: str = ("GSM8K's question (prompt_column; the default 'prompt' means 'question') as the user turn "
+                        "and its worked solution (completion_column, default 'answer') twice: verbatim in "
+                        "'reference' (for the math-answer reward) and, through completion_template, as the reply to "
+                        "train on.")
 
     def source_columns(self, ds):
         # the worked solution is also the reference that math-answer reads
-        return (
-            _reference(ds)
-            + [
-                ("prompt", *_renamed_prompt(ds, "question"), True),
-                ("completion", *pick(ds, "completion_column", "answer"), True),
-                ("reference", *pick(ds, "completion_column", "answer"), True),
-            ]
-            + _label(ds)
-        )
+        return (_reference(ds) + [("prompt", *_renamed_prompt(ds, "question"), True),
+                                  ("completion", *pick(ds, "completion_column", "answer"), True),
+                                  ("reference", *pick(ds, "completion_column", "answer"), True)] + _label(ds))
 
     def completion(self, row, cols, ds):
         return gsm8k_reply(str(row[cols["completion"]]), ds.completion_template)
@@ -308,30 +258,21 @@ class AlpacaEval(DatasetAdapter):
     name: str = "alpaca-eval"
     fit_for: tuple[str, ...] = ("pairs",)
     fields: tuple[str, ...] = ("prompt_template",)
-    description: str = (
-        "AlpacaEval's pairwise annotations (instruction, output_1, output_2, preference): the "
-        "output the annotator preferred (preference 1 or 2) is chosen, the other rejected; ties (0 "
-        "or 1.5) are dropped."
-    )
+    description: str = ("AlpacaEval's pairwise annotations (instruction, output_1, output_2, preference): the "
+                        "output the annotator preferred (preference 1 or 2) is chosen, the other rejected; ties (0 "
+                        "or 1.5) are dropped.")
 
     def source_columns(self, ds):
-        return [
-            ("prompt", "instruction", "adapter", True),
-            ("output_1", "output_1", "adapter", True),
-            ("output_2", "output_2", "adapter", True),
-            ("preference", "preference", "adapter", True),
-        ]
+        return [("prompt", "instruction", "adapter", True), ("output_1", "output_1", "adapter", True),
+                ("output_2", "output_2", "adapter", True), ("preference", "preference", "adapter", True)]
 
     def select_raw(self, raw):
         return raw.filter(lambda r: preferred_output(r["preference"]) is not None)  # ties carry no preference
 
     def build_row(self, row, ds):
         won = preferred_output(row["preference"])
-        return {
-            "prompt": alpaca_prompt(row["instruction"], None),
-            "chosen": response_text(row[f"output_{won}"]),
-            "rejected": response_text(row[f"output_{3 - won}"]),
-        }
+        return {"prompt": alpaca_prompt(row["instruction"], None), "chosen": response_text(row[f"output_{won}"]),
+                "rejected": response_text(row[f"output_{3 - won}"])}
 
 
 @dataclass(**_SPEC)
@@ -341,11 +282,9 @@ class RtPolarity(DatasetAdapter):
     name: str = "rt-polarity"
     fit_for: tuple[str, ...] = ("prompts", "pairs")
     fields: tuple[str, ...] = ("negative_path", "encoding", "rows", "prompt_words", "prompt_template")
-    description: str = (
-        "two text files of one sentence per line (positive in path, negative in negative_path); "
-        "prompts are each sentence's first prompt_words words, pairs put a positive sentence's rest "
-        "over a negative one's."
-    )
+    description: str = ("two text files of one sentence per line (positive in path, negative in negative_path); "
+                        "prompts are each sentence's first prompt_words words, pairs put a positive sentence's rest "
+                        "over a negative one's.")
 
     def produces(self, ds) -> str:
         return "pairs" if ds.rows == "pairs" else "prompts"
@@ -385,15 +324,8 @@ class RtPolarity(DatasetAdapter):
         if ds.rows != "pairs":
             rows = [{"prompt_id": pid, "prompt": prompt} for _, pid, prompt, _ in sorted(pos + neg)]
         else:
-            rows = [
-                {
-                    "prompt_id": (p if i % 2 == 0 else n)[1],
-                    "prompt": (p if i % 2 == 0 else n)[2],
-                    "chosen": p[3],
-                    "rejected": n[3],
-                }
-                for i, (p, n) in enumerate(zip(pos, neg))
-            ]
+            rows = [{"prompt_id": (p if i % 2 == 0 else n)[1], "prompt": (p if i % 2 == 0 else n)[2], "chosen": p[3],
+                     "rejected": n[3]} for i, (p, n) in enumerate(zip(pos, neg))]
         return datasets.Dataset.from_list(rows, features=self.features(ds))
 
     def column_problem(self, ds, base: Path) -> Optional[tuple[str, str]]:
@@ -402,10 +334,8 @@ class RtPolarity(DatasetAdapter):
                 with open(resolve(getattr(ds, field), base), encoding=ds.encoding or "utf-8") as f:
                     f.read()
             except UnicodeDecodeError as exc:
-                return "encoding", (
-                    f"{getattr(ds, field)} is not {ds.encoding or 'utf-8'} text ({exc.reason} at byte "
-                    f"{exc.start}); set 'encoding', e.g. 'latin-1'"
-                )
+                return "encoding", (f"{getattr(ds, field)} is not {ds.encoding or 'utf-8'} text ({exc.reason} at byte "
+                                    f"{exc.start}); set 'encoding', e.g. 'latin-1'")
             except OSError as exc:
                 return field, f"cannot read {getattr(ds, field)}: {type(exc).__name__}: {exc}"
         return None
@@ -421,18 +351,8 @@ def _label_and_reference(out: dict, row: dict, cols: dict) -> dict:
 
 
 #: The built-in adapters, in the order the JSON Schema lists them.
-BUILTIN = (
-    Generic(),
-    HhRlhf(),
-    Messages(),
-    PromptCompletion(),
-    Alpaca(),
-    ShareGPT(),
-    Kto(),
-    RtPolarity(),
-    AlpacaEval(),
-    Gsm8k(),
-)
+BUILTIN = (Generic(), HhRlhf(), Messages(), PromptCompletion(), Alpaca(), ShareGPT(), Kto(), RtPolarity(), AlpacaEval(),
+           Gsm8k())
 
 
 @hookimpl

@@ -86,16 +86,8 @@ class DatasetAdapter(_Record):
 
         text = datasets.Value("string")
         chat = datasets.List({"role": text, "content": text})
-        types = {
-            "prompt": chat,
-            "chosen": text,
-            "rejected": text,
-            "completion": text,
-            "messages": chat,
-            "label": datasets.Value("bool"),
-            "prompt_id": text,
-            "reference": text,
-        }
+        types = {"prompt": chat, "chosen": text, "rejected": text, "completion": text, "messages": chat,
+                 "label": datasets.Value("bool"), "prompt_id": text, "reference": text}
         return datasets.Features({c: types[c] for c in self.columns(ds)})
 
     # ------------------------------------------------------------------ reading
@@ -163,19 +155,12 @@ def local_format(path: Path) -> str:
     name = path.name.lower()
     if path.is_dir():
         return "arrow"
-    for ext, fmt in (
-        (".jsonl.gz", "json"),
-        (".json.gz", "json"),
-        (".jsonl", "json"),
-        (".json", "json"),
-        (".parquet", "parquet"),
-        (".csv", "csv"),
-    ):
+    for ext, fmt in ((".jsonl.gz", "json"), (".json.gz", "json"), (".jsonl", "json"), (".json", "json"),
+                     (".parquet", "parquet"), (".csv", "csv")):
         if name.endswith(ext):
             return fmt
-    raise ValueError(
-        f"unknown data file type: {path.name} (use json, jsonl, jsonl.gz, parquet, csv or a save_to_disk folder)"
-    )
+    raise ValueError(f"unknown data file type: {path.name} "
+                     "(use json, jsonl, jsonl.gz, parquet, csv or a save_to_disk folder)")
 
 
 def first_record(path: Path) -> dict:

@@ -15,14 +15,8 @@ from ..hashing import canonical_json
 
 HUMAN = "\n\nHuman:"
 ASSISTANT = "\n\nAssistant:"
-ROLE_ALIASES = {
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "system": "system",
-    "bot": "assistant",
-}
+ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+                "bot": "assistant"}
 
 
 def prompt_id(messages: list[dict]) -> str:
@@ -78,7 +72,7 @@ def split_hh_pair(chosen: str, rejected: str) -> tuple[list[dict], str, str]:
     cut_c = chosen.rfind(ASSISTANT)
     cut_r = rejected.rfind(ASSISTANT)
     prompt = parse_hh_transcript(chosen[:cut_c])
-    return prompt, chosen[cut_c + len(ASSISTANT) :].strip(), rejected[cut_r + len(ASSISTANT) :].strip()
+    return prompt, chosen[cut_c + len(ASSISTANT):].strip(), rejected[cut_r + len(ASSISTANT):].strip()
 
 
 def normalize_messages(value: Any) -> list[dict]:
@@ -147,16 +141,8 @@ def apply_prompt_template(messages: list[dict], template: Optional[str]) -> list
     return out
 
 
-_LABELS = {
-    "true": True,
-    "false": False,
-    "yes": True,
-    "no": False,
-    "1": True,
-    "0": False,
-    "desirable": True,
-    "undesirable": False,
-}
+_LABELS = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0": False,
+           "desirable": True, "undesirable": False}
 
 
 def parse_label(value: Any) -> bool:

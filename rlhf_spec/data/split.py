@@ -8,7 +8,7 @@ the prompts' content alone, never on row order.
 from __future__ import annotations
 
 import hashlib
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 from .messages import hash_unit
 
@@ -50,3 +50,30 @@ def split_by_prompt(prompt_ids: Sequence[str], n: int, seed: Optional[int] = Non
         held += rows_of[pid]
     out = set(held)
     return [i for i in range(len(prompt_ids)) if i not in out], sorted(held)
+
+
+def check_test_size(test_size: Union[int, float]) -> Union[int, float]:
+    """A pair stage's ``test_size``: a count of prompts (int) or a share of them below 1 (float).
+
+    Raises:
+        ValueError: a float share of 1 or more.
+    """
+    if isinstance(test_size, float) and not test_size < 1.0:
+        raise ValueError(f"a share of prompts must be below 1 (got {test_size}); give a whole number for a count")
+    return test_size
+
+
+def assign_split(prompt_ids: Sequence[str], test_size: Union[int, float], seed: int) -> list[str]:
+    """``"test"`` for the rows of the first ``n_test`` prompts in the seeded order of :func:`split_by_prompt`,
+    ``"train"`` for the rest, with ``n_test = test_size`` (int) or ``round(test_size * n)`` (float) over the
+    ``n`` rows (the ``pair`` stages' one row per prompt).
+
+    Raises:
+        ValueError: if the split leaves no training row.
+    """
+    n = len(prompt_ids)
+    n_test = int(test_size) if isinstance(test_size, int) else int(round(test_size * n))
+    if n_test >= n:
+        raise ValueError(f"test_size {test_size} leaves no training pairs ({n} pairs)")
+    test_rows = set(split_by_prompt(prompt_ids, n_test, seed=seed)[1])
+    return ["test" if i in test_rows else "train" for i in range(n)]

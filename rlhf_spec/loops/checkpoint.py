@@ -34,9 +34,8 @@ def latest_checkpoint(ckpt_dir: Path) -> Optional[tuple[Path, dict]]:
     return (path, pos) if path.is_dir() else None
 
 
-def write_checkpoint(
-    accelerator, ckpt_dir: Path, prefix: str, number: int, state_file: str, state: dict, pointer: dict, detail: str
-) -> Path:
+def write_checkpoint(accelerator, ckpt_dir: Path, prefix: str, number: int, state_file: str, state: dict,
+                     pointer: dict, detail: str) -> Path:
     """Write checkpoint ``<prefix>-<number:07d>`` and make it the latest.
 
     Every process must call it (``save_state`` and the barriers are collectives); the main process writes

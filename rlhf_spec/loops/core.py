@@ -16,18 +16,8 @@ from typing import Callable, Optional
 
 from .checkpoint import latest_checkpoint, read_checkpoint_state, write_checkpoint
 
-__all__ = [
-    "TrainingCore",
-    "TrainingDiverged",
-    "make_accelerator",
-    "make_optimizer",
-    "prepare_model",
-    "apply_lora",
-    "disable_dropout",
-    "configure_deepspeed",
-    "flat_config",
-    "autocast",
-]
+__all__ = ["TrainingCore", "TrainingDiverged", "make_accelerator", "make_optimizer", "prepare_model", "apply_lora",
+           "disable_dropout", "configure_deepspeed", "flat_config", "autocast"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -41,16 +31,8 @@ def disable_dropout(model) -> None:
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
-    for attr in (
-        "attention_dropout",
-        "hidden_dropout",
-        "dropout",
-        "hidden_dropout_prob",
-        "attention_probs_dropout_prob",
-        "resid_pdrop",
-        "embd_pdrop",
-        "attn_pdrop",
-    ):
+    for attr in ("attention_dropout", "hidden_dropout", "dropout", "hidden_dropout_prob",
+                 "attention_probs_dropout_prob", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
         if hasattr(model.config, attr) and isinstance(getattr(model.config, attr), float):
             setattr(model.config, attr, 0.0)
 
@@ -63,13 +45,8 @@ def apply_lora(model, lora, task_type: str = "CAUSAL_LM"):
     """
     from peft import LoraConfig, get_peft_model
 
-    cfg = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
-        task_type=task_type,
-    )
+    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                     target_modules=list(lora.target_modules), task_type=task_type)
     return get_peft_model(model, cfg)
 
 
@@ -127,14 +104,9 @@ def make_accelerator(params, log_dir: Path):
         from accelerate.utils import InitProcessGroupKwargs
 
         cpu, handlers = False, [InitProcessGroupKwargs(backend="gloo")]
-    return Accelerator(
-        gradient_accumulation_steps=params.gradient_accumulation_steps,
-        mixed_precision=params.mixed_precision,
-        cpu=cpu,
-        kwargs_handlers=handlers,
-        log_with=list(params.log_with) or None,
-        project_dir=str(log_dir),
-    )
+    return Accelerator(gradient_accumulation_steps=params.gradient_accumulation_steps,
+                       mixed_precision=params.mixed_precision, cpu=cpu, kwargs_handlers=handlers,
+                       log_with=list(params.log_with) or None, project_dir=str(log_dir))
 
 
 def make_optimizer(model, params, num_updates: int):
@@ -165,12 +137,10 @@ def make_optimizer(model, params, num_updates: int):
     else:
         raise ValueError(f"optimizer must be 'adamw' or 'adamw_8bit', not {kind!r}")
     trainable = [q for q in model.parameters() if q.requires_grad]
-    opt = cls(
-        trainable, lr=params.learning_rate, betas=tuple(params.betas), eps=params.eps, weight_decay=params.weight_decay
-    )
-    sched = get_scheduler(
-        params.scheduler, opt, num_warmup_steps=int(params.warmup_ratio * num_updates), num_training_steps=num_updates
-    )
+    opt = cls(trainable, lr=params.learning_rate, betas=tuple(params.betas), eps=params.eps,
+              weight_decay=params.weight_decay)
+    sched = get_scheduler(params.scheduler, opt, num_warmup_steps=int(params.warmup_ratio * num_updates),
+                          num_training_steps=num_updates)
     return opt, sched
 
 
@@ -214,15 +184,8 @@ class TrainingCore:
         state_file: the name of the loop-state JSON inside a checkpoint.
     """
 
-    def __init__(
-        self,
-        params,
-        log_dir: Path,
-        ckpt_dir: Path,
-        seed: int,
-        prefix: str = "update",
-        state_file: str = "position.json",
-    ):
+    def __init__(self, params, log_dir: Path, ckpt_dir: Path, seed: int, prefix: str = "update",
+                 state_file: str = "position.json"):
         from accelerate.utils import set_seed
 
         self.p, self.ckpt_dir, self.prefix, self.state_file = params, Path(ckpt_dir), prefix, state_file
@@ -320,16 +283,8 @@ class TrainingCore:
     def save_checkpoint(self, number: int, state: dict, pointer: dict, detail: str) -> None:
         """Checkpoint ``<prefix>-<number>``: the accelerate state plus ``state`` and the history as
         JSON (:func:`~rlhf_spec.loops.checkpoint.write_checkpoint`). Every process must call it."""
-        write_checkpoint(
-            self.accelerator,
-            self.ckpt_dir,
-            self.prefix,
-            number,
-            self.state_file,
-            {**state, "history": self.history},
-            pointer,
-            detail,
-        )
+        write_checkpoint(self.accelerator, self.ckpt_dir, self.prefix, number, self.state_file,
+                         {**state, "history": self.history}, pointer, detail)
         self.last_checkpoint = number
 
     def load_checkpoint(self) -> Optional[tuple[Path, dict, dict]]:
@@ -378,4 +333,4 @@ class TrainingCore:
         if full is None or self.part is None:
             return full
         pre = self.part + "."
-        return {k[len(pre) :]: v for k, v in full.items() if k.startswith(pre)}
+        return {k[len(pre):]: v for k, v in full.items() if k.startswith(pre)}

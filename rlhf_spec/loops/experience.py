@@ -37,16 +37,8 @@ def pad_rows(rows: list, dtype=None):
     return out
 
 
-def _forward_rows(
-    forward: Callable,
-    items: list,
-    pad_id: int,
-    device,
-    temperature: float,
-    batch_size: int,
-    entropy: bool = False,
-    values: bool = False,
-):
+def _forward_rows(forward: Callable, items: list, pad_id: int, device, temperature: float, batch_size: int,
+                  entropy: bool = False, values: bool = False):
     """Per-response-token logprobs (entropies, values) of ``items`` without gradients, ``batch_size`` at a
     time. ``forward(input_ids, attention_mask) -> (logits, values or None)``. Returns lists of 1-D tensors."""
     import torch
@@ -62,9 +54,8 @@ def _forward_rows(
             lens = [len(it.input_ids) - it.prompt_len for it in chunk]
             pos, mask = response_positions([it.prompt_len for it in chunk], lens, device=device)
             logits, v = forward(batch["input_ids"], batch["attention_mask"])
-            lp, ent, val = gather_response(
-                logits, batch["input_ids"], pos, mask, temperature, entropy=entropy, values=v if values else None
-            )
+            lp, ent, val = gather_response(logits, batch["input_ids"], pos, mask, temperature, entropy=entropy,
+                                           values=v if values else None)
             for b, n in enumerate(lens):
                 lps.append(lp[b, :n].float().cpu())
                 if entropy:
@@ -94,22 +85,9 @@ class ExperienceMaker:
         timer: ``timer(name)`` a context manager timing a phase (``generation``, ``scoring``, ``reference``).
     """
 
-    def __init__(
-        self,
-        engine,
-        reward,
-        reference,
-        model,
-        live_policy: Callable,
-        *,
-        pad_id: int,
-        device,
-        temperature: float,
-        logprob_batch_size: int,
-        needs_values: bool,
-        any_process: Callable[[bool], bool] = bool,
-        timer: Optional[Callable] = None,
-    ):
+    def __init__(self, engine, reward, reference, model, live_policy: Callable, *, pad_id: int, device,
+                 temperature: float, logprob_batch_size: int, needs_values: bool,
+                 any_process: Callable[[bool], bool] = bool, timer: Optional[Callable] = None):
         self.engine, self.reward, self.reference = engine, reward, reference
         self.model, self.live_policy = model, live_policy
         self.pad_id, self.device, self.temperature = pad_id, device, temperature
@@ -149,9 +127,8 @@ class ExperienceMaker:
             raise RewardError(f"{msg} {where}") from err
         return out
 
-    def make(
-        self, rows, sampling, group_size: int, seed: int, where: str, on_generated: Optional[Callable[[], None]] = None
-    ) -> tuple[Experience, dict]:
+    def make(self, rows, sampling, group_size: int, seed: int, where: str,
+             on_generated: Optional[Callable[[], None]] = None) -> tuple[Experience, dict]:
         """One step's experience for prompt ``rows`` (this process's share, whole groups).
 
         Args:
@@ -179,51 +156,30 @@ class ExperienceMaker:
         with self.timer("scoring"):
             out = self.score(rows, [c.text for c in flat], where)
         scores = torch.tensor([float(s) for s in out.scores], dtype=torch.float32)
-        items = [
-            TokenizedCompletion(list(ids) + list(c.token_ids), len(ids))
-            for ids, per in zip(rows["token_ids"], comps)
-            for c in per
-        ]
+        items = [TokenizedCompletion(list(ids) + list(c.token_ids), len(ids))
+                 for ids, per in zip(rows["token_ids"], comps) for c in per]
         resp_lens = [len(c.token_ids) for c in flat]
         with self.timer("reference"):
             ref_lp, old_lp, ent, vals = self._logprobs(items)
         mask = pad_rows([torch.ones(n, dtype=torch.bool) for n in resp_lens])
-        exp = Experience(
-            items=items,
-            resp_lens=resp_lens,
-            scores=scores,
-            mask=mask,
-            old_logprobs=pad_rows(old_lp),
-            ref_logprobs=pad_rows(ref_lp),
-            entropy=pad_rows(ent),
-            group_size=group_size,
-            values=pad_rows(vals) if vals else None,
-        )
-        info = {
-            "components": {k: torch.tensor([float(x) for x in v]) for k, v in out.components.items()},
-            "counts": dict(out.counts),
-        }
+        exp = Experience(items=items, resp_lens=resp_lens, scores=scores, mask=mask, old_logprobs=pad_rows(old_lp),
+                         ref_logprobs=pad_rows(ref_lp), entropy=pad_rows(ent), group_size=group_size,
+                         values=pad_rows(vals) if vals else None)
+        info = {"components": {k: torch.tensor([float(x) for x in v]) for k, v in out.components.items()},
+                "counts": dict(out.counts)}
         return exp, info
 
     def _logprobs(self, items: list) -> tuple[list, list, list, list]:
         """Reference logprobs, then the policy's old logprobs, entropies and values (in eval mode)."""
-
         def ref_fwd(ids, am):
             return self.reference(input_ids=ids, attention_mask=am, use_cache=False).logits, None
 
         ref_lp, _, _ = _forward_rows(ref_fwd, items, self.pad_id, self.device, self.temperature, self.batch_size)
         self.model.eval()
         try:
-            old_lp, ent, vals = _forward_rows(
-                lambda ids, am: self.model(ids, am, values=self.needs_values),
-                items,
-                self.pad_id,
-                self.device,
-                self.temperature,
-                self.batch_size,
-                entropy=True,
-                values=self.needs_values,
-            )
+            old_lp, ent, vals = _forward_rows(lambda ids, am: self.model(ids, am, values=self.needs_values), items,
+                                              self.pad_id, self.device, self.temperature, self.batch_size,
+                                              entropy=True, values=self.needs_values)
         finally:
             self.model.train()
         return ref_lp, old_lp, ent, vals
@@ -249,20 +205,10 @@ def rollout_stats(exp: Experience, info: dict, gather: Callable, mean: Callable)
     k3 = torch.where(exp.mask, k3, torch.zeros_like(k3)).sum(dim=1)
     scores = gather(exp.scores)
     lengths = gather(torch.tensor(exp.resp_lens, dtype=torch.float32))
-    row: dict[str, Any] = {
-        "reward_mean": float(scores.mean()),
-        "reward_std": float(scores.std(unbiased=False)),
-        "response_length_mean": float(lengths.mean()),
-    }
-    row.update(
-        mean(
-            {
-                "kl": float(kl_seq.mean()),
-                "kl_k3": float(k3.mean()),
-                "entropy": float(masked_mean(exp.entropy, exp.mask)),
-            }
-        )
-    )
+    row: dict[str, Any] = {"reward_mean": float(scores.mean()), "reward_std": float(scores.std(unbiased=False)),
+                           "response_length_mean": float(lengths.mean())}
+    row.update(mean({"kl": float(kl_seq.mean()), "kl_k3": float(k3.mean()),
+                     "entropy": float(masked_mean(exp.entropy, exp.mask))}))
     for name, vals in info["components"].items():
         got = gather(vals)
         row[f"reward/{name}_mean"] = float(got.mean())

@@ -63,53 +63,26 @@ class _Loop:
     def setup(self) -> None:
         ctx, p, inp = self.ctx, self.p, self.inp
         part = Path(ctx.partial_dir)
-        self.core = core = TrainingCore(
-            p,
-            part / "tensorboard",
-            part / "checkpoints",
-            derive_seed(ctx.seed, SET_SEED),
-            prefix="step",
-            state_file="state.json",
-        )
+        self.core = core = TrainingCore(p, part / "tensorboard", part / "checkpoints", derive_seed(ctx.seed, SET_SEED),
+                                        prefix="step", state_file="state.json")
         ds_plugin = getattr(core.accelerator.state, "deepspeed_plugin", None)
         if ds_plugin is not None and ds_plugin.zero_stage == 3:
-            raise ValueError(
-                "online training does not support DeepSpeed ZeRO-3 yet: generating from partitioned live "
-                "weights needs them gathered for the whole generate call on every process; use ZeRO stage "
-                "2 (with offload_optimizer for CPU-offloaded AdamW states) or one process"
-            )
-        model, reference = load_online_models(
-            ctx, inp.tokenizer, self.algo.needs_values, core.accelerator.device, derive_seed(ctx.seed, VALUE_HEAD)
-        )
+            raise ValueError("online training does not support DeepSpeed ZeRO-3 yet: generating from partitioned live "
+                             "weights needs them gathered for the whole generate call on every process; use ZeRO stage "
+                             "2 (with offload_optimizer for CPU-offloaded AdamW states) or one process")
+        model, reference = load_online_models(ctx, inp.tokenizer, self.algo.needs_values, core.accelerator.device,
+                                              derive_seed(ctx.seed, VALUE_HEAD))
         micro_per_epoch = p.rollout_prompts // core.world * p.group_size // p.per_device_train_batch_size
         self.num_updates = p.total_steps * (p.ppo_epochs * micro_per_epoch // p.gradient_accumulation_steps)
         core.prepare(model, self.num_updates, ctx.stage_id, part="policy")
         temperature, pad_id = (p.temperature if p.temperature > 0 else 1.0), inp.tokenizer.pad_token_id
         engine = inp.make_engine(self.live_policy())
-        self.maker = ExperienceMaker(
-            engine,
-            inp.reward,
-            reference,
-            core.model,
-            self.live_policy,
-            pad_id=pad_id,
-            device=core.accelerator.device,
-            temperature=temperature,
-            logprob_batch_size=p.logprob_batch_size,
-            needs_values=self.algo.needs_values,
-            any_process=core.any_process,
-            timer=ctx.timer,
-        )
-        self.update = PolicyUpdate(
-            core,
-            self.algo,
-            p,
-            seed=ctx.seed,
-            pad_id=pad_id,
-            temperature=temperature,
-            ptx_items=inp.ptx_items,
-            micro_per_epoch=micro_per_epoch,
-        )
+        self.maker = ExperienceMaker(engine, inp.reward, reference, core.model, self.live_policy, pad_id=pad_id,
+                                     device=core.accelerator.device, temperature=temperature,
+                                     logprob_batch_size=p.logprob_batch_size, needs_values=self.algo.needs_values,
+                                     any_process=core.any_process, timer=ctx.timer)
+        self.update = PolicyUpdate(core, self.algo, p, seed=ctx.seed, pad_id=pad_id, temperature=temperature,
+                                   ptx_items=inp.ptx_items, micro_per_epoch=micro_per_epoch)
 
     def live_policy(self):
         return self.core.accelerator.unwrap_model(self.core.model).policy
@@ -124,19 +97,14 @@ class _Loop:
         self.algo.load_state_dict(state.get("algorithm", {}))
         step = int(state["step"])
         if state.get("prompt_position") != step * self.p.rollout_prompts:
-            raise RuntimeError(
-                f"checkpoint {path.name}: prompt position {state.get('prompt_position')} does not match step {step}"
-            )
+            raise RuntimeError(f"checkpoint {path.name}: prompt position {state.get('prompt_position')} "
+                               f"does not match step {step}")
         self.core.last_checkpoint = step
         return step
 
     def save(self, step: int) -> None:
-        state = {
-            "step": step,
-            "prompt_position": step * self.p.rollout_prompts,
-            "algorithm": self.algo.state_dict(),
-            "evals": self.evals,
-        }
+        state = {"step": step, "prompt_position": step * self.p.rollout_prompts, "algorithm": self.algo.state_dict(),
+                 "evals": self.evals}
         self.core.save_checkpoint(step, state, {"step": step}, f"{self.ctx.key[:12]}:{step}")
 
     def kept(self) -> str:
@@ -148,14 +116,9 @@ class _Loop:
         per_rank = p.rollout_prompts // core.world
         order = prompt_order(len(self.inp.prompts), ctx.seed, (step - 1) * p.rollout_prompts, p.rollout_prompts)
         rows = self.inp.prompts.select(order[core.rank * per_rank : (core.rank + 1) * per_rank])
-        return self.maker.make(
-            rows,
-            p.sampling(),
-            p.group_size,
-            derive_seed(ctx.seed, step),
-            f"at rollout step {step}; {self.kept()}",
-            on_generated=lambda: kill_point("rollout", f"{ctx.key[:12]}:{step}"),
-        )
+        return self.maker.make(rows, p.sampling(), p.group_size, derive_seed(ctx.seed, step),
+                               f"at rollout step {step}; {self.kept()}",
+                               on_generated=lambda: kill_point("rollout", f"{ctx.key[:12]}:{step}"))
 
     def _epoch_done(self, step: int, epoch: int) -> None:
         kill_point("update", f"{self.ctx.key[:12]}:{step}:{epoch}")
@@ -186,8 +149,7 @@ class _Loop:
                 raise OnlineTrainingStopped(
                     f"KL(policy || reference) is {row['kl']:.6g} nats per sequence at rollout step {step}, above "
                     f"max_kl {p.max_kl}; stopped before updating on it; {self.kept()} "
-                    "(lower learning_rate, raise kl_coef or raise max_kl)"
-                )
+                    "(lower learning_rate, raise kl_coef or raise max_kl)")
             with ctx.timer("advantages"):
                 row.update(core.mean(self.algo.prepare(exp)))
             with ctx.timer("optimisation"):
@@ -210,15 +172,10 @@ class _Loop:
 
     def final(self, resumed_from: Optional[int], steps_run: int) -> dict:
         p, history = self.p, self.core.history
-        out: dict[str, Any] = {
-            "algorithm": self.algo.name,
-            "steps": p.total_steps,
-            "rollouts_per_step": p.rollout_prompts * p.group_size,
-            "updates": self.num_updates,
-            "processes": self.core.world,
-            "prompts": len(self.inp.prompts),
-            "prompts_skipped_too_long": self.inp.skipped,
-        }
+        out: dict[str, Any] = {"algorithm": self.algo.name, "steps": p.total_steps,
+                               "rollouts_per_step": p.rollout_prompts * p.group_size, "updates": self.num_updates,
+                               "processes": self.core.world, "prompts": len(self.inp.prompts),
+                               "prompts_skipped_too_long": self.inp.skipped}
         for k, v in (history[-1] if history else {}).items():
             if k not in ("step", "eval_reward_mean") and isinstance(v, (int, float)):
                 out[f"{k}_last"] = v

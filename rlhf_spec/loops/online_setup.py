@@ -67,11 +67,9 @@ def _same_vocab(a, b) -> bool:
 def _critic(ctx, p, tok):
     src = ctx.model("critic")
     if not _same_vocab(src.load_tokenizer(), tok):
-        raise ValueError(
-            "the critic must use the policy's tokenizer: its values are read per policy token; leave "
-            "params.critic unset for a value head on the policy, or use a critic built on the policy's "
-            "backbone"
-        )
+        raise ValueError("the critic must use the policy's tokenizer: its values are read per policy token; leave "
+                         "params.critic unset for a value head on the policy, or use a critic built on the policy's "
+                         "backbone")
     critic = src.load_sequence_classifier(num_labels=1)
     if critic.config.pad_token_id is None:
         critic.config.pad_token_id = tok.pad_token_id
@@ -106,9 +104,8 @@ def load_online_models(ctx, tok, needs_values: bool, device, value_head_seed: in
         policy = src.load_causal_lm()
         ref_src = ctx.model("reference") if p.reference else src
         if p.reference and not _same_vocab(ref_src.load_tokenizer(), tok):
-            raise ValueError(
-                "the reference policy must use the policy's tokenizer (its logprobs are read on the policy's tokens)"
-            )
+            raise ValueError("the reference policy must use the policy's tokenizer "
+                             "(its logprobs are read on the policy's tokens)")
         reference = ref_src.load_causal_lm(device=device)
         reference.requires_grad_(False)
         critic = _critic(ctx, p, tok) if needs_values and getattr(p, "critic", None) else None

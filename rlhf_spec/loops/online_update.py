@@ -37,18 +37,8 @@ class PolicyUpdate:
         micro_per_epoch: micro-batches per pass over a step's rollouts on this process.
     """
 
-    def __init__(
-        self,
-        core: TrainingCore,
-        algo: Algorithm,
-        params,
-        *,
-        seed: int,
-        pad_id: int,
-        temperature: float,
-        ptx_items,
-        micro_per_epoch: int,
-    ):
+    def __init__(self, core: TrainingCore, algo: Algorithm, params, *, seed: int, pad_id: int, temperature: float,
+                 ptx_items, micro_per_epoch: int):
         self.core, self.algo, self.p = core, algo, params
         self.seed, self.pad_id, self.temperature = seed, pad_id, temperature
         self.ptx_items, self.micro_per_epoch = ptx_items, micro_per_epoch
@@ -95,14 +85,8 @@ class PolicyUpdate:
         logits, values = self.core.model(batch["input_ids"], batch["attention_mask"], values=self.algo.needs_values)
         b, lens = len(rl_items), [exp.resp_lens[i] for i in idx]
         pos, mask = response_positions([it.prompt_len for it in rl_items], lens, device=dev)
-        lp, _, v = gather_response(
-            logits[:b],
-            batch["input_ids"][:b],
-            pos,
-            mask,
-            self.temperature,
-            values=values[:b] if values is not None else None,
-        )
+        lp, _, v = gather_response(logits[:b], batch["input_ids"][:b], pos, mask, self.temperature,
+                                   values=values[:b] if values is not None else None)
         loss, stats = self.algo.loss(lp, v, exp, idx, max(lens))
         loss = loss * weight
         if ptx:

@@ -90,8 +90,5 @@ def save_value_model(ctx, trainer) -> None:
         out.mkdir(parents=True, exist_ok=True)
         weights = {k: v.detach().cpu().contiguous() for k, v in ac.value_head.state_dict().items()}
         save_file(weights, str(out / "value_head.safetensors"))
-        (out / "value_head.json").write_text(
-            json.dumps(
-                {"hidden_size": ac.value_head.hidden_size, "reads": "the policy's last hidden state at position t - 1"}
-            )
-        )
+        (out / "value_head.json").write_text(json.dumps({"hidden_size": ac.value_head.hidden_size,
+                                                          "reads": "the policy's last hidden state at position t - 1"}))

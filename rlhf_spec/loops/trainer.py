@@ -13,7 +13,7 @@ import math
 import warnings
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, Callable, Literal, Optional
+from typing import Annotated, Any, Callable, ClassVar, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -48,6 +48,8 @@ class OptimParams(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid")
+    #: Renamed fields keep the name their cache keys were written with (see rlhf_spec.refs.key_name).
+    key_names: ClassVar[dict[str, str]] = {"per_device_train_batch_size": "per_device_batch_size"}
 
     learning_rate: float = Field(3e-7, gt=0, le=1.0, description="Peak learning rate (AdamW).")
 
@@ -69,40 +71,33 @@ class OptimParams(BaseModel):
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     weight_decay: float = Field(1e-6, ge=0, description="AdamW weight decay.")
-    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
-        "cosine", description="LR schedule (transformers.get_scheduler)."
-    )
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field("cosine", description="LR "
+                                                                                                             "schedule "
+                                                                                                             "(transformers.get_scheduler).")
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of updates spent warming up.")
     per_device_train_batch_size: int = Field(1, ge=1, le=4096, description="Pairs per micro-batch per process.")
     gradient_accumulation_steps: int = Field(16, ge=1, le=65536, description="Micro-batches per optimizer update.")
-    num_processes: int = Field(
-        1, ge=1, le=4096, description="Processes (GPUs); more than 1 runs under 'accelerate launch'."
-    )
-    total_episodes: Optional[int] = Field(
-        None, ge=1, description="Pairs to train on in total (REBEL: 60000). Overrides epochs."
-    )
+    num_processes: int = Field(1, ge=1, le=4096, description="Processes (GPUs); more than 1 runs under 'accelerate "
+                                                             "launch'.")
+    total_episodes: Optional[int] = Field(None, ge=1, description="Pairs to train on in total (REBEL: 60000). "
+                                                                  "Overrides epochs.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training pairs when total_episodes is unset.")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="accelerate mixed precision.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
     disable_dropout: bool = Field(True, description="Set every dropout probability to 0 (REBEL does).")
     lora: Optional[LoraParams] = Field(None, description="Train LoRA adapters instead of all weights.")
-    accelerate_config: Optional[str] = Field(
-        None, description="accelerate config file (e.g. DeepSpeed ZeRO-3) for multi-process runs."
-    )
-    max_grad_norm: Optional[float] = Field(
-        None, gt=0, description="Clip the gradient norm (None: no clipping, as REBEL)."
-    )
-    save_every: Annotated[int, NotInKey()] = Field(
-        200, ge=1, description="Checkpoint every N updates for resume. Not part of the key."
-    )
-    log_every: Annotated[int, NotInKey()] = Field(
-        1, ge=1, description="Log to the trackers every N updates. Not part of the key."
-    )
+    accelerate_config: Optional[str] = Field(None, description="accelerate config file (e.g. DeepSpeed ZeRO-3) for "
+                                                               "multi-process runs.")
+    max_grad_norm: Optional[float] = Field(None, gt=0, description="Clip the gradient norm (None: no clipping, as "
+                                                                   "REBEL).")
+    save_every: Annotated[int, NotInKey()] = Field(200, ge=1, description="Checkpoint every N updates for resume. Not "
+                                                                          "part of the key.")
+    log_every: Annotated[int, NotInKey()] = Field(1, ge=1, description="Log to the trackers every N updates. Not part "
+                                                                       "of the key.")
     log_with: Annotated[list[Literal["tensorboard", "wandb", "mlflow"]], NotInKey()] = Field(
         default_factory=lambda: ["tensorboard"],
         description="Experiment trackers (accelerate's log_with); wandb and mlflow need their package installed. Not "
-        "part of the key.",
-    )
+                    "part of the key.")
 
     @field_validator("log_with")
     @classmethod
@@ -146,21 +141,9 @@ class Trainer(TrainingCore):
         run_name: the trackers' run name (the stage id).
     """
 
-    def __init__(
-        self,
-        params: OptimParams,
-        model,
-        n_train: int,
-        step: Callable,
-        ckpt_dir: Path,
-        log_dir: Path,
-        seed: int,
-        progress=None,
-        evaluate: Optional[Callable] = None,
-        eval_every: Optional[int] = None,
-        task_type: str = "CAUSAL_LM",
-        run_name: str = "train",
-    ):
+    def __init__(self, params: OptimParams, model, n_train: int, step: Callable, ckpt_dir: Path, log_dir: Path,
+                 seed: int, progress=None, evaluate: Optional[Callable] = None, eval_every: Optional[int] = None,
+                 task_type: str = "CAUSAL_LM", run_name: str = "train"):
         super().__init__(params, Path(log_dir), Path(ckpt_dir), seed)
         self.n_train, self.step_fn, self.seed = n_train, step, seed
         self.progress, self.evaluate, self.eval_every = progress, evaluate, eval_every
@@ -191,10 +174,8 @@ class Trainer(TrainingCore):
         while True:
             mbs = self._micro_batches(epoch)
             if not mbs:
-                raise ValueError(
-                    f"fewer training rows ({self.n_train}) than one micro-batch across processes "
-                    f"({self.p.per_device_train_batch_size * self.world})"
-                )
+                raise ValueError(f"fewer training rows ({self.n_train}) than one micro-batch across processes "
+                                 f"({self.p.per_device_train_batch_size * self.world})")
             for mb in mbs:
                 if micro >= start_micro:
                     yield micro, mb
@@ -229,11 +210,9 @@ class Trainer(TrainingCore):
         self.history.append(row)
         max_kl = getattr(self.p, "max_kl", None)
         if max_kl is not None and row.get("kl_ref", 0.0) > max_kl:  # the same on every process (a global mean)
-            raise TrainingDiverged(
-                f"the KL to the reference policy reached {row['kl_ref']:.4g} nats at update "
-                f"{update}, above max_kl {max_kl}; the last checkpoint is kept (lower "
-                "params.learning_rate or raise max_kl)"
-            )
+            raise TrainingDiverged(f"the KL to the reference policy reached {row['kl_ref']:.4g} nats at update "
+                                   f"{update}, above max_kl {max_kl}; the last checkpoint is kept (lower "
+                                   "params.learning_rate or raise max_kl)")
         if update % self.p.log_every == 0:
             self.log(row, update, skip="update")
         if self.progress is not None:
@@ -251,7 +230,7 @@ class Trainer(TrainingCore):
             self.progress.advance(update)
         acc: dict[str, float] = {}
         n_acc, eval_metrics = 0, {}
-        for micro, mb in [] if update >= self.num_updates else self._batches(start_micro):
+        for micro, mb in ([] if update >= self.num_updates else self._batches(start_micro)):
             for k, v in self._micro_step(mb, update, micro).items():
                 acc[k] = acc.get(k, 0.0) + float(v)
             n_acc += 1
@@ -294,12 +273,10 @@ class Trainer(TrainingCore):
         last = self.history[-1] if self.history else {}
         n = max(1, min(10, len(self.history)))
         tail = self.history[-n:]
-        out: dict[str, Any] = {
-            "updates": self.num_updates,
-            "global_batch": self.p.global_batch() // self.p.num_processes * self.world,
-            "processes": self.world,
-            "distributed_type": str(self.accelerator.distributed_type.value),
-        }
+        out: dict[str, Any] = {"updates": self.num_updates,
+                               "global_batch": self.p.global_batch() // self.p.num_processes * self.world,
+                               "processes": self.world,
+                               "distributed_type": str(self.accelerator.distributed_type.value)}
         ds_plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         if ds_plugin is not None:
             out["zero_stage"] = ds_plugin.deepspeed_config.get("zero_optimization", {}).get("stage")

@@ -39,9 +39,8 @@ def resolve_format(fmt: str, tokenizer, model_dir: Optional[str] = None) -> str:
     return "chat" if getattr(tokenizer, "chat_template", None) else "pair"
 
 
-def encode_for_reward(
-    tokenizer, prompts: list[list[dict]], responses: list[str], fmt: str, max_length: int
-) -> list[dict]:
+def encode_for_reward(tokenizer, prompts: list[list[dict]], responses: list[str], fmt: str,
+                      max_length: int) -> list[dict]:
     """Tokenise (prompt, response) pairs for a reward model, without padding.
 
     Returns:
@@ -56,8 +55,8 @@ def encode_for_reward(
     out = []
     if fmt == "chat":
         texts = [
-            tokenizer.apply_chat_template(p + [{"role": "assistant", "content": r}], tokenize=False)
-            for p, r in zip(prompts, responses)
+            tokenizer.apply_chat_template(p + [{"role": "assistant", "content": r}], tokenize=False) for p,
+            r in zip(prompts, responses)
         ]
         enc = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=False)
     elif fmt == "pair":
@@ -69,16 +68,13 @@ def encode_for_reward(
         firsts, seconds = [], []
         for a, b in zip(p_ids, r_ids):
             b = b[: max(budget // 2, budget - len(a))]
-            a = a[len(a) - (budget - len(b)) :] if len(a) > budget - len(b) else a
+            a = a[len(a) - (budget - len(b)):] if len(a) > budget - len(b) else a
             firsts.append(tokenizer.decode(a))
             seconds.append(tokenizer.decode(b))
         enc = tokenizer(firsts, seconds, truncation="longest_first", max_length=max_length)
     elif fmt == "transcript":
-        enc = tokenizer(
-            [render_transcript(p, r).strip() for p, r in zip(prompts, responses)],
-            truncation=True,
-            max_length=max_length,
-        )
+        enc = tokenizer([render_transcript(p, r).strip() for p, r in zip(prompts, responses)], truncation=True,
+                        max_length=max_length)
     else:
         raise ValueError(f"unknown reward format {fmt!r}")
     keys = [k for k in ("input_ids", "token_type_ids") if k in enc]
@@ -112,18 +108,8 @@ def reward_forward(model, batch):
 CPU_BATCH_TOKENS = 1024
 
 
-def score_pairs(
-    model,
-    tokenizer,
-    prompts,
-    responses,
-    fmt: str,
-    max_length: int,
-    batch_size: int,
-    bucket: bool = True,
-    progress=None,
-    max_batch_tokens: Optional[int] = None,
-) -> list[float]:
+def score_pairs(model, tokenizer, prompts, responses, fmt: str, max_length: int, batch_size: int,
+                bucket: bool = True, progress=None, max_batch_tokens: Optional[int] = None) -> list[float]:
     """Score N (prompt, response) pairs; returns N floats in input order.
 
     With ``bucket``, sequences are sorted by length before batching, so padding
@@ -148,9 +134,8 @@ def score_pairs(
     scores = [0.0] * len(items)
     with torch.no_grad():
         for idx in batches:
-            batch = collate(
-                tokenizer, [items[i] for i in idx], pad_id=getattr(model.config, "pad_token_id", None), device=device
-            )
+            batch = collate(tokenizer, [items[i] for i in idx], pad_id=getattr(model.config, "pad_token_id", None),
+                            device=device)
             vals = reward_forward(model, batch).tolist()
             for i, v in zip(idx, vals):
                 scores[i] = float(v)
@@ -165,24 +150,20 @@ class ClassifierParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: Annotated[str, ModelRef(artifacts=(REWARD_MODEL,))] = Field(
-        ...,
-        description="A /models name (AutoModelForSequenceClassification, first logit) or a reward-model train "
-        "stage id.",
+        ..., description="A /models name (AutoModelForSequenceClassification, first logit) or a reward-model train "
+                         "stage id."
     )
     format: RewardFormat = Field(
-        "auto",
-        description="How (prompt, response) is shown to the model: chat template, sentence pair, or transcript. 'auto' "
-        "uses the trained model's own format, else chat if the tokenizer has a template.",
+        "auto", description="How (prompt, response) is shown to the model: chat template, sentence pair, or "
+                            "transcript. 'auto' uses the trained model's own format, else chat if the tokenizer has a "
+                            "template."
     )
-    max_length: int = Field(
-        512, ge=8, le=131072, description="Truncate inputs to this many tokens (prompt side first)."
-    )
-    batch_size: Annotated[int, NotInKey()] = Field(
-        32, ge=1, le=8192, description="Sequences per forward pass. Not part of the cache key."
-    )
-    bucket_by_length: Annotated[bool, NotInKey()] = Field(
-        True, description="Sort by length before batching to cut padding. Not part of the key."
-    )
+    max_length: int = Field(512, ge=8, le=131072,
+                            description="Truncate inputs to this many tokens (prompt side first).")
+    batch_size: Annotated[int, NotInKey()] = Field(32, ge=1, le=8192, description="Sequences per forward pass. Not "
+                                                                                  "part of the cache key.")
+    bucket_by_length: Annotated[bool, NotInKey()] = Field(True, description="Sort by length before batching to cut "
+                                                                            "padding. Not part of the key.")
 
 
 class ClassifierReward:
@@ -199,16 +180,9 @@ class ClassifierReward:
 
     def score(self, batch: RewardBatch) -> RewardOutput:
         """One float per completion: the model's first logit (reward units of the model)."""
-        scores = score_pairs(
-            self.model,
-            self.tokenizer,
-            batch.prompts,
-            batch.completions,
-            self.format,
-            self.p.max_length,
-            self.p.batch_size,
-            bucket=self.p.bucket_by_length,
-        )
+        scores = score_pairs(self.model, self.tokenizer, batch.prompts, batch.completions, self.format,
+                             self.p.max_length,
+                             self.p.batch_size, bucket=self.p.bucket_by_length)
         return RewardOutput(scores=scores)
 
 
@@ -229,12 +203,6 @@ def load(params: ClassifierParams, ctx) -> ClassifierReward:
 
 @hookimpl
 def rlhf_spec_register_rewards(register):
-    register(
-        RewardImpl(
-            name="classifier",
-            params=ClassifierParams,
-            load=load,
-            version="1",
-            description="first logit of a sequence-classification reward model (e.g. a trained Bradley-Terry model)",
-        )
-    )
+    register(RewardImpl(name="classifier", params=ClassifierParams, load=load, version="1",
+                        description="first logit of a sequence-classification reward model (e.g. a trained "
+                                    "Bradley-Terry model)"))

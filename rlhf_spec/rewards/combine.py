@@ -35,11 +35,9 @@ class Normalization(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     method: Literal["none", "batch", "fixed"] = Field(
-        ..., description="'none'; 'batch': z-score over the scored batch; 'fixed': (r - mean) / std."
-    )
-    mean: Optional[float] = Field(
-        None, description="With 'fixed': the mean; omit both to use the component reward's statistics."
-    )
+        ..., description="'none'; 'batch': z-score over the scored batch; 'fixed': (r - mean) / std.")
+    mean: Optional[float] = Field(None, description="With 'fixed': the mean; omit both to use the component reward's "
+                                                    "statistics.")
     std: Optional[float] = Field(None, gt=0, description="With 'fixed': the standard deviation (> 0).")
 
     @model_validator(mode="after")
@@ -60,14 +58,11 @@ class Llama2Params(BaseModel):
     safety: str = Field(..., description="Name of the safety component (R_s).")
     helpfulness: str = Field(..., description="Name of the helpfulness component (R_h).")
     threshold: float = Field(0.15, gt=0, lt=1, description="R_s probability below which the safety reward is used.")
-    unsafe_column: Optional[str] = Field(
-        None, min_length=1, description="Bool row column: true for prompts tagged unsafe (IS_SAFETY(p))."
-    )
+    unsafe_column: Optional[str] = Field(None, min_length=1, description="Bool row column: true for prompts tagged "
+                                                                         "unsafe (IS_SAFETY(p)).")
     scores: Literal["logits", "probabilities"] = Field(
-        "logits",
-        description="'logits': components are raw reward-model logits, mapped to probabilities with a sigmoid; "
-        "'probabilities': already in [0, 1].",
-    )
+        "logits", description="'logits': components are raw reward-model logits, mapped to probabilities with a "
+                              "sigmoid; 'probabilities': already in [0, 1].")
     whiten: bool = Field(True, description="Z-score the logits over the batch (WHITEN).")
 
 
@@ -76,16 +71,13 @@ class CombineParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    components: dict[str, RewardSpec] = Field(
-        ..., min_length=1, description="Component rewards by name (letters, digits, '_', '-')."
-    )
+    components: dict[str, RewardSpec] = Field(..., min_length=1, description="Component rewards by name (letters, "
+                                                                             "digits, '_', '-').")
     rule: Literal["weighted-sum", "llama2"] = Field("weighted-sum", description="How the components are combined.")
-    weights: dict[str, float] = Field(
-        default_factory=dict, description="weighted-sum: weight per component; a missing one is 1.0."
-    )
-    normalize: dict[str, Normalization] = Field(
-        default_factory=dict, description="weighted-sum: normalisation per component; a missing one is 'none'."
-    )
+    weights: dict[str, float] = Field(default_factory=dict, description="weighted-sum: weight per component; a missing "
+                                                                        "one is 1.0.")
+    normalize: dict[str, Normalization] = Field(default_factory=dict, description="weighted-sum: normalisation per "
+                                                                                  "component; a missing one is 'none'.")
     llama2: Optional[Llama2Params] = Field(None, description="The llama2 rule's params.")
 
     @field_validator("components")
@@ -118,10 +110,8 @@ def _statistics(stats, name: str) -> tuple[float, float]:
     try:
         mean, std = float(stats["mean"]), float(stats["std"])
     except (TypeError, KeyError, ValueError):
-        raise ValueError(
-            f"component '{name}': normalisation 'fixed' without mean/std needs the component reward's "
-            f"statistics {{'mean', 'std'}}, and it has {stats!r}; set mean and std"
-        ) from None
+        raise ValueError(f"component '{name}': normalisation 'fixed' without mean/std needs the component reward's "
+                         f"statistics {{'mean', 'std'}}, and it has {stats!r}; set mean and std") from None
     if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
         raise ValueError(f"component '{name}': its statistics need a finite mean and a std > 0, got {stats!r}")
     return mean, std
@@ -138,12 +128,8 @@ def normalize_values(values: Sequence[float], norm: Optional[Normalization], sta
     return [(float(v) - mean) / std for v in values]
 
 
-def weighted_sum(
-    components: dict[str, Sequence[float]],
-    weights: dict[str, float],
-    normalize: dict,
-    statistics: Optional[dict] = None,
-) -> list[float]:
+def weighted_sum(components: dict[str, Sequence[float]], weights: dict[str, float],
+                 normalize: dict, statistics: Optional[dict] = None) -> list[float]:
     """``score[j] = sum_i w_i * norm_i(r_i)[j]`` over the components ``i`` in ``components``.
 
     Args:
@@ -192,10 +178,8 @@ def logit(p: float) -> float:
 def _llama2_pick(safety, helpfulness, unsafe, threshold, scores_are_logits):
     """(R_c as probabilities, used-safety flags) per row; see :func:`llama2_combine`."""
     if len(safety) != len(helpfulness) or (unsafe is not None and len(unsafe) != len(safety)):
-        raise ValueError(
-            f"llama2: lengths differ: safety {len(safety)}, helpfulness {len(helpfulness)}, "
-            f"unsafe {None if unsafe is None else len(unsafe)}"
-        )
+        raise ValueError(f"llama2: lengths differ: safety {len(safety)}, helpfulness {len(helpfulness)}, "
+                         f"unsafe {None if unsafe is None else len(unsafe)}")
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"llama2: threshold must be in (0, 1), got {threshold}")
     to_prob = sigmoid if scores_are_logits else float
@@ -203,23 +187,15 @@ def _llama2_pick(safety, helpfulness, unsafe, threshold, scores_are_logits):
     if not scores_are_logits:
         bad = [v for v in p_s + p_h if not 0.0 <= v <= 1.0]
         if bad:
-            raise ValueError(
-                f"llama2: scores are 'probabilities' but a component returned {bad[0]} (outside [0, 1]); "
-                "use scores: 'logits' for raw reward-model outputs"
-            )
+            raise ValueError(f"llama2: scores are 'probabilities' but a component returned {bad[0]} (outside [0, 1]); "
+                             "use scores: 'logits' for raw reward-model outputs")
     used = [bool(unsafe[i]) if unsafe is not None else False for i in range(len(p_s))]
     used = [u or p_s[i] < threshold for i, u in enumerate(used)]
     return [p_s[i] if used[i] else p_h[i] for i in range(len(p_s))], used
 
 
-def llama2_combine(
-    safety: Sequence[float],
-    helpfulness: Sequence[float],
-    unsafe: Optional[Sequence[bool]] = None,
-    threshold: float = 0.15,
-    scores_are_logits: bool = True,
-    whiten: bool = True,
-) -> list[float]:
+def llama2_combine(safety: Sequence[float], helpfulness: Sequence[float], unsafe: Optional[Sequence[bool]] = None,
+                   threshold: float = 0.15, scores_are_logits: bool = True, whiten: bool = True) -> list[float]:
     """Llama 2's combined reward (Touvron et al. 2023, "Llama 2: Open Foundation and Fine-Tuned Chat
     Models", Section 3.2.3 "Iterative Fine-Tuning", the PPO paragraph; R_s and R_h are the safety and
     helpfulness reward models of Section 3.2.2), per row::
@@ -354,22 +330,14 @@ def check(params: CombineParams, spec=None) -> list[Problem]:
                 problems.append(_unknown(f"/llama2/{field}", value, names))
     if params.rule == "llama2":
         if params.llama2 is None:
-            problems.append(
-                Problem(
-                    "/llama2",
-                    "rule 'llama2' needs llama2 params",
-                    'add "llama2": {"safety": <component>, "helpfulness": <component>}',
-                )
-            )
+            problems.append(Problem("/llama2", "rule 'llama2' needs llama2 params",
+                                    'add "llama2": {"safety": <component>, "helpfulness": <component>}'))
         for field in ("weights", "normalize"):
             if getattr(params, field):
                 problems.append(Problem(f"/{field}", f"{field} are not used by rule 'llama2'", f"remove {field}"))
     elif params.llama2 is not None:
-        problems.append(
-            Problem(
-                "/llama2", "llama2 params are only used with rule 'llama2'", "set rule to 'llama2' or remove llama2"
-            )
-        )
+        problems.append(Problem("/llama2", "llama2 params are only used with rule 'llama2'",
+                                "set rule to 'llama2' or remove llama2"))
     return problems
 
 
@@ -390,15 +358,7 @@ def required_columns(params: CombineParams) -> list[str]:
 
 @hookimpl
 def rlhf_spec_register_rewards(register):
-    register(
-        RewardImpl(
-            name="combine",
-            params=CombineParams,
-            load=load,
-            version="1",
-            check=check,
-            columns=required_columns,
-            description="named component rewards combined by a weighted sum (optionally normalised) or Llama 2's "
-            "safety/helpfulness rule",
-        )
-    )
+    register(RewardImpl(
+        name="combine", params=CombineParams, load=load, version="1", check=check, columns=required_columns,
+        description="named component rewards combined by a weighted sum (optionally normalised) or Llama 2's "
+                    "safety/helpfulness rule"))

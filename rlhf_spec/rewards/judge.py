@@ -72,25 +72,18 @@ class JudgeParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: Annotated[str, ModelRef(artifacts=(POLICY,))] = Field(
-        ..., description="A /models name (a causal LM with a chat template) or a policy train stage id: the judge."
-    )
+        ..., description="A /models name (a causal LM with a chat template) or a policy train stage id: the judge.")
     mode: Literal["pointwise", "pairwise"] = Field(
-        "pointwise",
-        description="'pointwise': expected rating of one reply; 'pairwise': P(reply A is better), both orders "
-        "averaged.",
-    )
-    rubric: str = Field(
-        DEFAULT_RUBRIC, min_length=1, description="The rubric or constitution the judge is shown first."
-    )
-    scale: int = Field(
-        10, ge=2, le=100, description="Pointwise ratings run 1..scale (a digit-splitting tokenizer needs scale <= 9)."
-    )
-    max_length: int = Field(
-        2048, ge=64, le=131072, description="Tokens of the whole judge input; the conversation is cut from the left."
-    )
-    batch_size: Annotated[int, NotInKey()] = Field(
-        8, ge=1, le=8192, description="Judge inputs per forward pass. Not part of the cache key."
-    )
+        "pointwise", description="'pointwise': expected rating of one reply; 'pairwise': P(reply A is better), both "
+                                 "orders averaged.")
+    rubric: str = Field(DEFAULT_RUBRIC, min_length=1,
+                        description="The rubric or constitution the judge is shown first.")
+    scale: int = Field(10, ge=2, le=100, description="Pointwise ratings run 1..scale (a digit-splitting tokenizer "
+                                                     "needs scale <= 9).")
+    max_length: int = Field(2048, ge=64, le=131072, description="Tokens of the whole judge input; the conversation is "
+                                                                "cut from the left.")
+    batch_size: Annotated[int, NotInKey()] = Field(8, ge=1, le=8192, description="Judge inputs per forward pass. Not "
+                                                                                 "part of the cache key.")
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -106,10 +99,8 @@ def pointwise_message(rubric: str, scale: int, conversation: str, reply: str) ->
     Returns:
         the message text (str).
     """
-    return (
-        f"{rubric}\n\nConversation:\n{conversation}\n\nReply to rate:\n{reply}\n\n"
-        f"Rate the reply from 1 (worst) to {scale} (best) by the principles above. Answer with the number only."
-    )
+    return (f"{rubric}\n\nConversation:\n{conversation}\n\nReply to rate:\n{reply}\n\n"
+            f"Rate the reply from 1 (worst) to {scale} (best) by the principles above. Answer with the number only.")
 
 
 def pairwise_message(rubric: str, conversation: str, reply_a: str, reply_b: str) -> str:
@@ -118,10 +109,8 @@ def pairwise_message(rubric: str, conversation: str, reply_a: str, reply_b: str)
     Returns:
         the message text (str); the judge answers with the letter of the better reply.
     """
-    return (
-        f"{rubric}\n\nConversation:\n{conversation}\n\nReply A:\n{reply_a}\n\nReply B:\n{reply_b}\n\n"
-        "Which reply is better by the principles above? Answer with A or B only."
-    )
+    return (f"{rubric}\n\nConversation:\n{conversation}\n\nReply A:\n{reply_a}\n\nReply B:\n{reply_b}\n\n"
+            "Which reply is better by the principles above? Answer with A or B only.")
 
 
 def judge_text(tokenizer, content: str, prefix: str) -> str:
@@ -133,9 +122,8 @@ def judge_text(tokenizer, content: str, prefix: str) -> str:
     """
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError("llm-judge needs a judge model whose tokenizer has a chat template")
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-    )
+    text = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
     return text + prefix
 
 
@@ -143,9 +131,8 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def fit_judge_input(
-    tokenizer, build: Callable[[str, tuple], str], conversation: str, replies: tuple, prefix: str, max_length: int
-) -> list[int]:
+def fit_judge_input(tokenizer, build: Callable[[str, tuple], str], conversation: str, replies: tuple, prefix: str,
+                    max_length: int) -> list[int]:
     """Token ids of one judge input of at most ``max_length`` tokens.
 
     ``build(conversation, replies) -> content`` makes the user turn. When the whole input is too long,
@@ -167,16 +154,15 @@ def fit_judge_input(
     fixed = len(_encode(tokenizer, judge_text(tokenizer, build("", ("",) * n), prefix)))
     budget = max_length - fixed - _SLACK
     if budget < 4 * n:
-        raise ValueError(
-            f"llm-judge: max_length {max_length} leaves no room for the conversation and replies: the "
-            f"rubric, instructions and template take {fixed} tokens; raise max_length or shorten the rubric"
-        )
+        raise ValueError(f"llm-judge: max_length {max_length} leaves no room for the conversation and replies: the "
+                         f"rubric, instructions and template take {fixed} tokens; raise max_length or shorten the "
+                         f"rubric")
     conv_ids = _encode(tokenizer, conversation)
     reply_ids = [_encode(tokenizer, r) for r in replies]
     cap = max(budget // (2 * n), (budget - len(conv_ids)) // n)
     reply_ids = [r[:cap] for r in reply_ids]
     room = budget - sum(len(r) for r in reply_ids)
-    conv_ids = conv_ids[max(0, len(conv_ids) - room) :] if room > 0 else []
+    conv_ids = conv_ids[max(0, len(conv_ids) - room):] if room > 0 else []
     content = build(tokenizer.decode(conv_ids), tuple(tokenizer.decode(r) for r in reply_ids))
     return _encode(tokenizer, judge_text(tokenizer, content, prefix))[-max_length:]
 
@@ -202,15 +188,13 @@ def _first_tokens(tokenizer, prefix: str, labels: Sequence[str], lead: str) -> t
     ids, seen = [], {}
     for label in labels:
         full = _encode(tokenizer, context + lead + label)
-        if full[: len(base)] != base or len(full) <= len(base):
+        if full[:len(base)] != base or len(full) <= len(base):
             return ids, f"{prefix!r} followed by {lead + label!r} does not tokenise as the prefix plus new tokens"
         tid = full[len(base)]
         if tid in seen:
             piece = tokenizer.convert_ids_to_tokens(tid)
-            return ids, (
-                f"after {prefix!r}, {lead + seen[tid]!r} and {lead + label!r} both start with token "
-                f"{piece!r} (id {tid})"
-            )
+            return ids, (f"after {prefix!r}, {lead + seen[tid]!r} and {lead + label!r} both start with token "
+                         f"{piece!r} (id {tid})")
         seen[tid] = label
         ids.append(tid)
     return ids, None
@@ -236,10 +220,8 @@ def label_tokens(tokenizer, prefix: str, labels: Sequence[str], model_name: str 
             return LabelTokens(pre, tuple(labels), tuple(ids))
         reasons.append(why)
     hint = " (use a scale of at most 9)" if any(len(lab) > 1 and lab.isdigit() for lab in labels) else ""
-    raise ValueError(
-        f"llm-judge: the tokenizer of judge model '{model_name}' cannot read the verdicts {list(labels)} "
-        f"from one next token: {reasons[0]}; and {reasons[1]}{hint}"
-    )
+    raise ValueError(f"llm-judge: the tokenizer of judge model '{model_name}' cannot read the verdicts {list(labels)} "
+                     f"from one next token: {reasons[0]}; and {reasons[1]}{hint}")
 
 
 # ----------------------------------------------------------------------------- forward passes
@@ -262,9 +244,8 @@ def _last_logits(model, batch: dict):
     return logits[rows, last.to(logits.device)]
 
 
-def next_token_logits(
-    model, sequences: Sequence[Sequence[int]], pad_id: int, token_ids: Sequence[int], batch_size: int
-):
+def next_token_logits(model, sequences: Sequence[Sequence[int]], pad_id: int, token_ids: Sequence[int],
+                      batch_size: int):
     """The judge's next-token logits after each sequence, at ``token_ids`` only.
 
     Sequences are sorted by length into batches of ``batch_size`` (:func:`length_batches`),
@@ -316,7 +297,6 @@ def average_orders(p_ab: Sequence[float], p_ba: Sequence[float]) -> tuple[list[f
         pick different replies (order 1 picks a when ``p_ab > 0.5``, b when ``< 0.5``; order 2 picks a
         when ``p_ba < 0.5``, b when ``> 0.5``; an exact 0.5 is a tie, which differs from a pick).
     """
-
     def pick(x: float) -> int:
         return (x > 0.5) - (x < 0.5)
 
@@ -342,37 +322,28 @@ class LLMJudge:
         self.model, self.tokenizer, self.p, self.model_name = model, tokenizer, params, model_name
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         if params.mode == "pointwise":
-            self.labels = label_tokens(
-                tokenizer, RATING_PREFIX, [str(k) for k in range(1, params.scale + 1)], model_name
-            )
+            self.labels = label_tokens(tokenizer, RATING_PREFIX, [str(k) for k in range(1, params.scale + 1)],
+                                       model_name)
         else:
             self.labels = label_tokens(tokenizer, PAIRWISE_PREFIX, PAIR_LABELS, model_name)
 
     def encode_pointwise(self, prompts: Sequence[list], completions: Sequence[str]) -> list[list[int]]:
         """Token ids of the pointwise judge inputs of N (chat prompt, reply) rows (see :func:`fit_judge_input`)."""
-
         def build(conv, replies):
             return pointwise_message(self.p.rubric, self.p.scale, conv, replies[0])
 
-        return [
-            fit_judge_input(
-                self.tokenizer, build, render_transcript(m).strip(), (c,), self.labels.prefix, self.p.max_length
-            )
-            for m, c in zip(prompts, completions)
-        ]
+        return [fit_judge_input(self.tokenizer, build, render_transcript(m).strip(), (c,), self.labels.prefix,
+                                self.p.max_length)
+                for m, c in zip(prompts, completions)]
 
     def encode_pairwise(self, prompts: Sequence[list], first: Sequence[str], second: Sequence[str]) -> list[list[int]]:
         """Token ids of the pairwise judge inputs showing ``first[i]`` as reply A and ``second[i]`` as B."""
-
         def build(conv, replies):
             return pairwise_message(self.p.rubric, conv, replies[0], replies[1])
 
-        return [
-            fit_judge_input(
-                self.tokenizer, build, render_transcript(m).strip(), (a, b), self.labels.prefix, self.p.max_length
-            )
-            for m, a, b in zip(prompts, first, second)
-        ]
+        return [fit_judge_input(self.tokenizer, build, render_transcript(m).strip(), (a, b), self.labels.prefix,
+                                self.p.max_length)
+                for m, a, b in zip(prompts, first, second)]
 
     def score(self, batch: RewardBatch) -> RewardOutput:
         """Pointwise: one expected rating per completion, ``sum_k k softmax(z)_k``, in [1, scale]
@@ -386,11 +357,9 @@ class LLMJudge:
         if len(batch) == 0:
             return RewardOutput(scores=[])
         seqs = self.encode_pointwise(batch.prompts, batch.completions)
-        return RewardOutput(
-            scores=expected_ratings(
-                next_token_logits(self.model, seqs, self.pad_id, self.labels.token_ids, self.p.batch_size)
-            )
-        )
+        return RewardOutput(scores=expected_ratings(next_token_logits(self.model, seqs, self.pad_id,
+                                                                      self.labels.token_ids,
+                                                                      self.p.batch_size)))
 
     def prefer_first(self, prompts: Sequence[list], first: Sequence[str], second: Sequence[str]) -> list[float]:
         """One order only: ``P(A) = softmax(z_A, z_B)_A`` with ``first[i]`` shown as A, ``second[i]`` as B.
@@ -406,23 +375,16 @@ class LLMJudge:
         if self.p.mode != "pairwise":
             raise ValueError("llm-judge: comparing replies needs mode 'pairwise' (this judge is pointwise)")
         if not len(prompts) == len(first) == len(second):
-            raise ValueError(
-                f"llm-judge: {len(prompts)} prompts, {len(first)} and {len(second)} replies; give one of each per pair"
-            )
+            raise ValueError(f"llm-judge: {len(prompts)} prompts, {len(first)} and {len(second)} replies; give one of "
+                             f"each per pair")
         if not prompts:
             return []
-        logits = next_token_logits(
-            self.model,
-            self.encode_pairwise(prompts, first, second),
-            self.pad_id,
-            self.labels.token_ids,
-            self.p.batch_size,
-        )
+        logits = next_token_logits(self.model, self.encode_pairwise(prompts, first, second), self.pad_id,
+                                   self.labels.token_ids, self.p.batch_size)
         return [float(v) for v in torch.softmax(logits.double(), dim=-1)[:, 0]]
 
-    def compare(
-        self, prompts: Sequence[list], completions_a: Sequence[str], completions_b: Sequence[str]
-    ) -> tuple[list[float], list[bool]]:
+    def compare(self, prompts: Sequence[list], completions_a: Sequence[str],
+                completions_b: Sequence[str]) -> tuple[list[float], list[bool]]:
         """P(a preferred) per pair with both orders averaged: ``p = (P_AB(A) + 1 - P_BA(A)) / 2``.
 
         Both orders go through one batched pass (2N judge inputs). Swapping the replies and averaging
@@ -436,9 +398,8 @@ class LLMJudge:
             ValueError: as :meth:`prefer_first`.
         """
         n = len(prompts)
-        both = self.prefer_first(
-            list(prompts) * 2, list(completions_a) + list(completions_b), list(completions_b) + list(completions_a)
-        )
+        both = self.prefer_first(list(prompts) * 2, list(completions_a) + list(completions_b),
+                                 list(completions_b) + list(completions_a))
         return average_orders(both[:n], both[n:])
 
 
@@ -477,14 +438,6 @@ def compares(params: JudgeParams) -> bool:
 @hookimpl
 def rlhf_spec_register_rewards(register):
     """Register the ``llm-judge`` reward (:class:`JudgeParams`, :func:`load`)."""
-    register(
-        RewardImpl(
-            name="llm-judge",
-            params=JudgeParams,
-            load=load,
-            version="1",
-            pairwise=compares,
-            description="an LLM judges by a rubric: expected rating (pointwise) or P(A better), both orders averaged "
-            "(pairwise)",
-        )
-    )
+    register(RewardImpl(name="llm-judge", params=JudgeParams, load=load, version="1", pairwise=compares,
+                        description="an LLM judges by a rubric: expected rating (pointwise) or P(A better), both "
+                                    "orders averaged (pairwise)"))

@@ -53,7 +53,7 @@ def _last_boxed(text: str) -> Optional[str]:
             for j in range(i, len(text)):
                 depth += {"{": 1, "}": -1}.get(text[j], 0)
                 if depth == 0:
-                    inner = text[i + 1 : j].strip()
+                    inner = text[i + 1: j].strip()
                     if inner:
                         return inner
                     break
@@ -150,12 +150,9 @@ class MathAnswerParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    reference_column: str = Field(
-        "reference",
-        min_length=1,
-        description="Row column holding the reference answer: a solution text (GSM8K's '... #### 72'), an answer "
-        "string or a number.",
-    )
+    reference_column: str = Field("reference", min_length=1,
+                                  description="Row column holding the reference answer: a solution text (GSM8K's '... "
+                                              "#### 72'), an answer string or a number.")
     correct: float = Field(1.0, description="Score when the completion's answer equals the reference.")
     incorrect: float = Field(0.0, description="Score when it is a number that differs from the reference.")
     unparseable: float = Field(0.0, description="Score when no number can be read from the completion.")
@@ -192,10 +189,8 @@ class MathAnswerReward:
         """
         col = self.p.reference_column
         if col not in batch.columns:
-            raise ValueError(
-                f"math-answer: the rows have no column '{col}' (reference_column); "
-                f"columns: {sorted(batch.columns) or 'none'}"
-            )
+            raise ValueError(f"math-answer: the rows have no column '{col}' (reference_column); "
+                             f"columns: {sorted(batch.columns) or 'none'}")
         refs = batch.columns[col]
         scores, correct, unparseable = [], 0, 0
         for i, completion in enumerate(batch.completions):
@@ -226,17 +221,13 @@ class LengthParams(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     unit: Literal["tokens", "words", "characters"] = Field(
-        ...,
-        description="What is counted: tokens of 'tokenizer' (no special tokens), whitespace-separated words, or "
-        "characters (Unicode code points).",
-    )
+        ..., description="What is counted: tokens of 'tokenizer' (no special tokens), whitespace-separated words, or "
+                         "characters (Unicode code points).")
     per_unit: float = Field(..., description="Reward per counted unit beyond 'free'; negative for a length penalty.")
     free: int = Field(0, ge=0, description="Units that cost (or earn) nothing.")
     tokenizer: Optional[Annotated[str, ModelRef(artifacts=(POLICY, REWARD_MODEL))]] = Field(
-        None,
-        description="With unit 'tokens': a /models name or a policy/reward-model stage id whose tokenizer counts "
-        "tokens.",
-    )
+        None, description="With unit 'tokens': a /models name or a policy/reward-model stage id whose tokenizer counts "
+                          "tokens.")
 
 
 def count_units(text: str, unit: str, tokenizer=None) -> int:
@@ -287,21 +278,11 @@ def check_length(params: LengthParams, spec=None) -> list[Problem]:
     """Validation: 'tokens' needs a tokenizer; a tokenizer with another unit would only add a needless
     model dependency (and cache-key part), so it is reported too."""
     if params.unit == "tokens" and params.tokenizer is None:
-        return [
-            Problem(
-                "/tokenizer",
-                "unit 'tokens' needs a tokenizer",
-                "set 'tokenizer' to a /models name or a stage that outputs a policy or reward model",
-            )
-        ]
+        return [Problem("/tokenizer", "unit 'tokens' needs a tokenizer",
+                        "set 'tokenizer' to a /models name or a stage that outputs a policy or reward model")]
     if params.unit != "tokens" and params.tokenizer is not None:
-        return [
-            Problem(
-                "/tokenizer",
-                f"a tokenizer is only used with unit 'tokens' (unit is '{params.unit}')",
-                "remove 'tokenizer' or set unit to 'tokens'",
-            )
-        ]
+        return [Problem("/tokenizer", f"a tokenizer is only used with unit 'tokens' (unit is '{params.unit}')",
+                        "remove 'tokenizer' or set unit to 'tokens'")]
     return []
 
 
@@ -316,9 +297,8 @@ class FormatParams(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     pattern: str = Field(..., min_length=1, description="Python regular expression (re syntax).")
-    mode: Literal["search", "fullmatch"] = Field(
-        "search", description="'search': anywhere in the completion; 'fullmatch': the whole completion."
-    )
+    mode: Literal["search", "fullmatch"] = Field("search", description="'search': anywhere in the completion; "
+                                                                       "'fullmatch': the whole completion.")
     flags: list[Literal["ignorecase", "multiline", "dotall"]] = Field(default_factory=list, description="re flags.")
     match_score: float = Field(1.0, description="Score of a completion that matches.")
     miss_score: float = Field(0.0, description="Score of one that does not.")
@@ -347,9 +327,8 @@ class FormatReward:
     def score(self, batch: RewardBatch) -> RewardOutput:
         """``match_score`` or ``miss_score`` per completion; counts ``matched`` completions."""
         hits = [self.match(text) is not None for text in batch.completions]
-        return RewardOutput(
-            scores=[self.p.match_score if h else self.p.miss_score for h in hits], counts={"matched": sum(hits)}
-        )
+        return RewardOutput(scores=[self.p.match_score if h else self.p.miss_score for h in hits],
+                            counts={"matched": sum(hits)})
 
 
 def load_format(params: FormatParams, ctx=None) -> FormatReward:
@@ -370,28 +349,13 @@ def required_columns(params: BaseModel) -> list[str]:
 
 @hookimpl
 def rlhf_spec_register_rewards(register):
-    register(
-        RewardImpl(
-            name="math-answer",
-            params=MathAnswerParams,
-            load=load_math_answer,
-            version="1",
-            description="final numeric answer (\\boxed, ####, 'answer is', last number) equals the row's reference "
-            "answer",
-            columns=required_columns,
-            components=(),
-        )
-    )
-    register(
-        RewardImpl(
-            name="length",
-            params=LengthParams,
-            load=load_length,
-            version="1",
-            check=check_length,
-            description="per_unit * max(0, count - free), counting tokens, words or characters",
-        )
-    )
+    register(RewardImpl(
+        name="math-answer", params=MathAnswerParams, load=load_math_answer, version="1",
+        description="final numeric answer (\\boxed, ####, 'answer is', last number) equals the row's reference answer",
+        columns=required_columns, components=()))
+    register(RewardImpl(
+        name="length", params=LengthParams, load=load_length, version="1", check=check_length,
+        description="per_unit * max(0, count - free), counting tokens, words or characters"))
     register(
         RewardImpl(
             name="format",
@@ -399,6 +363,6 @@ def rlhf_spec_register_rewards(register):
             load=load_format,
             version="1",
             description="match_score if a regular expression matches the completion (search or fullmatch), else "
-            "miss_score",
+                        "miss_score",
         )
     )

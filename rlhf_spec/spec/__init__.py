@@ -30,9 +30,8 @@ from .schema import json_schema  # noqa: F401
 from .validate import validate  # noqa: F401
 
 
-def load_pipeline(
-    path: str | os.PathLike, registry, overrides: Optional[list[str]] = None, check_files: bool = True
-) -> Pipeline:
+def load_pipeline(path: str | os.PathLike, registry, overrides: Optional[list[str]] = None,
+                  check_files: bool = True) -> Pipeline:
     """Read, override and validate a spec file.
 
     Raises:
@@ -45,9 +44,8 @@ def load_pipeline(
         expanded, origins = expand(apply_overrides(data, before))
     except SpecError as exc:
         raise SpecError(exc.problems, str(path)) from None
-    return validate(
-        apply_overrides(expanded, after), registry, source=str(path), check_files=check_files, origins=origins
-    )
+    return validate(apply_overrides(expanded, after), registry, source=str(path), check_files=check_files,
+                    origins=origins)
 
 
 def split_overrides(data: dict, overrides: list[str]) -> tuple[list[str], list[str]]:

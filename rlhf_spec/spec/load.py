@@ -111,9 +111,8 @@ def load_json(path: str | os.PathLike) -> dict:
     try:
         data = strict_loads(text)
     except json.JSONDecodeError as exc:
-        raise SpecError(
-            [Problem("", f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}")], str(path)
-        ) from None
+        raise SpecError([Problem("", f"invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}")],
+                        str(path)) from None
     except ValueError as exc:
         msg, line, col, ptr = exc.args
         raise SpecError([Problem(ptr, f"invalid JSON at line {line}, column {col}: {msg}")], str(path)) from None

@@ -50,23 +50,21 @@ class ModelSpec(_Strict):
     revision: Optional[str] = Field(
         None,
         description="Hub revision (branch, tag or commit). Resolved to a commit for the cache key; pin a commit for "
-        "reproducible keys offline.",
+                    "reproducible keys offline.",
     )
     path: Optional[str] = Field(
-        None,
-        description="Local folder (save_pretrained layout or a folder holding a GGUF file). Relative paths are "
-        "resolved against the working directory and may not leave it.",
+        None, description="Local folder (save_pretrained layout or a folder holding a GGUF file). Relative paths are "
+                          "resolved against the working directory and may not leave it."
     )
-    gguf_file: Optional[str] = Field(
-        None, description="GGUF file name inside the folder; weights are dequantised on load."
-    )
+    gguf_file: Optional[str] = Field(None, description="GGUF file name inside the folder; weights are dequantised on "
+                                                       "load.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype on load. 'auto' is bfloat16 on a CUDA GPU and float32 on CPU."
     )
     trust_remote_code: bool = Field(
         False,
         description="Allow this model's repository code to run (needed by e.g. ArmoRM). Off unless set here, for this "
-        "model only.",
+                    "model only.",
     )
     tokenizer: Optional[str] = Field(None, description="Another hub id or folder to load the tokenizer from.")
 
@@ -94,20 +92,9 @@ class ModelSpec(_Strict):
 
 #: Fields added after the first release. Left out of a dump while unset, so the dataset identities (and
 #: cache keys) of specs written before they existed stay the same.
-_LATER_FIELDS = (
-    "completion_column",
-    "messages_column",
-    "input_column",
-    "system_column",
-    "label_column",
-    "reference_column",
-    "prompt_template",
-    "negative_path",
-    "encoding",
-    "rows",
-    "prompt_words",
-    "completion_template",
-)
+_LATER_FIELDS = ("completion_column", "messages_column", "input_column", "system_column", "label_column",
+                 "reference_column", "prompt_template", "negative_path", "encoding", "rows", "prompt_words",
+                 "completion_template")
 
 
 def _plugin_registry(context: Any):
@@ -133,23 +120,15 @@ def find_adapter(name: str, registry=None) -> DatasetAdapter:
     """
     reg = registry if registry is not None else _plugin_registry(None)
     if ("dataset", "", name) in reg.conflicts:
-        raise ValueError(
-            f"dataset adapter '{name}' is registered by more than one distribution: "
-            + ", ".join(reg.conflicts[("dataset", "", name)])
-            + "; uninstall one of them"
-        )
+        raise ValueError(f"dataset adapter '{name}' is registered by more than one distribution: "
+                         + ", ".join(reg.conflicts[("dataset", "", name)]) + "; uninstall one of them")
     if name in reg.datasets:
         return reg.datasets[name]
     hint = did_you_mean(name, reg.datasets)
-    failed = "".join(
-        f"; note: plugin '{f.entry_point}' from {f.distribution} {f.version} failed to load: {f.error}"
-        for f in reg.failures
-    )
-    raise ValueError(
-        f"unknown dataset adapter '{name}'; installed: {', '.join(reg.datasets) or 'none'}"
-        + (f"; {hint}" if hint else "")
-        + failed
-    )
+    failed = "".join(f"; note: plugin '{f.entry_point}' from {f.distribution} {f.version} failed to load: {f.error}"
+                     for f in reg.failures)
+    raise ValueError(f"unknown dataset adapter '{name}'; installed: {', '.join(reg.datasets) or 'none'}"
+                     + (f"; {hint}" if hint else "") + failed)
 
 
 def _adapter_schema(schema: dict) -> None:
@@ -172,89 +151,61 @@ class DatasetSpec(_Strict):
     revision: Optional[str] = Field(None, description="Hub revision; resolved to a commit for the cache key.")
     config: Optional[str] = Field(None, description="Hub dataset configuration name.")
     split: str = Field("train", description="Split to read.")
-    path: Optional[str] = Field(
-        None, description="Local file or folder (json, jsonl, jsonl.gz, parquet, csv, or save_to_disk folder)."
-    )
-    adapter: str = Field(
-        "generic",
-        description="How rows become normalised columns: a registered dataset adapter.",
-        json_schema_extra=_adapter_schema,
-    )
-    prompt_column: str = Field(
-        "prompt", description="Column holding the prompt (string or chat messages); for 'alpaca' the instruction."
-    )
-    chosen_column: Optional[str] = Field(
-        None, description="Column with the preferred response, for preference data ('generic', 'sharegpt')."
-    )
-    rejected_column: Optional[str] = Field(
-        None, description="Column with the dispreferred response, for preference data ('generic', 'sharegpt')."
-    )
+    path: Optional[str] = Field(None, description="Local file or folder (json, jsonl, jsonl.gz, parquet, csv, or "
+                                                  "save_to_disk folder).")
+    adapter: str = Field("generic", description="How rows become normalised columns: a registered dataset adapter.",
+                         json_schema_extra=_adapter_schema)
+    prompt_column: str = Field("prompt", description="Column holding the prompt (string or chat messages); for "
+                                                     "'alpaca' the instruction.")
+    chosen_column: Optional[str] = Field(None, description="Column with the preferred response, for preference data "
+                                                           "('generic', 'sharegpt').")
+    rejected_column: Optional[str] = Field(None, description="Column with the dispreferred response, for preference "
+                                                             "data ('generic', 'sharegpt').")
     completion_column: Optional[str] = Field(
-        None,
-        description="Column with the reply: 'prompt-completion' (default 'completion') and 'alpaca' (default "
-        "'output').",
-    )
+        None, description="Column with the reply: 'prompt-completion' (default 'completion') and 'alpaca' (default "
+                          "'output').")
     messages_column: Optional[str] = Field(
-        None,
-        description="Column with the conversation: 'messages' and 'kto' (default 'messages'), 'sharegpt' (default "
-        "'conversations').",
-    )
+        None, description="Column with the conversation: 'messages' and 'kto' (default 'messages'), 'sharegpt' "
+                          "(default 'conversations').")
     input_column: Optional[str] = Field(None, description="'alpaca': the optional input column (default 'input').")
-    system_column: Optional[str] = Field(
-        None, description="'sharegpt': the optional system-prompt column (default 'system')."
-    )
+    system_column: Optional[str] = Field(None, description="'sharegpt': the optional system-prompt column (default "
+                                                           "'system').")
     label_column: Optional[str] = Field(
-        None,
-        description="Boolean 'desirable' column: 'kto' (default 'label'); set it on 'messages' or 'prompt-completion' "
-        "data to add a label.",
-    )
+        None, description="Boolean 'desirable' column: 'kto' (default 'label'); set it on 'messages' or "
+                          "'prompt-completion' data to add a label.")
     reference_column: Optional[str] = Field(
-        None,
-        description="Column copied verbatim into a 'reference' column, e.g. GSM8K's 'answer' for the math-answer "
-        "reward.",
-    )
+        None, description="Column copied verbatim into a 'reference' column, e.g. GSM8K's 'answer' for the math-answer "
+                          "reward.")
     prompt_template: Optional[str] = Field(
-        None,
-        description="Rewrites the last user turn: '{prompt}' is replaced by its text, e.g. '{prompt}\\nPut the final "
-        "number inside <answer> </answer>.'",
-    )
-    negative_path: Optional[str] = Field(
-        None, description="'rt-polarity': the file of negative sentences ('path' holds the positive ones)."
-    )
-    encoding: Optional[str] = Field(
-        None,
-        description="'rt-polarity': the text files' encoding (default 'utf-8'; some copies of the original files are "
-        "'latin-1').",
-    )
+        None, description="Rewrites the last user turn: '{prompt}' is replaced by its text, e.g. '{prompt}\\nPut the "
+                          "final number inside <answer> </answer>.'")
+    negative_path: Optional[str] = Field(None, description="'rt-polarity': the file of negative sentences ('path' "
+                                                           "holds the positive ones).")
+    encoding: Optional[str] = Field(None, description="'rt-polarity': the text files' encoding (default 'utf-8'; some "
+                                                      "copies of the original files are 'latin-1').")
     rows: Optional[Literal["prompts", "pairs"]] = Field(
-        None,
-        description="'rt-polarity': 'prompts' (default; one row per sentence, its first prompt_words words) or 'pairs' "
-        "(a positive "
-        "sentence's rest chosen over a negative one's, the prompt taken from either sentence in turn).",
-    )
-    prompt_words: Optional[int] = Field(
-        None, ge=1, le=64, description="'rt-polarity': words of each sentence that form the prompt (default 4)."
-    )
+        None, description="'rt-polarity': 'prompts' (default; one row per sentence, its first prompt_words words) or "
+                          "'pairs' (a positive "
+                          "sentence's rest chosen over a negative one's, the prompt taken from either sentence in "
+                          "turn).")
+    prompt_words: Optional[int] = Field(None, ge=1, le=64, description="'rt-polarity': words of each sentence that "
+                                                                       "form the prompt (default 4).")
     completion_template: Optional[str] = Field(
-        None,
-        description="'gsm8k': the reply made from a worked solution: '{reasoning}' is the text before '####' with the "
-        "calculator annotations '<<48/2=24>>' removed, '{answer}' the number after it. Default "
-        "'{reasoning}\n#### {answer}'; DeepSeek-R1's format is "
-        "'<think>\n{reasoning}\n</think>\n<answer>\n{answer}\n</answer>'.",
-    )
+        None, description="'gsm8k': the reply made from a worked solution: '{reasoning}' is the text before '####' "
+                          "with the "
+                          "calculator annotations '<<48/2=24>>' removed, '{answer}' the number after it. Default "
+                          "'{reasoning}\n#### {answer}'; DeepSeek-R1's format is "
+                          "'<think>\n{reasoning}\n</think>\n<answer>\n{answer}\n</answer>'.")
     hash_range: tuple[float, float] = Field(
         (0.0, 1.0),
         description="Keep rows whose prompt hash falls in [lo, hi) of [0, 1). Disjoint ranges give disjoint prompt "
-        "sets (by content, independent of row order).",
+                    "sets (by content, independent of row order).",
     )
-    limit: Optional[int] = Field(
-        None, ge=1, description="Keep at most this many rows (after hash_range), in file order."
-    )
+    limit: Optional[int] = Field(None, ge=1, description="Keep at most this many rows (after hash_range), in file "
+                                                         "order.")
     dedupe_prompts: bool = Field(
-        True,
-        description="Keep one row per distinct prompt; for completion data (SFT, KTO) one row per distinct (prompt, "
-        "completion, label).",
-    )
+        True, description="Keep one row per distinct prompt; for completion data (SFT, KTO) one row per distinct "
+                          "(prompt, completion, label).")
 
     _adapter: Optional[DatasetAdapter] = PrivateAttr(None)
 
@@ -269,11 +220,8 @@ class DatasetSpec(_Strict):
         if bool(self.hub) == bool(self.path):
             raise ValueError("give exactly one of 'hub' or 'path'")
         self._adapter = impl = find_adapter(self.adapter, _plugin_registry(info.context))
-        unused = [
-            f
-            for f in _LATER_FIELDS + ("chosen_column", "rejected_column")
-            if getattr(self, f) is not None and f not in impl.fields
-        ]
+        unused = [f for f in _LATER_FIELDS + ("chosen_column", "rejected_column")
+                  if getattr(self, f) is not None and f not in impl.fields]
         if unused:
             raise ValueError(f"adapter '{self.adapter}' does not read {', '.join(unused)}")
         problem = impl.check(self)
@@ -341,18 +289,16 @@ class StageSpec(_Strict):
     kind: Literal[KINDS] = Field(..., description="Stage kind.")
     uses: str = Field(..., min_length=1, description="Implementation name, as listed by 'rlhf-spec plugins'.")
     inputs: list[str] = Field(default_factory=list, description="Ids of earlier stages whose outputs this stage reads.")
-    params: dict[str, Any] = Field(
-        default_factory=dict, description="Implementation params; see the implementation's schema."
-    )
+    params: dict[str, Any] = Field(default_factory=dict, description="Implementation params; see the implementation's "
+                                                                     "schema.")
     description: str = Field("", description="Free text.")
 
 
 class CacheSpec(_Strict):
     """Cache settings."""
 
-    dir: Optional[str] = Field(
-        None, description="Cache folder. Overridden by --cache-dir and RLHF_SPEC_CACHE; default '.rlhf-cache'."
-    )
+    dir: Optional[str] = Field(None, description="Cache folder. Overridden by --cache-dir and RLHF_SPEC_CACHE; default "
+                                                 "'.rlhf-cache'.")
 
 
 class Spec(_Strict):
@@ -364,17 +310,15 @@ class Spec(_Strict):
     seed: int = Field(0, ge=0, description="Global seed; part of every stage's cache key.")
     salt: str = Field("", description="Changing it disowns every cached entry of this spec (for poisoned caches).")
     requires: list[str] = Field(
-        default_factory=list,
-        description="Distributions the spec needs, as PEP 508 requirements, e.g. 'rlhf-spec-armorm>=0.1'.",
+        default_factory=list, description="Distributions the spec needs, as PEP 508 requirements, e.g. "
+                                          "'rlhf-spec-armorm>=0.1'."
     )
-    models: dict[str, ModelSpec] = Field(
-        default_factory=dict, description="Models by name; params refer to them by name."
-    )
+    models: dict[str, ModelSpec] = Field(default_factory=dict, description="Models by name; params refer to them by "
+                                                                           "name.")
     datasets: dict[str, DatasetSpec] = Field(default_factory=dict, description="Datasets by name.")
     cache: CacheSpec = Field(default_factory=CacheSpec, description="Cache settings.")
-    stages: list[StageSpec] = Field(
-        ..., min_length=1, description="The stages, in any order consistent with their inputs."
-    )
+    stages: list[StageSpec] = Field(..., min_length=1, description="The stages, in any order consistent with their "
+                                                                   "inputs.")
 
     @field_validator("models", "datasets")
     @classmethod
@@ -390,21 +334,16 @@ class RepeatBlock(_Strict):
 
     rounds: int = Field(..., ge=1, le=1000, description="How many rounds.")
     id: str = Field("{id}_iter{round}", description="Expanded stage ids; must contain '{id}' and '{round}'.")
-    initial: dict[str, str] = Field(
-        default_factory=dict,
-        description="What '{prev:NAME}' means in round 1: a model name or a stage outside the block.",
-    )
+    initial: dict[str, str] = Field(default_factory=dict, description="What '{prev:NAME}' means in round 1: a model "
+                                                                      "name or a stage outside the block.")
     values: dict[str, list[Any]] = Field(
-        default_factory=dict,
-        description="Per-round values, one entry per round: '{value:NAME}' in a param is round r's entry (a string "
-        "that is exactly '{value:NAME}' takes the entry's JSON type).",
-    )
-    stages: list[StageSpec] = Field(
-        ...,
-        min_length=1,
-        description="The stages of one round. In params, '{round}', '{id:NAME}', '{prev:NAME}' and '{value:NAME}' name "
-        "the round, the block's stages and the round's values.",
-    )
+        default_factory=dict, description="Per-round values, one entry per round: '{value:NAME}' in a param is round "
+                                          "r's entry (a string that is exactly '{value:NAME}' takes the entry's JSON "
+                                          "type).")
+    stages: list[StageSpec] = Field(..., min_length=1, description="The stages of one round. In params, '{round}', "
+                                                                   "'{id:NAME}', '{prev:NAME}' and '{value:NAME}' name "
+                                                                   "the round, the block's stages and the round's "
+                                                                   "values.")
     description: str = Field("", description="Free text.")
 
 

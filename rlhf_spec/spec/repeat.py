@@ -50,15 +50,8 @@ class Origin:
         return f"{self.block}/stages/{self.index}{rest}"
 
 
-def _substitute(
-    text: str,
-    names: dict[str, str],
-    prev: dict[str, str],
-    rnd: int,
-    where: str,
-    problems: list,
-    values: Optional[dict] = None,
-) -> Any:
+def _substitute(text: str, names: dict[str, str], prev: dict[str, str], rnd: int, where: str, problems: list,
+                values: Optional[dict] = None) -> Any:
     values = values or {}
     whole = _WHOLE_VALUE.match(text)
     if whole and whole.group(1) in values:
@@ -77,29 +70,19 @@ def _substitute(
         if kind == "value":
             if name in values:
                 return str(values[name][rnd - 1])
-            problems.append(
-                Problem(
-                    where,
-                    f"no per-round value '{name}' in the repeat block (round {rnd})",
-                    did_you_mean(name, list(values)) or "declare it in repeat.values, one entry per round",
-                )
-            )
+            problems.append(Problem(where, f"no per-round value '{name}' in the repeat block (round {rnd})",
+                                    did_you_mean(name, list(values)) or "declare it in repeat.values, one entry per "
+                                                                        "round"))
             return tok
         table = names if kind == "id" else prev
         if name in table:
             return table[name]
         if kind == "prev" and name in names:
-            problems.append(
-                Problem(
-                    where,
-                    f"round {rnd} has no previous round for '{{prev:{name}}}'",
-                    f"give repeat.initial.{name}: the model or stage round 1 starts from",
-                )
-            )
+            problems.append(Problem(where, f"round {rnd} has no previous round for '{{prev:{name}}}'",
+                                    f"give repeat.initial.{name}: the model or stage round 1 starts from"))
         else:
-            problems.append(
-                Problem(where, f"no stage '{name}' in the repeat block (round {rnd})", did_you_mean(name, names))
-            )
+            problems.append(Problem(where, f"no stage '{name}' in the repeat block (round {rnd})",
+                                    did_you_mean(name, names)))
         return tok
 
     return _PLACEHOLDER.sub(repl, text)
@@ -131,18 +114,13 @@ def _check_block(block: Any, ptr: str, problems: list[Problem]) -> Optional[tupl
     if not isinstance(rounds, int) or isinstance(rounds, bool) or not 1 <= rounds <= 1000:
         problems.append(Problem(f"{ptr}/rounds", "rounds must be a whole number from 1 to 1000"))
     if not isinstance(fmt, str) or "{id}" not in fmt or "{round}" not in fmt:
-        problems.append(
-            Problem(f"{ptr}/id", "the id format must contain '{id}' and '{round}' (e.g. '{id}_iter{round}')")
-        )
+        problems.append(Problem(f"{ptr}/id",
+                                "the id format must contain '{id}' and '{round}' (e.g. '{id}_iter{round}')"))
     if not isinstance(initial, dict) or not all(isinstance(v, str) for v in initial.values()):
-        problems.append(
-            Problem(f"{ptr}/initial", "initial maps block stage ids to the model or stage round 1 starts from")
-        )
-    if (
-        not isinstance(stages, list)
-        or not stages
-        or not all(isinstance(s, dict) and isinstance(s.get("id"), str) for s in stages)
-    ):
+        problems.append(Problem(f"{ptr}/initial", "initial maps block stage ids to the model or stage round 1 starts "
+                                                  "from"))
+    if not isinstance(stages, list) or not stages or not all(isinstance(s, dict) and isinstance(s.get("id"),
+                                                                                                str) for s in stages):
         problems.append(Problem(f"{ptr}/stages", "stages must be a non-empty list of stages, each with an 'id'"))
         return None
     values = block.get("values", {})
@@ -155,18 +133,10 @@ def _check_block(block: Any, ptr: str, problems: list[Problem]) -> Optional[tupl
             problems.append(Problem(f"{ptr}/values/{name}", f"needs one entry per round ({rounds}), got {got}"))
     for name in initial if isinstance(initial, dict) else {}:
         if name not in {s["id"] for s in stages}:
-            problems.append(
-                Problem(
-                    f"{ptr}/initial/{name}",
-                    f"no stage '{name}' in the repeat block",
-                    did_you_mean(name, [s["id"] for s in stages]),
-                )
-            )
-    return (
-        (rounds, fmt, initial, stages, values)
-        if problems == [] or not any(p.pointer.startswith(ptr) for p in problems)
-        else None
-    )
+            problems.append(Problem(f"{ptr}/initial/{name}", f"no stage '{name}' in the repeat block",
+                                    did_you_mean(name, [s["id"] for s in stages])))
+    return (rounds, fmt, initial, stages,
+            values) if problems == [] or not any(p.pointer.startswith(ptr) for p in problems) else None
 
 
 def _round(stages: list, fmt: str, rnd: int, prev: dict, ptr: str, problems: list, values: dict) -> tuple[list, dict]:
@@ -180,9 +150,8 @@ def _round(stages: list, fmt: str, rnd: int, prev: dict, ptr: str, problems: lis
             new["inputs"] = [names.get(i, i) if isinstance(i, str) else i for i in st["inputs"]]
         for field in ("params", "description"):
             if field in st:
-                new[field] = _walk(
-                    st[field], lambda s, p: _substitute(s, names, prev, rnd, p, problems, values), f"{where}/{field}"
-                )
+                new[field] = _walk(st[field], lambda s, p: _substitute(s, names, prev, rnd, p, problems, values),
+                                   f"{where}/{field}")
         out.append(new)
     return out, names
 
@@ -210,9 +179,8 @@ def expand(data: dict) -> tuple[dict, list[Optional[Origin]]]:
         ptr = f"/stages/{i}/repeat"
         extra = [k for k in st if k != "repeat"]
         if extra:
-            problems.append(
-                Problem(f"/stages/{i}/{extra[0]}", f"a repeat block has only the key 'repeat', not '{extra[0]}'")
-            )
+            problems.append(Problem(f"/stages/{i}/{extra[0]}", f"a repeat block has only the key 'repeat', not "
+                                                               f"'{extra[0]}'"))
         checked = _check_block(st["repeat"], ptr, problems)
         if checked is None:
             continue

@@ -27,19 +27,13 @@ def json_schema(registry) -> dict:
     """
     base = Spec.model_json_schema(by_alias=True)
     defs = base.setdefault("$defs", {})
-    stages = [
-        _variant(defs, f"params_{k}_{n}", f"{k}.{n}", impl.description, impl.params, {"kind": k, "uses": n})
-        for (k, n), impl in sorted(registry.stages.items())
-    ]
+    stages = [_variant(defs, f"params_{k}_{n}", f"{k}.{n}", impl.description, impl.params, {"kind": k, "uses": n})
+              for (k, n), impl in sorted(registry.stages.items())]
     defs["StageSpec"]["allOf"] = [{"oneOf": stages}] if stages else []
-    for surface, table, model in (
-        ("reward", registry.rewards, "RewardSpec"),
-        ("backend", registry.backends, "BackendSpec"),
-    ):
-        variants = [
-            _variant(defs, f"{surface}_{n}", f"{surface}.{n}", impl.description, impl.params, {"uses": n})
-            for n, impl in sorted(table.items())
-        ]
+    for surface, table, model in (("reward", registry.rewards, "RewardSpec"), ("backend", registry.backends,
+                                                                               "BackendSpec")):
+        variants = [_variant(defs, f"{surface}_{n}", f"{surface}.{n}", impl.description, impl.params, {"uses": n})
+                    for n, impl in sorted(table.items())]
         if model in defs:
             defs[model]["allOf"] = [{"oneOf": variants}] if variants else []
     repeat = RepeatStage.model_json_schema(by_alias=True, ref_template="#/$defs/{model}")

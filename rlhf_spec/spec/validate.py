@@ -31,14 +31,8 @@ from .problems import problems_from_validation
 from .repeat import expand, locate
 
 
-def validate(
-    data: dict,
-    registry,
-    source: str = "",
-    base: Optional[Path] = None,
-    check_files: bool = True,
-    origins: Optional[list] = None,
-) -> Pipeline:
+def validate(data: dict, registry, source: str = "", base: Optional[Path] = None, check_files: bool = True,
+             origins: Optional[list] = None) -> Pipeline:
     """Validate a raw spec dict completely, before any compute.
 
     ``repeat`` blocks are expanded first (:mod:`rlhf_spec.spec.repeat`); a problem in an expanded stage
@@ -116,9 +110,8 @@ def _stages(spec, registry, problems: list[Problem]) -> list[Stage]:
             continue
         ids[st.id] = i
         if st.id in spec.models:
-            problems.append(
-                Problem(f"/stages/{i}/id", f"stage id '{st.id}' is also a model name in /models; rename one")
-            )
+            problems.append(Problem(f"/stages/{i}/id",
+                                    f"stage id '{st.id}' is also a model name in /models; rename one"))
         res = stage_params(i, st.model_dump(by_alias=True), registry, problems)
         if res is not None:
             stages.append(Stage(i, st, res[0], res[1]))
@@ -202,13 +195,8 @@ def _references(spec, stages: list[Stage], problems: list[Problem]) -> None:
                 elif value in ids:
                     deps.append(value)
                 else:
-                    problems.append(
-                        Problem(
-                            ptr,
-                            f"'{value}' is neither a model in /models nor a stage id",
-                            did_you_mean(value, list(spec.models) + list(ids)),
-                        )
-                    )
+                    problems.append(Problem(ptr, f"'{value}' is neither a model in /models nor a stage id",
+                                            did_you_mean(value, list(spec.models) + list(ids))))
             elif isinstance(mark, DatasetRef):
                 s.dataset_refs[path] = value
                 _dataset_ref(spec, value, mark, ptr, problems)
@@ -217,13 +205,8 @@ def _references(spec, stages: list[Stage], problems: list[Problem]) -> None:
 
 def _dataset_ref(spec, value: str, mark: DatasetRef, ptr: str, problems: list[Problem]) -> None:
     if value not in spec.datasets:
-        problems.append(
-            Problem(
-                ptr,
-                f"unknown dataset '{value}'",
-                did_you_mean(value, spec.datasets) or f"defined: {', '.join(spec.datasets) or 'none'}",
-            )
-        )
+        problems.append(Problem(ptr, f"unknown dataset '{value}'",
+                                did_you_mean(value, spec.datasets) or f"defined: {', '.join(spec.datasets) or 'none'}"))
         return
     have = spec.datasets[value].columns()
     missing = [c for c in mark.columns if c not in have]
@@ -244,13 +227,9 @@ def _types(order: list[Stage], problems: list[Problem]) -> None:
             up = by_id[ref]
             in_types.append(up.output_type)
             if s.impl.inputs and up.output_type not in s.impl.inputs:
-                problems.append(
-                    Problem(
-                        f"{s.ptr}/inputs/{j}",
-                        f"{s.impl.kind}/{s.impl.name} needs {' or '.join(s.impl.inputs)} "
-                        f"input, but stage '{ref}' ({up.impl.kind}) produces {up.output_type}",
-                    )
-                )
+                problems.append(Problem(f"{s.ptr}/inputs/{j}",
+                                        f"{s.impl.kind}/{s.impl.name} needs {' or '.join(s.impl.inputs)} "
+                                        f"input, but stage '{ref}' ({up.impl.kind}) produces {up.output_type}"))
         s.output_type = in_types[0] if (s.impl.output == "same" and in_types) else s.impl.output
         for path, mark, value in walk_refs(s.params):
             if isinstance(mark, ModelRef) and value in by_id and by_id[value].output_type not in mark.artifacts:
@@ -362,14 +341,11 @@ def _reward_columns(spec, stages: list[Stage], problems: list[Problem]) -> None:
         for path, comp in rewards:
             missing = [c for c in comp.impl.required_columns(comp.parsed) if c not in have]
             if missing:
-                problems.append(
-                    Problem(
-                        f"{s.ptr}/params{pointer_of(path)}",
-                        f"reward '{comp.uses}' reads the row column(s) {', '.join(missing)}, which the prompts "
-                        f"reaching this stage do not have (they have {', '.join(sorted(have))})",
-                        "give the prompts dataset a reference_column (or keep_columns)",
-                    )
-                )
+                problems.append(Problem(f"{s.ptr}/params{pointer_of(path)}",
+                                        f"reward '{comp.uses}' reads the row column(s) {', '.join(missing)}, which the "
+                                        f"prompts "
+                                        f"reaching this stage do not have (they have {', '.join(sorted(have))})",
+                                        "give the prompts dataset a reference_column (or keep_columns)"))
 
 
 def _finite(value: Any, ptr: str, problems: list[Problem]) -> None:

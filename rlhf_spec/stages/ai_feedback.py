@@ -23,7 +23,7 @@ from typing import Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..data import split_by_prompt
+from ..data import assign_split, check_test_size
 from ..errors import Problem
 from ..hookspecs import hookimpl
 from ..records import PAIRS, SAMPLES, SCORED, RewardSpec, StageImpl, StageResult, component_resources
@@ -36,29 +36,19 @@ class AIFeedbackParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    judge: RewardSpec = Field(
-        ..., description='A pairwise judge: {"uses": "llm-judge", "params": {"model": ..., "mode": "pairwise"}}.'
-    )
+    judge: RewardSpec = Field(..., description="A pairwise judge: {\"uses\": \"llm-judge\", \"params\": {\"model\": "
+                                               "..., \"mode\": \"pairwise\"}}.")
     test_size: Union[int, float] = Field(
-        0, ge=0, description="Prompts held out as split 'test': a count (int), or a share in [0, 1) (float)."
-    )
+        0, ge=0, description="Prompts held out as split 'test': a count (int), or a share in [0, 1) (float).")
     split_seed: int = Field(0, ge=0, description="Seed of the prompt-level split.")
-    num_shards: int = Field(
-        8, ge=1, le=100000, description="Content-defined shards committed one by one, so a killed run resumes."
-    )
-    drop_ties: bool = Field(
-        True, description="Drop pairs the judge cannot separate: |p - 0.5| < min_margin, or exactly 0.5."
-    )
-    min_margin: float = Field(
-        0.0, ge=0.0, lt=0.5, description="With drop_ties: the least |p - 0.5| kept (0.0 drops exact ties only)."
-    )
+    num_shards: int = Field(8, ge=1, le=100000, description="Content-defined shards committed one by one, so a killed "
+                                                            "run resumes.")
+    drop_ties: bool = Field(True, description="Drop pairs the judge cannot separate: |p - 0.5| < min_margin, or "
+                                              "exactly 0.5.")
+    min_margin: float = Field(0.0, ge=0.0, lt=0.5, description="With drop_ties: the least |p - 0.5| kept (0.0 drops "
+                                                               "exact ties only).")
 
-    @field_validator("test_size")
-    @classmethod
-    def _share_below_one(cls, v):
-        if isinstance(v, float) and not v < 1.0:
-            raise ValueError(f"a share of prompts must be below 1 (got {v}); give a whole number for a count")
-        return v
+    _share_below_one = field_validator("test_size")(check_test_size)
 
 
 def check(params: AIFeedbackParams, spec, inputs) -> list[Problem]:
@@ -75,7 +65,7 @@ def check(params: AIFeedbackParams, spec, inputs) -> list[Problem]:
         return []
     need = f"ai-feedback compares two replies, so it needs a pairwise judge; {j._impl.origin()}"
     if j._impl.pairwise is False:
-        hint = f'use a pairwise judge: {{"uses": "{JUDGE}", "params": {{"mode": "pairwise", ...}}}}'
+        hint = f"use a pairwise judge: {{\"uses\": \"{JUDGE}\", \"params\": {{\"mode\": \"pairwise\", ...}}}}"
         return [Problem("/judge", f"{need} scores one reply at a time (it declares no pairwise capability)", hint)]
     hint = f"set its params to compare two replies ({JUDGE}: set judge.params.mode to 'pairwise')"
     return [Problem("/judge", f"{need} is not pairwise with these params", hint)]
@@ -121,20 +111,8 @@ def label_pairs(candidates: list[dict], p_a: list[float], disagree: list[bool]) 
         column, False (with empty texts and zero rewards) for a candidate without two replies: a shard
         keeps one row per prompt, since an empty shard cannot be saved and loaded back.
     """
-    out = {
-        k: []
-        for k in (
-            "prompt_id",
-            "prompt",
-            "chosen",
-            "rejected",
-            "chosen_reward",
-            "rejected_reward",
-            "ai_preference",
-            "order_disagreement",
-            "judged",
-        )
-    }
+    out = {k: [] for k in ("prompt_id", "prompt", "chosen", "rejected", "chosen_reward", "rejected_reward",
+                           "ai_preference", "order_disagreement", "judged")}
     verdicts = iter(zip(p_a, disagree))
     for c in candidates:
         judged = c["b"] is not None
@@ -163,35 +141,10 @@ def _features(rows):
     import datasets
 
     f, v = rows.features, datasets.Value
-    return datasets.Features(
-        {
-            "prompt_id": f["prompt_id"],
-            "prompt": f["prompt"],
-            "chosen": v("string"),
-            "rejected": v("string"),
-            "chosen_reward": v("float64"),
-            "rejected_reward": v("float64"),
-            "ai_preference": v("float64"),
-            "order_disagreement": v("bool"),
-            "judged": v("bool"),
-        }
-    )
-
-
-def assign_split(prompt_ids: list[str], test_size: Union[int, float], seed: int) -> list[str]:
-    """``"test"`` for the first ``n_test`` prompts in the seeded order of :func:`rlhf_spec.data.split_by_prompt`,
-    ``"train"`` for the rest;
-    ``n_test = test_size`` (int) or ``round(test_size * n)`` (float).
-
-    Raises:
-        ValueError: if the split leaves no training pair.
-    """
-    n = len(prompt_ids)
-    n_test = int(test_size) if isinstance(test_size, int) else int(round(test_size * n))
-    if n_test >= n:
-        raise ValueError(f"test_size {test_size} leaves no training pairs ({n} pairs)")
-    test_rows = set(split_by_prompt(prompt_ids, n_test, seed=seed)[1])
-    return ["test" if i in test_rows else "train" for i in range(n)]
+    return datasets.Features({"prompt_id": f["prompt_id"], "prompt": f["prompt"], "chosen": v("string"),
+                              "rejected": v("string"),
+                              "chosen_reward": v("float64"), "rejected_reward": v("float64"),
+                              "ai_preference": v("float64"), "order_disagreement": v("bool"), "judged": v("bool")})
 
 
 def run(ctx) -> StageResult:
@@ -217,14 +170,11 @@ def run(ctx) -> StageResult:
     def process(shard_rows, shard: int):
         cands = first_two_distinct(shard_rows)
         two = [c for c in cands if c["b"] is not None]
-        p_a, disagree = (
-            judge.compare([c["prompt"] for c in two], [c["a"] for c in two], [c["b"] for c in two]) if two else ([], [])
-        )
+        p_a, disagree = judge.compare([c["prompt"] for c in two], [c["a"] for c in two], [c["b"] for c in two]) \
+            if two else ([], [])
         ctx.progress.advance(len(shard_rows))
-        return (
-            datasets.Dataset.from_dict(label_pairs(cands, p_a, disagree), features=features),
-            {"dropped_single": len(cands) - len(two)},
-        )
+        return (datasets.Dataset.from_dict(label_pairs(cands, p_a, disagree), features=features),
+                {"dropped_single": len(cands) - len(two)})
 
     with ctx.timer("judge"):
         labelled = ctx.run_shards(rows, process, p.num_shards)
@@ -232,47 +182,26 @@ def run(ctx) -> StageResult:
     prefs, disagree = list(judged["ai_preference"]), list(judged["order_disagreement"])
     keep = [i for i, x in enumerate(prefs) if not is_tie(x, p.drop_ties, p.min_margin)]
     if not keep:
-        raise ValueError(
-            f"no pairs: {len(rows)} input rows gave {len(judged)} judged pairs and every one was "
-            "dropped (prompts need two distinct completions; lower min_margin or set drop_ties false)"
-        )
+        raise ValueError(f"no pairs: {len(rows)} input rows gave {len(judged)} judged pairs and every one was "
+                         "dropped (prompts need two distinct completions; lower min_margin or set drop_ties false)")
     out = judged.select(keep)
     split = assign_split(list(out["prompt_id"]), p.test_size, p.split_seed)
     out = out.add_column("split", split)
     ctx.save_dataset(out)
     n, n_test, m = len(out), split.count("test"), max(1, len(judged))
-    return StageResult(
-        metrics={
-            "judged": len(judged),
-            "pairs": n,
-            "train": n - n_test,
-            "test": n_test,
-            "dropped_single": len(labelled) - len(judged),
-            "dropped_ties": len(judged) - n,
-            "order_disagreement_rate": sum(disagree) / m,
-            "preference_margin_mean": sum(abs(x - 0.5) for x in prefs) / m,
-        },
-        rows=n,
-    )
+    return StageResult(metrics={
+        "judged": len(judged), "pairs": n, "train": n - n_test, "test": n_test,
+        "dropped_single": len(labelled) - len(judged), "dropped_ties": len(judged) - n,
+        "order_disagreement_rate": sum(disagree) / m, "preference_margin_mean": sum(abs(x - 0.5) for x in prefs) / m,
+    }, rows=n)
 
 
 @hookimpl
 def rlhf_spec_register_stages(register):
     """Register the ``pair`` stage ``ai-feedback`` (:class:`AIFeedbackParams`, :func:`run`, :func:`check`)."""
-    register(
-        StageImpl(
-            kind="pair",
-            name="ai-feedback",
-            params=AIFeedbackParams,
-            run=run,
-            version="1",
-            check=check,
-            inputs=(SAMPLES, SCORED),
-            min_inputs=1,
-            max_inputs=1,
-            output=PAIRS,
-            description="chosen/rejected by a pairwise LLM judge (both orders averaged); seeded prompt-level "
-            "test split",
-            resources=lambda p: {"processes": 1, "gpus": "0-1", "judge": p.judge.uses, **component_resources(p.judge)},
-        )
-    )
+    register(StageImpl(kind="pair", name="ai-feedback", params=AIFeedbackParams, run=run, version="1", check=check,
+                       inputs=(SAMPLES, SCORED), min_inputs=1, max_inputs=1, output=PAIRS,
+                       description="chosen/rejected by a pairwise LLM judge (both orders averaged); seeded "
+                                   "prompt-level test split",
+                       resources=lambda p: {"processes": 1, "gpus": "0-1", "judge": p.judge.uses,
+                                            **component_resources(p.judge)}))

@@ -28,16 +28,11 @@ class BestOfNParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    threshold: Optional[float] = Field(
-        None, description="Keep a prompt's best sample only if its reward is >= this (reward units)."
-    )
+    threshold: Optional[float] = Field(None, description="Keep a prompt's best sample only if its reward is >= this "
+                                                         "(reward units).")
     top_fraction: Optional[float] = Field(
-        None,
-        gt=0.0,
-        le=1.0,
-        description="Keep only prompts whose best reward is >= the k-th highest best reward, k = ceil(top_fraction x "
-        "prompts) (ties kept).",
-    )
+        None, gt=0.0, le=1.0, description="Keep only prompts whose best reward is >= the k-th highest best reward, k = "
+                                          "ceil(top_fraction x prompts) (ties kept).")
 
 
 def _mean(xs: list) -> Optional[float]:
@@ -93,19 +88,10 @@ def run(ctx) -> StageResult:
             keep.append(i)
     out = rows.select(sorted(keep))
     ctx.save_dataset(out)
-    return StageResult(
-        metrics={
-            "prompts": len(best),
-            "kept": len(out),
-            "dropped_below_threshold": below_threshold,
-            "dropped_below_top_fraction": below_top,
-            "mean_best_reward": _mean(best_rewards),
-            "mean_reward": _mean(rewards),
-            "samples": len(rows),
-        },
-        rows=len(out),
-        output_type=ctx.inputs[0].output_type,
-    )
+    return StageResult(metrics={"prompts": len(best), "kept": len(out), "dropped_below_threshold": below_threshold,
+                                "dropped_below_top_fraction": below_top, "mean_best_reward": _mean(best_rewards),
+                                "mean_reward": _mean(rewards), "samples": len(rows)},
+                       rows=len(out), output_type=ctx.inputs[0].output_type)
 
 
 class ThresholdParams(BaseModel):
@@ -114,9 +100,8 @@ class ThresholdParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     threshold: float = Field(..., description="Keep every sample whose reward is >= this (reward units): ReST's tau.")
-    max_per_prompt: Optional[int] = Field(
-        None, ge=1, description="Keep at most this many of a prompt's samples (the highest rewards first)."
-    )
+    max_per_prompt: Optional[int] = Field(None, ge=1, description="Keep at most this many of a prompt's samples (the "
+                                                                  "highest rewards first).")
 
 
 def run_threshold(ctx) -> StageResult:
@@ -138,47 +123,19 @@ def run_threshold(ctx) -> StageResult:
         keep.append(i)
     out = rows.select(sorted(keep))
     ctx.save_dataset(out)
-    return StageResult(
-        metrics={
-            "samples": len(rows),
-            "kept": len(out),
-            "prompts_kept": len(taken),
-            "kept_fraction": len(out) / len(rows) if len(rows) else None,
-            "mean_reward": _mean(rewards),
-            "mean_kept_reward": _mean([rewards[i] for i in keep]),
-        },
-        rows=len(out),
-        output_type=ctx.inputs[0].output_type,
-    )
+    return StageResult(metrics={"samples": len(rows), "kept": len(out), "prompts_kept": len(taken),
+                                "kept_fraction": len(out) / len(rows) if len(rows) else None,
+                                "mean_reward": _mean(rewards),
+                                "mean_kept_reward": _mean([rewards[i] for i in keep])},
+                       rows=len(out), output_type=ctx.inputs[0].output_type)
 
 
 @hookimpl
 def rlhf_spec_register_stages(register):
-    register(
-        StageImpl(
-            kind="filter",
-            name="best-of-n",
-            params=BestOfNParams,
-            run=run,
-            version="1",
-            inputs=(SCORED,),
-            min_inputs=1,
-            max_inputs=1,
-            output="same",
-            description="rejection sampling: the highest-reward sample per prompt, optional threshold/top fraction",
-        )
-    )
-    register(
-        StageImpl(
-            kind="filter",
-            name="reward-threshold",
-            params=ThresholdParams,
-            run=run_threshold,
-            version="1",
-            inputs=(SCORED,),
-            min_inputs=1,
-            max_inputs=1,
-            output="same",
-            description="ReST's Improve step: every sample with reward >= threshold",
-        )
-    )
+    register(StageImpl(kind="filter", name="best-of-n", params=BestOfNParams, run=run, version="1",
+                       inputs=(SCORED,), min_inputs=1, max_inputs=1, output="same",
+                       description="rejection sampling: the highest-reward sample per prompt, optional threshold/top "
+                                   "fraction"))
+    register(StageImpl(kind="filter", name="reward-threshold", params=ThresholdParams, run=run_threshold, version="1",
+                       inputs=(SCORED,), min_inputs=1, max_inputs=1, output="same",
+                       description="ReST's Improve step: every sample with reward >= threshold"))

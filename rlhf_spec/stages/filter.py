@@ -19,15 +19,12 @@ class FilterParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    tokenizer: Annotated[str, ModelRef(artifacts=(POLICY,))] = Field(
-        ..., description="Model whose tokenizer counts tokens (the policy)."
-    )
-    max_prompt_tokens: Optional[int] = Field(
-        None, ge=1, description="Drop prompts longer than this, generation prompt included."
-    )
-    max_response_tokens: Optional[int] = Field(
-        None, ge=1, description="Drop responses longer than this (no special tokens)."
-    )
+    tokenizer: Annotated[str, ModelRef(artifacts=(POLICY,))] = Field(..., description="Model whose tokenizer counts "
+                                                                                      "tokens (the policy).")
+    max_prompt_tokens: Optional[int] = Field(None, ge=1, description="Drop prompts longer than this, generation prompt "
+                                                                     "included.")
+    max_response_tokens: Optional[int] = Field(None, ge=1, description="Drop responses longer than this (no special "
+                                                                       "tokens).")
     drop_empty: bool = Field(True, description="Drop responses that are empty after stripping whitespace.")
     drop_duplicates: bool = Field(True, description="Keep the first of identical responses to the same prompt.")
 
@@ -37,24 +34,16 @@ def run(ctx) -> StageResult:
     p: FilterParams = ctx.params
     rows = ctx.input_dataset(0)
     tok = ctx.model("tokenizer").load_tokenizer()
-    stats = {
-        "in": len(rows),
-        "dropped_prompt_length": 0,
-        "dropped_response_length": 0,
-        "dropped_empty": 0,
-        "dropped_duplicate": 0,
-    }
+    stats = {"in": len(rows), "dropped_prompt_length": 0, "dropped_response_length": 0, "dropped_empty": 0,
+             "dropped_duplicate": 0}
     plen_cache: dict[str, int] = {}
     if p.max_prompt_tokens is not None:
         for pid, prompt in zip(rows["prompt_id"], rows["prompt"]):
             if pid not in plen_cache:
                 text = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
                 plen_cache[pid] = len(tok(text, add_special_tokens=False)["input_ids"])
-    rlen = (
-        tok(list(rows["completion"]), add_special_tokens=False)["input_ids"]
-        if p.max_response_tokens is not None
-        else None
-    )
+    rlen = tok(list(rows["completion"]),
+               add_special_tokens=False)["input_ids"] if p.max_response_tokens is not None else None
     seen: set[tuple[str, str]] = set()
     keep = []
     ctx.progress.start(len(rows))
@@ -84,17 +73,6 @@ def run(ctx) -> StageResult:
 
 @hookimpl
 def rlhf_spec_register_stages(register):
-    register(
-        StageImpl(
-            kind="filter",
-            name="length",
-            params=FilterParams,
-            run=run,
-            version="1",
-            inputs=(SAMPLES, SCORED),
-            min_inputs=1,
-            max_inputs=1,
-            output="same",
-            description="prompt/response token limits, empty and duplicate responses",
-        )
-    )
+    register(StageImpl(kind="filter", name="length", params=FilterParams, run=run, version="1",
+                       inputs=(SAMPLES, SCORED), min_inputs=1, max_inputs=1, output="same",
+                       description="prompt/response token limits, empty and duplicate responses"))

@@ -72,11 +72,10 @@ def score_sides(reward, prompts: list, sides: list[list[str]], columns: dict) ->
         RewardError: from the reward's checks (wrong count, non-finite scores).
     """
     n, s = len(prompts), len(sides)
-    batch = RewardBatch(
-        list(prompts) * s, [reply for side in sides for reply in side], {c: list(v) * s for c, v in columns.items()}
-    )
+    batch = RewardBatch(list(prompts) * s, [reply for side in sides for reply in side],
+                        {c: list(v) * s for c, v in columns.items()})
     scores = list(reward.score(batch).scores)
-    return [scores[i * n : (i + 1) * n] for i in range(s)]
+    return [scores[i * n:(i + 1) * n] for i in range(s)]
 
 
 def row_columns(rows, repeat: int = 1) -> dict[str, list]:

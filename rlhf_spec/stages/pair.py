@@ -6,7 +6,7 @@ from typing import Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from ..data import split_by_prompt
+from ..data import assign_split, check_test_size
 from ..hookspecs import hookimpl
 from ..records import PAIRS, SCORED, StageImpl, StageResult
 
@@ -16,25 +16,16 @@ class PairParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    drop_identical: bool = Field(
-        True, description="Drop pairs whose chosen and rejected texts are equal, or whose rewards tie."
-    )
+    drop_identical: bool = Field(True, description="Drop pairs whose chosen and rejected texts are equal, or whose "
+                                                   "rewards tie.")
     test_size: Union[int, float] = Field(
-        0,
-        ge=0,
-        description="Prompts held out as split 'test': a count (int), or a share in [0, 1) (float). REBEL holds out "
-        "1000.",
+        0, ge=0, description="Prompts held out as split 'test': a count (int), or a share in [0, 1) (float). REBEL "
+                             "holds out 1000."
     )
-    split_seed: int = Field(
-        0, ge=0, description="Seed of the prompt-level split (the REBEL script's split is unseeded)."
-    )
+    split_seed: int = Field(0, ge=0, description="Seed of the prompt-level split (the REBEL script's split is "
+                                                 "unseeded).")
 
-    @field_validator("test_size")
-    @classmethod
-    def _share_below_one(cls, v):
-        if isinstance(v, float) and not v < 1.0:
-            raise ValueError(f"a share of prompts must be below 1 (got {v}); give a whole number for a count")
-        return v
+    _share_below_one = field_validator("test_size")(check_test_size)
 
 
 def run(ctx) -> StageResult:
@@ -66,46 +57,23 @@ def run(ctx) -> StageResult:
         out["rejected_reward"].append(float(rewards[worst]))
     n = len(out["prompt_id"])
     if n == 0:
-        raise ValueError(
-            f"no pairs: {len(rows)} input rows over {len(groups)} prompts gave no prompt with two different, "
-            "differently scored completions (raise sample n, or loosen the filter)"
-        )
-    n_test = int(p.test_size) if isinstance(p.test_size, int) else int(round(p.test_size * n))
-    if n_test >= n and n > 0:
-        raise ValueError(f"test_size {p.test_size} leaves no training pairs ({n} pairs)")
-    test_rows = set(split_by_prompt(out["prompt_id"], n_test, seed=p.split_seed)[1])
-    out["split"] = ["test" if i in test_rows else "train" for i in range(n)]
+        raise ValueError(f"no pairs: {len(rows)} input rows over {len(groups)} prompts gave no prompt with two "
+                         f"different, "
+                         "differently scored completions (raise sample n, or loosen the filter)")
+    out["split"] = assign_split(out["prompt_id"], p.test_size, p.split_seed)
+    n_test = out["split"].count("test")
     import datasets
 
     ds = datasets.Dataset.from_dict(out)
     ctx.save_dataset(ds)
     margins = [c - r for c, r in zip(out["chosen_reward"], out["rejected_reward"])]
-    return StageResult(
-        metrics={
-            "pairs": n,
-            "train": n - n_test,
-            "test": n_test,
-            "dropped_single": dropped_single,
-            "dropped_identical": dropped_identical,
-            "reward_margin_mean": float(sum(margins) / len(margins)) if margins else 0.0,
-        },
-        rows=n,
-    )
+    return StageResult(metrics={"pairs": n, "train": n - n_test, "test": n_test, "dropped_single": dropped_single,
+                                "dropped_identical": dropped_identical,
+                                "reward_margin_mean": float(sum(margins) / len(margins)) if margins else 0.0}, rows=n)
 
 
 @hookimpl
 def rlhf_spec_register_stages(register):
-    register(
-        StageImpl(
-            kind="pair",
-            name="best-worst",
-            params=PairParams,
-            run=run,
-            version="1",
-            inputs=(SCORED,),
-            min_inputs=1,
-            max_inputs=1,
-            output=PAIRS,
-            description="chosen = argmax reward, rejected = argmin; seeded prompt-level test split",
-        )
-    )
+    register(StageImpl(kind="pair", name="best-worst", params=PairParams, run=run, version="1",
+                       inputs=(SCORED,), min_inputs=1, max_inputs=1, output=PAIRS,
+                       description="chosen = argmax reward, rejected = argmin; seeded prompt-level test split"))

@@ -31,29 +31,23 @@ class RewardAccuracyParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    judges: Judges = Field(..., min_length=1, description='Rewards to check, by name: each {"uses", "params"}.')
-    primary: Optional[str] = Field(
-        None, description="The judge whose figures are the headline (accuracy, ...); default: the first."
-    )
+    judges: Judges = Field(..., min_length=1, description="Rewards to check, by name: each {\"uses\", \"params\"}.")
+    primary: Optional[str] = Field(None, description="The judge whose figures are the headline (accuracy, ...); "
+                                                     "default: the first.")
     dataset: Optional[Annotated[str, DatasetRef(columns=("prompt", "chosen", "rejected"))]] = Field(
-        None,
-        description="Labelled preference pairs from /datasets; or give a pairs input and its 'test' split is used.",
-    )
+        None, description="Labelled preference pairs from /datasets; or give a pairs input and its 'test' split is "
+                          "used.")
     limit: Optional[int] = Field(None, ge=1, description="Check at most this many pairs (in dataset order).")
     confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Level of the Wilson intervals.")
-    examples: Annotated[int, NotInKey()] = Field(
-        8, ge=0, description="Pairs written to examples.md. Not part of the key."
-    )
+    examples: Annotated[int, NotInKey()] = Field(8, ge=0, description="Pairs written to examples.md. Not part of the "
+                                                                      "key.")
 
 
 def _check(params: RewardAccuracyParams, spec, inputs) -> list[Problem]:
     out = []
     if not params.dataset and not inputs:
-        out.append(
-            Problem(
-                "/dataset", "reward-accuracy needs labelled pairs: set params.dataset or give a pairs stage in inputs"
-            )
-        )
+        out.append(Problem("/dataset", "reward-accuracy needs labelled pairs: set params.dataset or give a pairs stage "
+                                       "in inputs"))
     return out + primary_problems(params.primary, params.judges)
 
 
@@ -82,9 +76,8 @@ def _verdicts(ctx, name: str, rows) -> dict:
             p, dis = reward.compare(prompts, list(rows["chosen"]), list(rows["rejected"]))
             out = {"p_chosen": list(p), "disagreement": list(dis)}
         else:
-            chosen, rejected = score_sides(
-                reward, prompts, [list(rows["chosen"]), list(rows["rejected"])], row_columns(rows)
-            )
+            chosen, rejected = score_sides(reward, prompts, [list(rows["chosen"]), list(rows["rejected"])],
+                                           row_columns(rows))
             out = {"chosen": chosen, "rejected": rejected}
         ctx.progress.advance(1)
     return out
@@ -109,10 +102,8 @@ def judge_metrics(v: dict, chosen_longer: list[bool], confidence: float) -> dict
 
     if "p_chosen" in v:
         agree = agreement(v["p_chosen"], [0.5] * len(v["p_chosen"]))
-        extra = {
-            "p_chosen_mean": sum(v["p_chosen"]) / len(agree),
-            "order_disagreement_rate": sum(v["disagreement"]) / len(agree),
-        }
+        extra = {"p_chosen_mean": sum(v["p_chosen"]) / len(agree),
+                 "order_disagreement_rate": sum(v["disagreement"]) / len(agree)}
     else:
         agree = agreement(v["chosen"], v["rejected"])
         extra = {"margin_mean": sum(c - r for c, r in zip(v["chosen"], v["rejected"])) / len(agree)}
@@ -122,14 +113,8 @@ def judge_metrics(v: dict, chosen_longer: list[bool], confidence: float) -> dict
     # that did not
     unequal = [(a, longer) for a, longer in zip(agree, chosen_longer) if longer is not None]
     picks_longer = [a if longer else 1.0 - a for a, longer in unequal]
-    return {
-        "accuracy": sum(agree) / n,
-        "accuracy_ci_low": low,
-        "accuracy_ci_high": high,
-        "pairs": n,
-        "prefers_longer_rate": sum(picks_longer) / len(picks_longer) if picks_longer else None,
-        **extra,
-    }
+    return {"accuracy": sum(agree) / n, "accuracy_ci_low": low, "accuracy_ci_high": high, "pairs": n,
+            "prefers_longer_rate": sum(picks_longer) / len(picks_longer) if picks_longer else None, **extra}
 
 
 def run(ctx) -> StageResult:
@@ -142,22 +127,16 @@ def run(ctx) -> StageResult:
     judged = {name: _verdicts(ctx, name, rows) for name in p.judges}
     chosen_longer = [None if len(c) == len(r) else len(c) > len(r) for c, r in zip(rows["chosen"], rows["rejected"])]
     primary = p.primary or next(iter(p.judges))
-    metrics: dict = {
-        "pairs": len(rows),
-        "labels_prefer_longer_rate": _rate([x for x in chosen_longer if x is not None]),
-        "primary_judge": primary,
-    }
+    metrics: dict = {"pairs": len(rows),
+                     "labels_prefer_longer_rate": _rate([x for x in chosen_longer if x is not None]),
+                     "primary_judge": primary}
     for name, v in judged.items():
         res = judge_metrics(v, chosen_longer, p.confidence)
         metrics.update({f"{name}.{k}": x for k, x in res.items()})
         if name == primary:
             metrics.update(res)
-    table = {
-        "prompt_id": list(rows["prompt_id"]),
-        "prompt": list(rows["prompt"]),
-        "chosen": list(rows["chosen"]),
-        "rejected": list(rows["rejected"]),
-    }
+    table = {"prompt_id": list(rows["prompt_id"]), "prompt": list(rows["prompt"]), "chosen": list(rows["chosen"]),
+             "rejected": list(rows["rejected"])}
     for name, v in judged.items():
         table.update({f"{k}/{name}": v[k] for k in v})
     ctx.save_dataset(datasets.Dataset.from_dict(table))
@@ -172,56 +151,27 @@ def _rate(flags: list[bool]) -> Optional[float]:
 
 def _examples(metrics: dict, table: dict, examples: int, judges: list[str]) -> str:
     """``examples.md``: accuracy per judge, then the first pairs with every judge's verdict."""
-    lines = [
-        "# Reward accuracy on labelled pairs",
-        "",
-        f"{metrics['pairs']} pairs; the labels prefer the longer reply in "
-        f"{num(metrics['labels_prefer_longer_rate'])} of those with unequal lengths.",
-        "",
-        "| judge | accuracy | 95% interval | prefers longer |",
-        "|---|---|---|---|",
-    ]
+    lines = ["# Reward accuracy on labelled pairs", "", f"{metrics['pairs']} pairs; the labels prefer the longer reply "
+                                                        f"in "
+             f"{num(metrics['labels_prefer_longer_rate'])} of those with unequal lengths.", "",
+             "| judge | accuracy | 95% interval | prefers longer |", "|---|---|---|---|"]
     for j in judges:
-        lines.append(
-            f"| {j} | {metrics[f'{j}.accuracy']:.3f} | [{metrics[f'{j}.accuracy_ci_low']:.3f}, "
-            f"{metrics[f'{j}.accuracy_ci_high']:.3f}] | {num(metrics[f'{j}.prefers_longer_rate'])} |"
-        )
-    lines += [
-        "",
-        "| prompt (last turn) | chosen | rejected | " + " | ".join(judges) + " |",
-        "|" + "---|" * (3 + len(judges)),
-    ]
+        lines.append(f"| {j} | {metrics[f'{j}.accuracy']:.3f} | [{metrics[f'{j}.accuracy_ci_low']:.3f}, "
+                     f"{metrics[f'{j}.accuracy_ci_high']:.3f}] | {num(metrics[f'{j}.prefers_longer_rate'])} |")
+    lines += ["", "| prompt (last turn) | chosen | rejected | " + " | ".join(judges) + " |",
+              "|" + "---|" * (3 + len(judges))]
     for i in range(min(examples, len(table["prompt_id"]))):
-        verdicts = [
-            (
-                f"P={num(table[f'p_chosen/{j}'][i])}"
-                if f"p_chosen/{j}" in table
-                else f"{num(table[f'chosen/{j}'][i])} vs {num(table[f'rejected/{j}'][i])}"
-            )
-            for j in judges
-        ]
-        lines.append(
-            f"| {cell(table['prompt'][i][-1]['content'])} | {cell(table['chosen'][i])} | "
-            f"{cell(table['rejected'][i])} | " + " | ".join(verdicts) + " |"
-        )
+        verdicts = [(f"P={num(table[f'p_chosen/{j}'][i])}" if f"p_chosen/{j}" in table
+                     else f"{num(table[f'chosen/{j}'][i])} vs {num(table[f'rejected/{j}'][i])}") for j in judges]
+        lines.append(f"| {cell(table['prompt'][i][-1]['content'])} | {cell(table['chosen'][i])} | "
+                     f"{cell(table['rejected'][i])} | " + " | ".join(verdicts) + " |")
     return "\n".join(lines) + "\n"
 
 
 @hookimpl
 def rlhf_spec_register_stages(register):
-    register(
-        StageImpl(
-            kind="evaluate",
-            name="reward-accuracy",
-            params=RewardAccuracyParams,
-            run=run,
-            version="1",
-            inputs=(PAIRS,),
-            min_inputs=0,
-            max_inputs=1,
-            output=METRICS,
-            check=_check,
-            description="agreement of rewards and judges with labelled chosen/rejected pairs (accuracy with a "
-            "Wilson interval, length preference, two-order disagreement)",
-        )
-    )
+    register(StageImpl(kind="evaluate", name="reward-accuracy", params=RewardAccuracyParams, run=run, version="1",
+                       inputs=(PAIRS,), min_inputs=0, max_inputs=1, output=METRICS, check=_check,
+                       description="agreement of rewards and judges with labelled chosen/rejected pairs (accuracy with "
+                                   "a "
+                                   "Wilson interval, length preference, two-order disagreement)"))

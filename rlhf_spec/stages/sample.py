@@ -33,24 +33,18 @@ SAMPLE_COLUMNS = ("prompt_id", "prompt", "sample_index", "completion", "completi
 class SampleParams(SamplingParams):
     """Params of ``sample``/``generate``."""
 
-    policy: Annotated[str, ModelRef(artifacts=(POLICY,))] = Field(
-        ..., description="The policy: a /models name or the id of a train stage."
-    )
+    policy: Annotated[str, ModelRef(artifacts=(POLICY,))] = Field(..., description="The policy: a /models name or the "
+                                                                                   "id of a train stage.")
     prompts: Annotated[str, DatasetRef(columns=("prompt",))] = Field(..., description="A /datasets name with prompts.")
     n: int = Field(4, ge=1, le=1024, description="Completions per prompt (one per pass).")
     seed_stride: int = Field(50, ge=0, description="Pass p is seeded spec.seed + p * seed_stride (REBEL: 50).")
-    backend: BackendSpec = Field(
-        default_factory=lambda: BackendSpec(uses="transformers"),
-        description='The generation backend: {"uses": name, "params": {...}}.',
-    )
-    num_shards: int = Field(
-        8, ge=1, le=100000, description="Content-defined shards committed one by one, so a killed run resumes."
-    )
+    backend: BackendSpec = Field(default_factory=lambda: BackendSpec(uses="transformers"),
+                                 description="The generation backend: {\"uses\": name, \"params\": {...}}.")
+    num_shards: int = Field(8, ge=1, le=100000, description="Content-defined shards committed one by one, so a killed "
+                                                            "run resumes.")
     max_prompt_tokens: Optional[int] = Field(
-        None,
-        ge=1,
-        description="Skip prompts longer than this (chat template and generation prompt included) before sampling.",
-    )
+        None, ge=1, description="Skip prompts longer than this (chat template and generation prompt included) before "
+                                "sampling.")
 
 
 def samples_of(rows, completions_per_pass: list[list], passes: list[int]) -> dict:
@@ -95,9 +89,8 @@ def run(ctx) -> StageResult:
 
     def process(rows, shard: int):
         ids = [list(t) for t in rows["token_ids"]]
-        per_pass = generate_passes(
-            engine, ids, sampling, [sampling_seed(ctx.seed, pas, p.seed_stride) for pas in range(p.n)]
-        )
+        per_pass = generate_passes(engine, ids, sampling, [sampling_seed(ctx.seed, pas,
+                                                                         p.seed_stride) for pas in range(p.n)])
         out = samples_of(rows, per_pass, list(range(p.n)))
         ctx.count("generated_tokens_now", sum(out["completion_tokens"]))
         ctx.progress.advance(len(rows))
@@ -113,38 +106,17 @@ def samples_result(ctx, prompts: int, skipped: int, result) -> StageResult:
     too long, samples, and generation throughput in tokens/s (None when everything was resumed)."""
     ctx.save_dataset(result)
     secs, now = ctx.output.timings.get("generate", 0.0), ctx.output.counters.pop("generated_tokens_now", 0)
-    return StageResult(
-        metrics={
-            "prompts": prompts,
-            "prompts_skipped_too_long": skipped,
-            "samples": len(result),
-            "generated_tokens": int(sum(result["completion_tokens"])) if len(result) else 0,
-            "tokens_per_second": round(now / secs, 2) if secs > 0 and now else None,
-        },
-        rows=len(result),
-    )
+    return StageResult(metrics={"prompts": prompts, "prompts_skipped_too_long": skipped, "samples": len(result),
+                                "generated_tokens": int(sum(result["completion_tokens"])) if len(result) else 0,
+                                "tokens_per_second": round(now / secs, 2) if secs > 0 and now else None},
+                       rows=len(result))
 
 
 @hookimpl
 def rlhf_spec_register_stages(register):
-    register(
-        StageImpl(
-            kind="sample",
-            name="generate",
-            params=SampleParams,
-            run=run,
-            version="3",
-            inputs=(),
-            min_inputs=0,
-            max_inputs=0,
-            output=SAMPLES,
-            description="n completions per prompt from the policy, with any generation backend",
-            resources=lambda p: {
-                "processes": 1,
-                "gpus": "0-1",
-                "samples_per_prompt": p.n,
-                "backend": p.backend.uses,
-                **component_resources(p.backend),
-            },
-        )
-    )
+    register(StageImpl(kind="sample", name="generate", params=SampleParams, run=run, version="3",
+                       inputs=(), min_inputs=0, max_inputs=0, output=SAMPLES,
+                       description="n completions per prompt from the policy, with any generation backend",
+                       resources=lambda p: {"processes": 1, "gpus": "0-1", "samples_per_prompt": p.n,
+                                            "backend": p.backend.uses,
+                                            **component_resources(p.backend)}))

@@ -19,24 +19,18 @@ class ScoreParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    reward: RewardSpec = Field(
-        ..., description='The reward: {"uses": name, "params": {...}} (see \'rlhf-spec plugins\').'
-    )
-    num_shards: int = Field(
-        8, ge=1, le=100000, description="Content-defined shards committed one by one, so a killed run resumes."
-    )
+    reward: RewardSpec = Field(..., description="The reward: {\"uses\": name, \"params\": {...}} (see 'rlhf-spec "
+                                                "plugins').")
+    num_shards: int = Field(8, ge=1, le=100000, description="Content-defined shards committed one by one, so a killed "
+                                                            "run resumes.")
 
 
 def _stats(name: str, values: list[float]) -> dict:
     n = max(1, len(values))
     mean = sum(values) / n
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / n)
-    return {
-        f"{name}_mean": mean,
-        f"{name}_std": std,
-        f"{name}_min": min(values, default=0.0),
-        f"{name}_max": max(values, default=0.0),
-    }
+    return {f"{name}_mean": mean, f"{name}_std": std, f"{name}_min": min(values, default=0.0),
+            f"{name}_max": max(values, default=0.0)}
 
 
 def run(ctx) -> StageResult:
@@ -102,37 +96,18 @@ def _check(params: ScoreParams, spec, inputs) -> list:
 
     r = params.reward
     if r._impl is not None and r._parsed is not None and r._impl.is_pairwise(r._parsed):
-        return [
-            Problem(
-                "/reward",
-                f"{r._impl.origin()} is pairwise with these params: it compares two replies and gives no score to one",
-                "use it among evaluate's judges or in the pair stage 'ai-feedback'; for score use a reward "
-                "that rates each reply (llm-judge: mode 'pointwise')",
-            )
-        ]
+        return [Problem("/reward", f"{r._impl.origin()} is pairwise with these params: it compares two replies and "
+                                   "gives no score to one",
+                        "use it among evaluate's judges or in the pair stage 'ai-feedback'; for score use a reward "
+                        "that rates each reply (llm-judge: mode 'pointwise')")]
     return []
 
 
 @hookimpl
 def rlhf_spec_register_stages(register):
-    register(
-        StageImpl(
-            kind="score",
-            name="reward",
-            params=ScoreParams,
-            run=run,
-            version="2",
-            check=_check,
-            inputs=(SAMPLES,),
-            min_inputs=1,
-            max_inputs=1,
-            output=SCORED,
-            description="rate every completion with a reward (and keep its components as columns)",
-            resources=lambda p: {
-                "processes": 1,
-                "gpus": "0-1",
-                "reward": p.reward.uses,
-                **component_resources(p.reward),
-            },
-        )
-    )
+    register(StageImpl(kind="score", name="reward", params=ScoreParams, run=run, version="2", check=_check,
+                       inputs=(SAMPLES,), min_inputs=1, max_inputs=1, output=SCORED,
+                       description="rate every completion with a reward (and keep its components as columns)",
+                       resources=lambda p: {"processes": 1, "gpus": "0-1", "reward": p.reward.uses,
+                                            **component_resources(p.reward)}))
+

@@ -35,25 +35,12 @@ from rlhf_spec import (
 
 #: The 19 objectives of ArmoRM-Llama3-8B-v0.1, in the order of its ``rewards`` output (its model card).
 OBJECTIVES = (
-    "helpsteer-helpfulness",
-    "helpsteer-correctness",
-    "helpsteer-coherence",
-    "helpsteer-complexity",
+    "helpsteer-helpfulness", "helpsteer-correctness", "helpsteer-coherence", "helpsteer-complexity",
     "helpsteer-verbosity",
-    "ultrafeedback-overall_score",
-    "ultrafeedback-instruction_following",
-    "ultrafeedback-truthfulness",
-    "ultrafeedback-honesty",
-    "ultrafeedback-helpfulness",
-    "beavertails-is_safe",
-    "prometheus-score",
-    "argilla-overall_quality",
-    "argilla-judge_lm",
-    "code-complexity",
-    "code-style",
-    "code-explanation",
-    "code-instruction-following",
-    "code-readability",
+    "ultrafeedback-overall_score", "ultrafeedback-instruction_following", "ultrafeedback-truthfulness",
+    "ultrafeedback-honesty", "ultrafeedback-helpfulness", "beavertails-is_safe", "prometheus-score",
+    "argilla-overall_quality", "argilla-judge_lm", "code-complexity", "code-style", "code-explanation",
+    "code-instruction-following", "code-readability",
 )
 
 
@@ -63,26 +50,22 @@ class ArmoRMParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: Annotated[str, ModelRef(artifacts=(REWARD_MODEL,))] = Field(
-        ...,
-        description="A /models name (e.g. hub RLHFlow/ArmoRM-Llama3-8B-v0.1 with trust_remote_code: true) or a stage "
-        "id.",
+        ..., description="A /models name (e.g. hub RLHFlow/ArmoRM-Llama3-8B-v0.1 with trust_remote_code: true) or a "
+                         "stage id."
     )
     dtype: Literal["bfloat16", "float16", "float32", "model"] = Field(
         "bfloat16", description="Weights dtype (REBEL rank.py: bfloat16); 'model' uses the /models entry's dtype."
     )
-    max_length: int = Field(
-        4096, ge=8, le=131072, description="Truncate each chat to this many tokens (REBEL rank.py: 4096)."
-    )
+    max_length: int = Field(4096, ge=8, le=131072, description="Truncate each chat to this many tokens (REBEL rank.py: "
+                                                               "4096).")
     truncation_side: Literal["right", "left"] = Field(
         "right", description="Which end truncation cuts (REBEL rank.py: the tokenizer default, right)."
     )
-    batch_size: Annotated[int, NotInKey()] = Field(
-        16, ge=1, le=8192, description="Most sequences per forward pass. Not part of the key."
-    )
+    batch_size: Annotated[int, NotInKey()] = Field(16, ge=1, le=8192, description="Most sequences per forward pass. "
+                                                                                  "Not part of the key.")
     max_batch_tokens: Annotated[int, NotInKey()] = Field(
-        32768,
-        ge=8,
-        description="Most padded tokens (sequences x longest length) per forward pass. Not part of the key.",
+        32768, ge=8, description="Most padded tokens (sequences x longest length) per forward pass. Not part of the "
+                                 "key."
     )
     components: bool = Field(True, description="Also report each objective's reward (output.rewards) as a component.")
 
@@ -98,13 +81,8 @@ def check(params: ArmoRMParams, spec) -> list:
     model = spec.models.get(name)
     if model is None or model.trust_remote_code:
         return []
-    return [
-        Problem(
-            "/model",
-            f"ArmoRM needs remote code; set /models/{name}/trust_remote_code to true",
-            "its modeling code ships with the checkpoint; the flag allows it for this model only",
-        )
-    ]
+    return [Problem("/model", f"ArmoRM needs remote code; set /models/{name}/trust_remote_code to true",
+                    "its modeling code ships with the checkpoint; the flag allows it for this model only")]
 
 
 def _torch_dtype(p: ArmoRMParams, src):
@@ -136,17 +114,15 @@ def load_armorm(src, p: ArmoRMParams, device=None):
         loc, kw = src.path, {}
     else:
         loc, kw = src.hub, ({"revision": src.revision} if src.revision else {})
-    model = AutoModelForSequenceClassification.from_pretrained(
-        loc, dtype=_torch_dtype(p, src), trust_remote_code=bool(src.trust_remote_code), **kw
-    )
+    model = AutoModelForSequenceClassification.from_pretrained(loc, dtype=_torch_dtype(p, src),
+                                                               trust_remote_code=bool(src.trust_remote_code), **kw)
     if device is not None:
         model.to(device)
     return model.eval(), src.load_tokenizer()
 
 
-def encode_chats(
-    tokenizer, prompts: list[list[dict]], responses: list[str], max_length: int, truncation_side: str = "right"
-) -> list[list[int]]:
+def encode_chats(tokenizer, prompts: list[list[dict]], responses: list[str], max_length: int,
+                 truncation_side: str = "right") -> list[list[int]]:
     """Token ids of each chat ``prompt + [{"role": "assistant", "content": response}]``.
 
     The chat template renders the whole conversation (no generation prompt), as REBEL's ``rank.py``
@@ -162,9 +138,8 @@ def encode_chats(
         raise ValueError("the reward model's tokenizer has no chat template; ArmoRM scores chats")
     out = []
     for prompt, response in zip(prompts, responses):
-        text = tokenizer.apply_chat_template(
-            list(prompt) + [{"role": "assistant", "content": response}], tokenize=False
-        )
+        text = tokenizer.apply_chat_template(list(prompt) + [{"role": "assistant", "content": response}],
+                                             tokenize=False)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > max_length:
             ids = ids[:max_length] if truncation_side == "right" else ids[-max_length:]
@@ -197,9 +172,8 @@ def score_forward(model, input_ids, attention_mask):
     return score.float(), (rewards.float() if rewards is not None else None)
 
 
-def score_sequences(
-    model, seqs: list[list[int]], pad_id: Optional[int], batch_size: int, max_batch_tokens: int, progress=None
-) -> tuple[list[float], list[list[float]]]:
+def score_sequences(model, seqs: list[list[int]], pad_id: Optional[int], batch_size: int, max_batch_tokens: int,
+                    progress=None) -> tuple[list[float], list[list[float]]]:
     """Score token sequences in length-bucketed, dynamically padded batches.
 
     Sequences that contain ``pad_id`` (where ArmoRM would stop reading early) and all sequences when
@@ -256,15 +230,6 @@ def load(params: ArmoRMParams, ctx) -> ArmoRMReward:
 
 @hookimpl
 def rlhf_spec_register_rewards(register):
-    register(
-        RewardImpl(
-            name="armorm",
-            params=ArmoRMParams,
-            load=load,
-            version="2",
-            components=OBJECTIVES,
-            check=check,
-            resources=lambda p: {"gpus": 1},
-            description="ArmoRM reward (output.score) on chats, with its 19 objectives as components",
-        )
-    )
+    register(RewardImpl(name="armorm", params=ArmoRMParams, load=load, version="2", components=OBJECTIVES, check=check,
+                        resources=lambda p: {"gpus": 1},
+                        description="ArmoRM reward (output.score) on chats, with its 19 objectives as components"))

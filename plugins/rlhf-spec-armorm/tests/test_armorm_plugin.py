@@ -60,50 +60,31 @@ class TinyArmoForScore(LlamaPreTrainedModel):
 '''
 
 CHATS = [
-    (
-        [{"role": "user", "content": "How do I bake bread at home?"}],
-        "Mix flour, water, salt and yeast, knead it, let it rise, then bake.",
-    ),
+    ([{"role": "user", "content": "How do I bake bread at home?"}], "Mix flour, water, salt and yeast, knead it, let "
+                                                                    "it rise, then bake."),
     ([{"role": "user", "content": "What is the capital of France?"}], "Paris."),
-    (
-        [{"role": "user", "content": "Tell me a joke."}],
-        "Why did the chicken cross the road? To get to the other side, of course.",
-    ),
+    ([{"role": "user", "content": "Tell me a joke."}], "Why did the chicken cross the road? To get to the other side, "
+                                                       "of course."),
     ([{"role": "user", "content": "hi"}], "Hello! How can I help you today?"),
-    (
-        [{"role": "user", "content": "Can you help me with something dangerous?"}],
-        "I can't help with that, but I can suggest something safer instead.",
-    ),
+    ([{"role": "user", "content": "Can you help me with something dangerous?"}], "I can't help with that, but I can "
+                                                                                 "suggest something safer instead."),
     ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}], "Blue."),
-    (
-        [{"role": "user", "content": "Explain a hash function."}],
-        "A hash function maps data of any size to a fixed-size value; equal inputs give equal outputs, and good ones "
-        "spread "
-        "different inputs evenly so collisions are rare.",
-    ),
+    ([{"role": "user", "content": "Explain a hash function."}],
+     "A hash function maps data of any size to a fixed-size value; equal inputs give equal outputs, and good ones "
+     "spread "
+     "different inputs evenly so collisions are rare."),
     ([{"role": "user", "content": "Count to five."}], "One, two, three, four, five."),
     ([{"role": "user", "content": "Say nothing."}], ""),
-    (
-        [
-            {"role": "user", "content": "What's 2+2?"},
-            {"role": "assistant", "content": "4"},
-            {"role": "user", "content": "And times 3?"},
-        ],
-        "12.",
-    ),
+    ([{"role": "user", "content": "What's 2+2?"}, {"role": "assistant", "content": "4"}, {"role": "user",
+                                                                                          "content": "And times 3?"}],
+                                                                                          "12."),
 ]
 
 
 def cli(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1")
-    return subprocess.run(
-        [sys.executable, "-m", "rlhf_spec", *args],
-        cwd=str(cwd),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return subprocess.run([sys.executable, "-m", "rlhf_spec", *args], cwd=str(cwd), env=env, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def make_tiny_armo(folder: Path, seed: int = 0) -> Path:
@@ -119,30 +100,18 @@ def make_tiny_armo(folder: Path, seed: int = 0) -> Path:
     spec.loader.exec_module(mod)
     tok = make_tokenizer([p[-1]["content"] + " " + r for p, r in CHATS])
     torch.manual_seed(seed)
-    cfg = mod.TinyArmoConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        num_objectives=4,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id,
-        bos_token_id=None,
-    )
+    cfg = mod.TinyArmoConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                             num_objectives=4,
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
     model = mod.TinyArmoForScore(cfg)
-    torch.nn.init.normal_(
-        model.regression_layer.weight, std=1.0
-    )  # rewards of order 1, so the comparison below is not trivially small
+    torch.nn.init.normal_(model.regression_layer.weight,
+                          std=1.0)  # rewards of order 1, so the comparison below is not trivially small
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     conf = json.loads((folder / "config.json").read_text())
-    conf["auto_map"] = {
-        "AutoConfig": "modeling_tiny_armo.TinyArmoConfig",
-        "AutoModelForSequenceClassification": "modeling_tiny_armo.TinyArmoForScore",
-    }
+    conf["auto_map"] = {"AutoConfig": "modeling_tiny_armo.TinyArmoConfig",
+                        "AutoModelForSequenceClassification": "modeling_tiny_armo.TinyArmoForScore"}
     (folder / "config.json").write_text(json.dumps(conf, indent=2))
     return folder
 
@@ -164,32 +133,15 @@ def spec_dict(tiny: dict, trust: bool = True, **params) -> dict:
     if trust:
         armo["trust_remote_code"] = True
     return {
-        "name": "armorm-tiny",
-        "seed": 0,
-        "requires": ["rlhf-spec-armorm>=0.2"],
+        "name": "armorm-tiny", "seed": 0, "requires": ["rlhf-spec-armorm>=0.2"],
         "models": {"policy": {"path": str(tiny["policy"])}, "armo": armo},
         "datasets": {"prompts": {"path": str(tiny["prompts"])}},
         "stages": [
-            {
-                "id": "sample",
-                "kind": "sample",
-                "uses": "generate",
-                "params": {
-                    "policy": "policy",
-                    "prompts": "prompts",
-                    "n": 2,
-                    "max_new_tokens": 12,
-                    "num_shards": 2,
-                    "backend": {"uses": "transformers", "params": {"batch_size": 8}},
-                },
-            },
-            {
-                "id": "score",
-                "kind": "score",
-                "uses": "reward",
-                "inputs": ["sample"],
-                "params": {"reward": {"uses": "armorm", "params": p}, "num_shards": 2},
-            },
+            {"id": "sample", "kind": "sample", "uses": "generate",
+             "params": {"policy": "policy", "prompts": "prompts", "n": 2, "max_new_tokens": 12, "num_shards": 2,
+                        "backend": {"uses": "transformers", "params": {"batch_size": 8}}}},
+            {"id": "score", "kind": "score", "uses": "reward", "inputs": ["sample"],
+             "params": {"reward": {"uses": "armorm", "params": p}, "num_shards": 2}},
         ],
     }
 
@@ -227,10 +179,8 @@ def test_entry_point_and_plugins_listing(tmp_path):
 def test_validation_requires_trust_remote_code_on_the_model_entry(tiny, tmp_path):
     r = cli("validate", str(write(tmp_path, spec_dict(tiny, trust=False))), cwd=tmp_path)
     assert r.returncode == 2, r.stdout + r.stderr
-    assert (
-        "/stages/1/params/reward/params/model: ArmoRM needs remote code; set /models/armo/trust_remote_code to true"
-        in r.stderr
-    ), r.stderr
+    assert ("/stages/1/params/reward/params/model: ArmoRM needs remote code; set /models/armo/trust_remote_code to true"
+            in r.stderr), r.stderr
     r = cli("validate", str(write(tmp_path, spec_dict(tiny, trust=True))), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
 
@@ -286,15 +236,8 @@ def test_score_stage_end_to_end(tiny, tmp_path):
     import datasets
     from rlhf_spec_armorm.plugin import ArmoRMParams, encode_chats, load_armorm
 
-    r = cli(
-        "run",
-        str(write(tmp_path, spec_dict(tiny))),
-        "--cache-dir",
-        str(tmp_path / "cache"),
-        "--report",
-        str(tmp_path / "r.json"),
-        cwd=tmp_path,
-    )
+    r = cli("run", str(write(tmp_path, spec_dict(tiny))), "--cache-dir", str(tmp_path / "cache"),
+            "--report", str(tmp_path / "r.json"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr + r.stdout[-2000:]
     stages = {s["id"]: s for s in json.loads((tmp_path / "r.json").read_text())["stages"]}
     scored = datasets.load_from_disk(str(Path(stages["score"]["output"]) / "data"))

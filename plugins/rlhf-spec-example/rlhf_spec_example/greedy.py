@@ -37,19 +37,15 @@ class GreedyAndSampledParams(SamplingParams):
     """Params of ``sample``/``greedy-and-sampled``: the sampling settings apply to passes 1 .. n-1."""
 
     policy: Annotated[str, ModelRef(artifacts=(POLICY,))] = Field(
-        ..., description="The policy: a /models name or a train stage id."
-    )
+        ..., description="The policy: a /models name or a train stage id.")
     prompts: Annotated[str, DatasetRef(columns=("prompt",))] = Field(..., description="A /datasets name with prompts.")
     n: int = Field(4, ge=1, le=1024, description="Answers per prompt: pass 0 greedy, passes 1 .. n-1 sampled.")
     seed_stride: int = Field(50, ge=0, description="Pass p is seeded spec.seed + p * seed_stride.")
-    backend: BackendSpec = Field(
-        default_factory=lambda: BackendSpec(uses="transformers"),
-        description='The generation backend: {"uses": name, "params": {...}}.',
-    )
+    backend: BackendSpec = Field(default_factory=lambda: BackendSpec(uses="transformers"),
+                                 description="The generation backend: {\"uses\": name, \"params\": {...}}.")
     num_shards: int = Field(4, ge=1, le=100000, description="Shards committed one by one, so a killed run resumes.")
     max_prompt_tokens: Optional[int] = Field(
-        None, ge=1, description="Skip prompts longer than this (chat template included)."
-    )
+        None, ge=1, description="Skip prompts longer than this (chat template included).")
 
 
 def answers(engine, prompt_token_ids: list[list[int]], params: GreedyAndSampledParams, seed: int) -> list[list]:
@@ -103,29 +99,12 @@ def run(ctx) -> StageResult:
         result = ctx.run_shards(prompts, process, p.num_shards)
     ctx.save_dataset(result)
     greedy_tokens = [t for t, i in zip(result["completion_tokens"], result["sample_index"]) if i == 0]
-    return StageResult(
-        rows=len(result),
-        metrics={
-            "prompts": len(prompts),
-            "prompts_skipped_too_long": skipped,
-            "samples": len(result),
-            "greedy_mean_tokens": sum(greedy_tokens) / len(greedy_tokens) if greedy_tokens else None,
-        },
-    )
+    return StageResult(rows=len(result), metrics={
+        "prompts": len(prompts), "prompts_skipped_too_long": skipped, "samples": len(result),
+        "greedy_mean_tokens": sum(greedy_tokens) / len(greedy_tokens) if greedy_tokens else None})
 
 
 def register_stage(register) -> None:
-    register(
-        StageImpl(
-            kind="sample",
-            name="greedy-and-sampled",
-            params=GreedyAndSampledParams,
-            run=run,
-            version="1",
-            inputs=(),
-            min_inputs=0,
-            max_inputs=0,
-            output=SAMPLES,
-            description="pass 0 greedy, passes 1 .. n-1 sampled, with any generation backend",
-        )
-    )
+    register(StageImpl(kind="sample", name="greedy-and-sampled", params=GreedyAndSampledParams, run=run, version="1",
+                       inputs=(), min_inputs=0, max_inputs=0, output=SAMPLES,
+                       description="pass 0 greedy, passes 1 .. n-1 sampled, with any generation backend"))

@@ -46,9 +46,8 @@ class ReadabilityParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    scale: float = Field(
-        0.01, description="The reward is scale * Flesch reading ease (0.01: about 0.6 for plain English)."
-    )
+    scale: float = Field(0.01, description="The reward is scale * Flesch reading ease (0.01: about 0.6 for plain "
+                                           "English).")
     empty_score: float = Field(0.0, description="Score of a reply without words.")
 
 
@@ -72,12 +71,5 @@ def load(params: ReadabilityParams, ctx) -> Readability:
 
 
 def register_reward(register) -> None:
-    register(
-        RewardImpl(
-            name="flesch-readability",
-            params=ReadabilityParams,
-            load=load,
-            version="1",
-            description="Flesch reading ease of the reply (scaled); a rule reward, no model",
-        )
-    )
+    register(RewardImpl(name="flesch-readability", params=ReadabilityParams, load=load, version="1",
+                        description="Flesch reading ease of the reply (scaled); a rule reward, no model"))

@@ -30,33 +30,19 @@ def slic_loss(params: SlicParams):
 
     Inputs are (B,) sequence logprobs (nats) of the chosen and rejected replies under the policy.
     """
-
     def loss(b: PairBatch):
         hinge = (params.delta - b.policy_chosen_logps + b.policy_rejected_logps).clamp_min(0.0)
         value = hinge.mean() - params.regularization * b.policy_chosen_logps.mean()
-        return value, {
-            "loss": float(value.detach()),
-            "calibration": float(hinge.detach().mean()),
-            "chosen_logps": float(b.policy_chosen_logps.detach().mean()),
-            "hinge_active": float((hinge.detach() > 0).float().mean()),
-        }
+        return value, {"loss": float(value.detach()), "calibration": float(hinge.detach().mean()),
+                       "chosen_logps": float(b.policy_chosen_logps.detach().mean()),
+                       "hinge_active": float((hinge.detach() > 0).float().mean())}
 
     return loss
 
 
 def register_stage(register) -> None:
-    register(
-        StageImpl(
-            kind="train",
-            name="slic-hf",
-            params=SlicParams,
-            run=pair_trainer(slic_loss, reference_free=True),
-            version="1",
-            inputs=(PAIRS,),
-            min_inputs=0,
-            max_inputs=1,
-            output=POLICY,
-            description="SLiC-HF: hinge calibration of sequence logprobs on pairs, plus cross-entropy on the chosen "
-            "reply",
-        )
-    )
+    register(StageImpl(kind="train", name="slic-hf", params=SlicParams,
+                       run=pair_trainer(slic_loss, reference_free=True),
+                       version="1", inputs=(PAIRS,), min_inputs=0, max_inputs=1, output=POLICY,
+                       description="SLiC-HF: hinge calibration of sequence logprobs on pairs, plus cross-entropy on "
+                                   "the chosen reply"))

@@ -15,16 +15,9 @@ import pytest
 HERE = Path(__file__).resolve().parents[1]
 PLUGINS = HERE.parent
 sys.path.insert(0, str(HERE))  # unit tests import the package from this source tree; the wheel test installs the wheel
-PROMPTS = [
-    "How do I bake bread at home?",
-    "What is the capital of France?",
-    "Tell me a joke about chickens.",
-    "Give me three tips for sleeping better.",
-    "Explain what a hash function is.",
-    "Write a haiku about rain.",
-    "Why is the sky blue?",
-    "How do magnets work?",
-]
+PROMPTS = ["How do I bake bread at home?", "What is the capital of France?", "Tell me a joke about chickens.",
+           "Give me three tips for sleeping better.", "Explain what a hash function is.", "Write a haiku about rain.",
+           "Why is the sky blue?", "How do magnets work?"]
 
 
 def test_imports_only_the_public_api():
@@ -43,18 +36,8 @@ def test_imports_only_the_public_api():
                 for a in node.names:
                     assert a.name in rlhf_spec.__all__, f"{path.name}: {a.name} is not in rlhf_spec.__all__"
                     seen.append(a.name)
-    assert {
-        "hookimpl",
-        "RewardImpl",
-        "StageImpl",
-        "pair_trainer",
-        "PolicyTrainParams",
-        "generate_passes",
-        "prepare_prompts",
-        "sampling_seed",
-        "BackendSpec",
-        "SamplingParams",
-    } <= set(seen)
+    assert {"hookimpl", "RewardImpl", "StageImpl", "pair_trainer", "PolicyTrainParams", "generate_passes",
+            "prepare_prompts", "sampling_seed", "BackendSpec", "SamplingParams"} <= set(seen)
 
 
 def test_tests_import_only_the_public_api_and_testing():
@@ -120,51 +103,22 @@ def _tiny(tmp: Path) -> dict:
 def spec_dict(tiny: dict) -> dict:
     judge = {"uses": "flesch-readability", "params": {"scale": 0.01}}
     return {
-        "name": "example-plugin",
-        "seed": 0,
-        "requires": ["rlhf-spec-example>=0.1"],
+        "name": "example-plugin", "seed": 0, "requires": ["rlhf-spec-example>=0.1"],
         "models": {"policy": {"path": tiny["policy"]}},
-        "datasets": {
-            "prompts": {"path": tiny["prompts"], "hash_range": [0.0, 0.75]},
-            "held_out": {"path": tiny["prompts"], "hash_range": [0.75, 1.0]},
-        },
+        "datasets": {"prompts": {"path": tiny["prompts"], "hash_range": [0.0, 0.75]},
+                     "held_out": {"path": tiny["prompts"], "hash_range": [0.75, 1.0]}},
         "stages": [
-            {
-                "id": "sample",
-                "kind": "sample",
-                "uses": "generate",
-                "params": {"policy": "policy", "prompts": "prompts", "n": 3, "max_new_tokens": 12, "num_shards": 2},
-            },
+            {"id": "sample", "kind": "sample", "uses": "generate",
+             "params": {"policy": "policy", "prompts": "prompts", "n": 3, "max_new_tokens": 12, "num_shards": 2}},
             {"id": "score", "kind": "score", "uses": "reward", "inputs": ["sample"], "params": {"reward": judge}},
             {"id": "pair", "kind": "pair", "uses": "best-worst", "inputs": ["score"]},
-            {
-                "id": "slic",
-                "kind": "train",
-                "uses": "slic-hf",
-                "inputs": ["pair"],
-                "params": {
-                    "policy": "policy",
-                    "learning_rate": 1e-3,
-                    "per_device_train_batch_size": 2,
-                    "gradient_accumulation_steps": 1,
-                    "max_prompt_tokens": 64,
-                    "max_response_tokens": 16,
-                    "save_every": 1,
-                },
-            },
-            {
-                "id": "evaluate",
-                "kind": "evaluate",
-                "uses": "reward-winrate",
-                "params": {
-                    "policy": "slic",
-                    "reference": "policy",
-                    "prompts": "held_out",
-                    "max_new_tokens": 12,
-                    "judges": {"readability": judge},
-                    "bootstrap_resamples": 200,
-                },
-            },
+            {"id": "slic", "kind": "train", "uses": "slic-hf", "inputs": ["pair"],
+             "params": {"policy": "policy", "learning_rate": 1e-3, "per_device_train_batch_size": 2,
+                        "gradient_accumulation_steps": 1,
+                        "max_prompt_tokens": 64, "max_response_tokens": 16, "save_every": 1}},
+            {"id": "evaluate", "kind": "evaluate", "uses": "reward-winrate",
+             "params": {"policy": "slic", "reference": "policy", "prompts": "held_out", "max_new_tokens": 12,
+                        "judges": {"readability": judge}, "bootstrap_resamples": 200}},
         ],
     }
 
@@ -175,9 +129,8 @@ def test_contracts():
     reg = registry_with(__import__("rlhf_spec_example"))
     check_contract(installed_record("reward", "flesch-readability", registry=reg), {"scale": 0.02})
     check_contract(installed_record("train", "slic-hf", registry=reg), {"policy": "policy", "delta": 2.0})
-    check_contract(
-        installed_record("sample", "greedy-and-sampled", registry=reg), {"policy": "p", "prompts": "d", "n": 2}
-    )
+    check_contract(installed_record("sample", "greedy-and-sampled", registry=reg),
+                   {"policy": "p", "prompts": "d", "n": 2})
 
 
 def test_greedy_and_sampled_is_the_backend_as_sample_calls_it(tmp_path):
@@ -191,26 +144,11 @@ def test_greedy_and_sampled_is_the_backend_as_sample_calls_it(tmp_path):
 
     tiny = _tiny(tmp_path)
     reg = registry_with(__import__("rlhf_spec_example"))
-    params = GreedyAndSampledParams(
-        policy="policy",
-        prompts="prompts",
-        n=3,
-        max_new_tokens=8,
-        num_shards=1,
-        seed_stride=7,
-        backend={"uses": "transformers", "params": {"batch_size": 4}},
-    )
+    params = GreedyAndSampledParams(policy="policy", prompts="prompts", n=3, max_new_tokens=8, num_shards=1,
+                                    seed_stride=7, backend={"uses": "transformers", "params": {"batch_size": 4}})
     policy = ModelSource(name="policy", origin="spec", path=tiny["policy"])
-    ctx = make_context(
-        params,
-        tmp_path / "stage",
-        kind="sample",
-        uses="greedy-and-sampled",
-        seed=3,
-        models={"policy": policy},
-        datasets={"prompts": {"path": tiny["prompts"]}},
-        registry=reg,
-    )
+    ctx = make_context(params, tmp_path / "stage", kind="sample", uses="greedy-and-sampled", seed=3,
+                       models={"policy": policy}, datasets={"prompts": {"path": tiny["prompts"]}}, registry=reg)
     result = execute(ctx, reg.stages[("sample", "greedy-and-sampled")])
     out = datasets.load_from_disk(str(tmp_path / "stage" / "out" / "data"))
     assert result.rows == len(out) == 3 * len(PROMPTS) and result.metrics["prompts"] == len(PROMPTS)
@@ -235,33 +173,16 @@ def wheel_site(tmp_path_factory) -> Path:
     packages = [p for p in sorted(PLUGINS.iterdir()) if (p / "pyproject.toml").is_file()]
     for p in packages:  # build from copies: a build writes metadata folders into its source tree
         shutil.copytree(p, out / "src" / p.name, ignore=shutil.ignore_patterns("*.egg-info", "build", "__pycache__"))
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(out / "dist"),
-            *[str(out / "src" / p.name) for p in packages],
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                        str(out / "dist"),
+                        *[str(out / "src" / p.name) for p in packages]], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     wheels = sorted(p.name for p in (out / "dist").glob("*.whl"))
     assert len(wheels) == len(packages) >= 3, wheels
     mine = next((out / "dist").glob("rlhf_spec_example-*.whl"))
-    r = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(out / "site"), str(mine)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(out / "site"),
+                        str(mine)],
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return out / "site"
 
@@ -270,10 +191,8 @@ def test_wheel_installed_beside_rlhf_spec_runs_a_spec(wheel_site, tmp_path):
     from rlhf_spec.testing import run_spec
 
     env = {"PYTHONPATH": str(wheel_site)}
-    code = (
-        "import importlib.metadata as md, json; d = md.distribution('rlhf-spec-example'); "
-        "print(json.dumps([str(d.locate_file('')), d.read_text('direct_url.json')]))"
-    )
+    code = ("import importlib.metadata as md, json; d = md.distribution('rlhf-spec-example'); "
+            "print(json.dumps([str(d.locate_file('')), d.read_text('direct_url.json')]))")
     where = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, **env))
     located, direct = json.loads(where.stdout)
     assert Path(located).resolve() == wheel_site.resolve() and (direct is None or "editable" not in direct)
@@ -291,45 +210,23 @@ def test_wheel_installed_beside_rlhf_spec_runs_a_spec(wheel_site, tmp_path):
     assert memos.count("policy-answers") == 2  # evaluate's answers of both policies
     ev = stages["evaluate"]["metrics"]
     assert ev["primary_judge"] == "readability" and ev["prompts"] == stages["evaluate"]["rows"]
-    listing = subprocess.run(
-        [sys.executable, "-m", "rlhf_spec", "plugins", "--json"],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, **env),
-    )
+    listing = subprocess.run([sys.executable, "-m", "rlhf_spec", "plugins", "--json"], capture_output=True, text=True,
+                             env=dict(os.environ, **env))
     rows = [r for r in json.loads(listing.stdout)["implementations"] if r["distribution"] == "rlhf-spec-example"]
-    assert {(r["surface"], r["name"]) for r in rows} == {
-        ("reward", "flesch-readability"),
-        ("stage", "slic-hf"),
-        ("stage", "greedy-and-sampled"),
-    }
+    assert {(r["surface"], r["name"]) for r in rows} == {("reward", "flesch-readability"), ("stage", "slic-hf"),
+                                                         ("stage", "greedy-and-sampled")}
 
 
 def test_greedy_and_sampled_runs_in_a_spec(wheel_site, tmp_path):
     from rlhf_spec.testing import run_spec
 
     tiny = _tiny(tmp_path)
-    spec = {
-        "name": "greedy",
-        "seed": 0,
-        "models": {"policy": {"path": tiny["policy"]}},
-        "datasets": {"prompts": {"path": tiny["prompts"], "limit": 4}},
-        "stages": [
-            {
-                "id": "sample",
-                "kind": "sample",
-                "uses": "greedy-and-sampled",
-                "params": {"policy": "policy", "prompts": "prompts", "n": 2, "max_new_tokens": 8},
-            },
-            {
-                "id": "score",
-                "kind": "score",
-                "uses": "reward",
-                "inputs": ["sample"],
-                "params": {"reward": {"uses": "flesch-readability"}},
-            },
-        ],
-    }
+    spec = {"name": "greedy", "seed": 0, "models": {"policy": {"path": tiny["policy"]}},
+            "datasets": {"prompts": {"path": tiny["prompts"], "limit": 4}},
+            "stages": [{"id": "sample", "kind": "sample", "uses": "greedy-and-sampled",
+                        "params": {"policy": "policy", "prompts": "prompts", "n": 2, "max_new_tokens": 8}},
+                       {"id": "score", "kind": "score", "uses": "reward", "inputs": ["sample"],
+                        "params": {"reward": {"uses": "flesch-readability"}}}]}
     proc, rep = run_spec(spec, tmp_path / "run", env={"PYTHONPATH": str(wheel_site)})
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-2000:]
     stages = {s["id"]: s for s in rep["stages"]}
@@ -350,9 +247,8 @@ def test_slic_with_a_dataset_and_a_pairs_input_is_rejected(wheel_site, tmp_path)
 
     def validate() -> subprocess.CompletedProcess:
         path = write_json(tmp_path / "spec.json", spec)
-        return subprocess.run(
-            [sys.executable, "-m", "rlhf_spec", "validate", str(path)], capture_output=True, text=True, env=env
-        )
+        return subprocess.run([sys.executable, "-m", "rlhf_spec", "validate", str(path)], capture_output=True,
+                              text=True, env=env)
 
     r = validate()
     assert r.returncode == 2 and "/stages/3/inputs" in r.stderr and "not both" in r.stderr, r.stderr

@@ -25,7 +25,7 @@ from rlhf_spec import BackendImpl, Completion, NotInKey, hookimpl
 INSTALL_HINT = (
     "the 'vllm' backend needs vLLM, which is not installed in this environment; "
     "install it with `pip install rlhf-spec-vllm[vllm]` (or `pip install vllm`). "
-    'vLLM runs on a CUDA GPU; on a CPU-only machine use {"uses": "transformers"} as the backend'
+    "vLLM runs on a CUDA GPU; on a CPU-only machine use {\"uses\": \"transformers\"} as the backend"
 )
 
 
@@ -35,28 +35,17 @@ class VllmParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     tensor_parallel_size: int = Field(
-        1,
-        ge=1,
-        le=1024,
-        description="GPUs the model is split over (vLLM tensor_parallel_size; REBEL tutorial: 8). "
-        "Part of the key: it changes floating-point reduction order, hence samples.",
-    )
+        1, ge=1, le=1024, description="GPUs the model is split over (vLLM tensor_parallel_size; REBEL tutorial: 8). "
+        "Part of the key: it changes floating-point reduction order, hence samples.")
     gpu_memory_utilization: Annotated[float, NotInKey()] = Field(
-        0.9,
-        gt=0.0,
-        le=1.0,
-        description="Share of each GPU's memory vLLM may take (weights and KV cache). Not part of the key.",
-    )
+        0.9, gt=0.0, le=1.0, description="Share of each GPU's memory vLLM may take (weights and KV cache). Not part of "
+                                         "the key.")
     dtype: Optional[Literal["auto", "bfloat16", "float16", "float32"]] = Field(
-        None,
-        description="vLLM weights dtype; default: the policy's /models dtype ('auto' lets vLLM pick from the config).",
-    )
+        None, description="vLLM weights dtype; default: the policy's /models dtype ('auto' lets vLLM pick from the "
+                          "config).")
     max_model_len: Optional[int] = Field(
-        None,
-        ge=16,
-        description="vLLM context length (prompt + completion); default: the model's own. Lower it to save KV-cache "
-        "memory.",
-    )
+        None, ge=16, description="vLLM context length (prompt + completion); default: the model's own. Lower it to "
+                                 "save KV-cache memory.")
 
 
 def import_vllm():
@@ -81,12 +70,8 @@ def engine_kwargs(src, p: VllmParams) -> dict:
     A local GGUF policy is given to vLLM as the ``.gguf`` file with its folder as the tokenizer; a hub
     model with its resolved revision; a stage output (a trained policy) as its folder.
     """
-    kw: dict = {
-        "tensor_parallel_size": p.tensor_parallel_size,
-        "gpu_memory_utilization": p.gpu_memory_utilization,
-        "dtype": p.dtype or src.dtype or "auto",
-        "trust_remote_code": bool(src.trust_remote_code),
-    }
+    kw: dict = {"tensor_parallel_size": p.tensor_parallel_size, "gpu_memory_utilization": p.gpu_memory_utilization,
+                "dtype": p.dtype or src.dtype or "auto", "trust_remote_code": bool(src.trust_remote_code)}
     if src.path:
         if src.gguf_file:
             kw["model"] = os.path.join(src.path, src.gguf_file)
@@ -125,22 +110,14 @@ class VllmEngine:
         Completion texts have special tokens removed and whitespace stripped; token ids include the
         end-of-turn token when one was produced.
         """
-        sp = self.sampling_cls(
-            n=n, temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_new_tokens, seed=seed
-        )
+        sp = self.sampling_cls(n=n, temperature=sampling.temperature, top_p=sampling.top_p,
+                               max_tokens=sampling.max_new_tokens, seed=seed)
         results = self.llm.generate([{"prompt_token_ids": list(t)} for t in prompt_token_ids], sp, use_tqdm=False)
         out = []
         for res in results:
-            out.append(
-                [
-                    Completion(
-                        token_ids=list(c.token_ids),
-                        text=c.text.strip(),
-                        finish_reason="stop" if getattr(c, "finish_reason", "stop") == "stop" else "length",
-                    )
-                    for c in res.outputs
-                ]
-            )
+            out.append([Completion(token_ids=list(c.token_ids), text=c.text.strip(),
+                                   finish_reason="stop" if getattr(c, "finish_reason", "stop") == "stop" else "length")
+                        for c in res.outputs])
         return out
 
 
@@ -158,13 +135,6 @@ def load(policy, params: VllmParams, ctx) -> VllmEngine:
 
 @hookimpl
 def rlhf_spec_register_backends(register):
-    register(
-        BackendImpl(
-            name="vllm",
-            params=VllmParams,
-            load=load,
-            version="2",
-            resources=lambda p: {"gpus": p.tensor_parallel_size},
-            description="vLLM on one or more GPUs (tensor parallel), seeded per request",
-        )
-    )
+    register(BackendImpl(name="vllm", params=VllmParams, load=load, version="2",
+                         resources=lambda p: {"gpus": p.tensor_parallel_size},
+                         description="vLLM on one or more GPUs (tensor parallel), seeded per request"))

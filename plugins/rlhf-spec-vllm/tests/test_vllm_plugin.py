@@ -108,9 +108,8 @@ class LLM:
 
 def cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     e = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", **(env or {}))
-    return subprocess.run(
-        [sys.executable, "-m", "rlhf_spec", *args], cwd=str(cwd), env=e, capture_output=True, text=True, timeout=timeout
-    )
+    return subprocess.run([sys.executable, "-m", "rlhf_spec", *args], cwd=str(cwd), env=e, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -128,19 +127,11 @@ def tiny(tmp_path_factory) -> dict:
 
 
 def spec_dict(tiny: dict, backend: str = "vllm", backend_params: dict | None = None, **params) -> dict:
-    p = {
-        "policy": "policy",
-        "prompts": "prompts",
-        "n": 2,
-        "max_new_tokens": 8,
-        "num_shards": 2,
-        "backend": {"uses": backend, "params": backend_params or {}},
-    }
+    p = {"policy": "policy", "prompts": "prompts", "n": 2, "max_new_tokens": 8, "num_shards": 2,
+         "backend": {"uses": backend, "params": backend_params or {}}}
     p.update(params)
     return {
-        "name": "vllm-tiny",
-        "seed": 0,
-        "requires": ["rlhf-spec-vllm>=0.2"],
+        "name": "vllm-tiny", "seed": 0, "requires": ["rlhf-spec-vllm>=0.2"],
         "models": {"policy": {"path": str(tiny["policy"])}},
         "datasets": {"prompts": {"path": str(tiny["prompts"])}},
         "stages": [{"id": "sample", "kind": "sample", "uses": "generate", "params": p}],
@@ -167,10 +158,8 @@ def test_entry_point_and_plugins_listing(tmp_path):
 
 
 def test_loading_the_plugin_does_not_import_vllm(tmp_path):
-    code = (
-        "import sys; from rlhf_spec.plugins import load_registry; reg = load_registry(); "
-        "assert 'vllm' in reg.backends, reg.failures; print('vllm' in sys.modules)"
-    )
+    code = ("import sys; from rlhf_spec.plugins import load_registry; reg = load_registry(); "
+            "assert 'vllm' in reg.backends, reg.failures; print('vllm' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(tmp_path), timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False"
@@ -190,20 +179,12 @@ def test_bad_params_are_reported_with_their_pointer(tiny, tmp_path):
     assert r.returncode == 0, r.stderr
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("vllm") is not None, reason="vLLM is installed; this checks the message without it"
-)
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed; this checks the message "
+                                                                         "without it")
 def test_running_without_vllm_says_how_to_install_it(tiny, tmp_path):
     spec = write(tmp_path, spec_dict(tiny))
-    r = cli(
-        "run",
-        str(spec),
-        "--cache-dir",
-        str(tmp_path / "cache"),
-        "--report",
-        str(tmp_path / "report.json"),
-        cwd=tmp_path,
-    )
+    r = cli("run", str(spec), "--cache-dir", str(tmp_path / "cache"), "--report", str(tmp_path / "report.json"),
+            cwd=tmp_path)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "pip install rlhf-spec-vllm[vllm]" in r.stderr and "pip install vllm" in r.stderr
     assert "stage 'sample' (sample/generate from rlhf-spec" in r.stderr and "Traceback" not in r.stderr
@@ -211,14 +192,8 @@ def test_running_without_vllm_says_how_to_install_it(tiny, tmp_path):
 
 
 def test_plan_shows_the_gpus_it_needs(tiny, tmp_path):
-    r = cli(
-        "plan",
-        str(write(tmp_path, spec_dict(tiny, backend_params={"tensor_parallel_size": 4}, n=5))),
-        "--json",
-        "--cache-dir",
-        str(tmp_path / "cache"),
-        cwd=tmp_path,
-    )
+    r = cli("plan", str(write(tmp_path, spec_dict(tiny, backend_params={"tensor_parallel_size": 4}, n=5))), "--json",
+            "--cache-dir", str(tmp_path / "cache"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     row = json.loads(r.stdout)[0]
     assert row["resources"] == {"processes": 1, "gpus": 4, "samples_per_prompt": 5, "backend": "vllm"}
@@ -244,16 +219,8 @@ def test_sampling_through_the_plugin_matches_the_contract(tiny, tmp_path):
     # values unlike the stand-in's defaults and unlike each other, so a dropped or swapped keyword shows
     sampling = {"temperature": 0.7, "top_p": 0.85, "max_new_tokens": 6}
     spec = spec_dict(tiny, n=3, num_shards=1, **sampling)
-    r = cli(
-        "run",
-        str(write(tmp_path, spec)),
-        "--cache-dir",
-        str(tmp_path / "cache"),
-        "--report",
-        str(tmp_path / "r.json"),
-        cwd=tmp_path,
-        env=env,
-    )
+    r = cli("run", str(write(tmp_path, spec)), "--cache-dir", str(tmp_path / "cache"),
+            "--report", str(tmp_path / "r.json"), cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr + r.stdout[-2000:]
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     init = calls[0]["init"]
@@ -263,9 +230,9 @@ def test_sampling_through_the_plugin_matches_the_contract(tiny, tmp_path):
         and init["trust_remote_code"] is False
     )
     assert [c["generate"] for c in calls[1:]] == [len(PROMPTS)] * 3
-    assert [c["sampling"] for c in calls[1:]] == [
-        {"n": 1, "temperature": 0.7, "top_p": 0.85, "max_tokens": 6, "seed": seed} for seed in (0, 50, 100)
-    ]
+    assert [c["sampling"] for c in calls[1:]] == [{"n": 1, "temperature": 0.7, "top_p": 0.85, "max_tokens": 6,
+                                                   "seed": seed}
+                                                  for seed in (0, 50, 100)]
     out = Path(json.loads((tmp_path / "r.json").read_text())["stages"][0]["output"])
     ds = datasets.load_from_disk(str(out / "data"))
     from rlhf_spec.stages.sample import SAMPLE_COLUMNS
@@ -277,16 +244,8 @@ def test_sampling_through_the_plugin_matches_the_contract(tiny, tmp_path):
         by_prompt.setdefault(pid, set()).add(c)
     assert all(len(cs) > 1 for cs in by_prompt.values()), "passes with different seeds gave equal completions"
     # the stand-in's result depends only on the request and its seed: a fresh cache gives the same rows
-    r2 = cli(
-        "run",
-        str(write(tmp_path, spec)),
-        "--cache-dir",
-        str(tmp_path / "cache2"),
-        "--report",
-        str(tmp_path / "r2.json"),
-        cwd=tmp_path,
-        env=env,
-    )
+    r2 = cli("run", str(write(tmp_path, spec)), "--cache-dir", str(tmp_path / "cache2"),
+             "--report", str(tmp_path / "r2.json"), cwd=tmp_path, env=env)
     assert r2.returncode == 0, r2.stderr
     out2 = Path(json.loads((tmp_path / "r2.json").read_text())["stages"][0]["output"])
     assert datasets.load_from_disk(str(out2 / "data")).to_list() == ds.to_list()
@@ -298,18 +257,12 @@ def test_engine_arguments_follow_the_model_source(tmp_path):
     from rlhf_spec import ModelSource
 
     p = VllmParams(tensor_parallel_size=8, max_model_len=4096)
-    hub = ModelSource(
-        name="policy", origin="spec", hub="meta-llama/Meta-Llama-3-8B-Instruct", revision="a" * 40, dtype="bfloat16"
-    )
-    assert engine_kwargs(hub, p) == {
-        "model": "meta-llama/Meta-Llama-3-8B-Instruct",
-        "revision": "a" * 40,
-        "tensor_parallel_size": 8,
-        "gpu_memory_utilization": 0.9,
-        "dtype": "bfloat16",
-        "trust_remote_code": False,
-        "max_model_len": 4096,
-    }
+    hub = ModelSource(name="policy", origin="spec", hub="meta-llama/Meta-Llama-3-8B-Instruct", revision="a" * 40,
+                      dtype="bfloat16")
+    assert engine_kwargs(hub, p) == {"model": "meta-llama/Meta-Llama-3-8B-Instruct", "revision": "a" * 40,
+                                     "tensor_parallel_size": 8,
+                                     "gpu_memory_utilization": 0.9, "dtype": "bfloat16", "trust_remote_code": False,
+                                     "max_model_len": 4096}
     gguf = ModelSource(name="policy", origin="spec", path=str(tmp_path / "smol"), gguf_file="m.Q4_1.gguf")
     kw = engine_kwargs(gguf, VllmParams(dtype="float16"))
     assert kw["model"] == str(tmp_path / "smol" / "m.Q4_1.gguf") and kw["tokenizer"] == str(tmp_path / "smol")

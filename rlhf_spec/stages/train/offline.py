@@ -31,10 +31,8 @@ class IPOParams(PolicyTrainParams):
     (Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human Preferences", Eq. 17)."""
 
     beta: float = Field(0.1, gt=0, le=100.0, description="Regularisation tau: the margin h is pulled to 1/(2 beta).")
-    length_normalized: bool = Field(
-        True,
-        description="Use mean per-token logprobs in h (as TRL's IPO); false: summed logprobs, as the paper's pi(y|x).",
-    )
+    length_normalized: bool = Field(True, description="Use mean per-token logprobs in h (as TRL's IPO); false: summed "
+                                                      "logprobs, as the paper's pi(y|x).")
     learning_rate: float = Field(5e-7, gt=0, le=1.0, description="Peak learning rate (AdamW).")
 
 
@@ -53,9 +51,8 @@ class ORPOParams(PolicyTrainParams):
     per-token logprobs, reference-free (Hong, Lee & Thorne 2024, "ORPO", Eqs. 6-7)."""
 
     lam: float = Field(0.1, gt=0, le=100.0, description="Weight lambda of the odds-ratio term (the paper: 0.1).")
-    learning_rate: float = Field(
-        5e-6, gt=0, le=1.0, description="Peak learning rate (AdamW); ORPO starts from a base model, as SFT does."
-    )
+    learning_rate: float = Field(5e-6, gt=0, le=1.0, description="Peak learning rate (AdamW); ORPO starts from a base "
+                                                                 "model, as SFT does.")
 
 
 # ----------------------------------------------------------------------------- losses and implicit rewards
@@ -75,11 +72,8 @@ def ipo_loss(p: IPOParams):
 
     def loss(b: PairBatch):
         value, cr, rj = fn(*_ipo_inputs(p, b))
-        return value, {
-            "loss": float(value.detach()),
-            "implicit_reward_margin": float((cr - rj).mean()),
-            "implicit_accuracy": float((cr > rj).float().mean()),
-        }
+        return value, {"loss": float(value.detach()), "implicit_reward_margin": float((cr - rj).mean()),
+                       "implicit_accuracy": float((cr > rj).float().mean())}
 
     return loss
 
@@ -106,11 +100,8 @@ def simpo_loss(p: SimPOParams):
 
     def loss(b: PairBatch):
         value, cr, rj = fn(b.policy_chosen_logps, b.policy_rejected_logps, b.chosen_lengths, b.rejected_lengths)
-        return value, {
-            "loss": float(value.detach()),
-            "implicit_reward_margin": float((cr - rj).mean()),
-            "implicit_accuracy": float((cr > rj).float().mean()),
-        }
+        return value, {"loss": float(value.detach()), "implicit_reward_margin": float((cr - rj).mean()),
+                       "implicit_accuracy": float((cr > rj).float().mean())}
 
     return loss
 
@@ -131,11 +122,8 @@ def orpo_loss(p: ORPOParams):
     def loss(b: PairBatch):
         c, r = _mean_logps(b)
         value, st = fn(c, r, -c)
-        return value, {
-            "loss": float(value.detach()),
-            **{k: float(v) for k, v in st.items()},
-            "implicit_accuracy": float((c > r).float().mean().detach()),
-        }
+        return value, {"loss": float(value.detach()), **{k: float(v) for k, v in st.items()},
+                       "implicit_accuracy": float((c > r).float().mean().detach())}
 
     return loss
 
@@ -146,12 +134,8 @@ def orpo_rewards(p: ORPOParams, b: PairBatch):
 
 
 def _resources(p) -> dict:
-    return {
-        "processes": p.num_processes,
-        "gpus": p.num_processes,
-        "global_batch": p.global_batch(),
-        "episodes": p.total_episodes or f"{p.epochs} epoch(s)",
-    }
+    return {"processes": p.num_processes, "gpus": p.num_processes, "global_batch": p.global_batch(),
+            "episodes": p.total_episodes or f"{p.epochs} epoch(s)"}
 
 
 run_ipo = pair_trainer(ipo_loss, rewards=ipo_rewards)
@@ -161,55 +145,18 @@ run_orpo = pair_trainer(orpo_loss, reference_free=True, rewards=orpo_rewards)
 
 @hookimpl
 def rlhf_spec_register_stages(register):
-    pair_stage = dict(
-        inputs=(PAIRS,), min_inputs=0, max_inputs=1, output=POLICY, resources=_resources, version="1", check=pairs_check
-    )
-    register(
-        StageImpl(
-            kind="train",
-            name="sft",
-            params=SFTParams,
-            run=train_sft,
-            version="1",
-            inputs=(SAMPLES, SCORED),
-            min_inputs=0,
-            max_inputs=1,
-            output=POLICY,
-            check=sft_check,
-            resources=_resources,
-            description="SFT: cross-entropy on assistant tokens (dataset or best-of-n rows), packing, LoRA/QLoRA",
-        )
-    )
-    register(
-        StageImpl(
-            kind="train",
-            name="ipo",
-            params=IPOParams,
-            run=run_ipo,
-            **pair_stage,
-            description="IPO: (log-ratio margin - 1/(2 beta))**2",
-        )
-    )
-    register(
-        StageImpl(
-            kind="train",
-            name="simpo",
-            params=SimPOParams,
-            run=run_simpo,
-            **pair_stage,
-            description="SimPO: reference-free, length-normalised reward margin above gamma",
-        )
-    )
-    register(
-        StageImpl(
-            kind="train",
-            name="orpo",
-            params=ORPOParams,
-            run=run_orpo,
-            **pair_stage,
-            description="ORPO: SFT loss plus a log-odds-ratio penalty, reference-free",
-        )
-    )
+    pair_stage = dict(inputs=(PAIRS,), min_inputs=0, max_inputs=1, output=POLICY, resources=_resources, version="1",
+                      check=pairs_check)
+    register(StageImpl(kind="train", name="sft", params=SFTParams, run=train_sft, version="1", inputs=(SAMPLES, SCORED),
+                       min_inputs=0, max_inputs=1, output=POLICY, check=sft_check, resources=_resources,
+                       description="SFT: cross-entropy on assistant tokens (dataset or best-of-n rows), packing, "
+                                   "LoRA/QLoRA"))
+    register(StageImpl(kind="train", name="ipo", params=IPOParams, run=run_ipo, **pair_stage,
+                       description="IPO: (log-ratio margin - 1/(2 beta))**2"))
+    register(StageImpl(kind="train", name="simpo", params=SimPOParams, run=run_simpo, **pair_stage,
+                       description="SimPO: reference-free, length-normalised reward margin above gamma"))
+    register(StageImpl(kind="train", name="orpo", params=ORPOParams, run=run_orpo, **pair_stage,
+                       description="ORPO: SFT loss plus a log-odds-ratio penalty, reference-free"))
     register(
         StageImpl(
             kind="train",

@@ -26,45 +26,31 @@ from ...records import POLICY, DatasetRef, ModelRef, NotInKey, StageResult
 class PolicyTrainParams(OptimParams):
     """Params shared by the policy trainers (``rebel``, ``dpo`` and their relatives)."""
 
-    policy: Annotated[str, ModelRef(artifacts=(POLICY,))] = Field(
-        ..., description="Policy to start from: a /models name or a train stage id."
-    )
+    policy: Annotated[str, ModelRef(artifacts=(POLICY,))] = Field(..., description="Policy to start from: a /models "
+                                                                                   "name or a train stage id.")
     reference: Optional[Annotated[str, ModelRef(artifacts=(POLICY,))]] = Field(
-        None, description="Reference policy for the log-ratios; default: the starting policy (REBEL's pi_0)."
-    )
+        None, description="Reference policy for the log-ratios; default: the starting policy (REBEL's pi_0).")
     logprob_temperature: float = Field(
-        1.0,
-        gt=0,
-        le=10.0,
-        description="Logits are divided by (T + 1e-7) before log-softmax; REBEL uses its sampling temperature, 0.8.",
-    )
+        1.0, gt=0, le=10.0, description="Logits are divided by (T + 1e-7) before log-softmax; REBEL uses its sampling "
+                                        "temperature, 0.8.")
     max_prompt_tokens: int = Field(1024, ge=1, description="Prompts are left-truncated to this many tokens.")
     max_response_tokens: int = Field(2048, ge=1, description="Responses are right-truncated to this many tokens.")
     dataset: Optional[Annotated[str, DatasetRef(columns=("prompt", "chosen", "rejected"))]] = Field(
-        None,
-        description="Preference pairs from /datasets (e.g. 'sharegpt' or 'generic' with chosen/rejected columns), "
-        "instead of a pairs stage in inputs.",
-    )
-    eval_size: int = Field(
-        0,
-        ge=0,
-        description="When the pairs have no 'test' split: hold out this many train pairs (lowest prompt hash) for "
-        "eval_preference_accuracy.",
-    )
+        None, description="Preference pairs from /datasets (e.g. 'sharegpt' or 'generic' with chosen/rejected "
+                          "columns), instead of a pairs stage in inputs.")
+    eval_size: int = Field(0, ge=0, description="When the pairs have no 'test' split: hold out this many train pairs "
+                                                "(lowest prompt hash) for eval_preference_accuracy.")
     eval_every: Annotated[Optional[int], NotInKey()] = Field(
-        None, ge=1, description="Evaluate the loss on the test split every N updates (REBEL: 200). Not part of the key."
-    )
-    logprob_batch_size: Annotated[int, NotInKey()] = Field(
-        8, ge=1, description="Pairs per forward pass for reference logprobs. Not part of the key."
-    )
+        None, ge=1,
+        description="Evaluate the loss on the test split every N updates (REBEL: 200). Not part of the key.")
+    logprob_batch_size: Annotated[int, NotInKey()] = Field(8, ge=1, description="Pairs per forward pass for reference "
+                                                                                "logprobs. Not part of the key.")
     max_kl: Annotated[Optional[float], NotInKey()] = Field(
-        None,
-        gt=0,
-        description="Stop (TrainingDiverged, last checkpoint kept) when an update's mean k2 divergence from the "
-        "reference "
-        "policy, (log pi - log pi_ref)^2 / 2 per response in nats (logged as kl_ref), exceeds this. "
-        "Not part of the key: it never changes a finished model.",
-    )
+        None, gt=0, description="Stop (TrainingDiverged, last checkpoint kept) when an update's mean k2 divergence "
+                                "from the reference "
+                                "policy, (log pi - log pi_ref)^2 / 2 per response in nats (logged as kl_ref), exceeds "
+                                "this. "
+                                "Not part of the key: it never changes a finished model.")
 
 
 @dataclass
@@ -114,13 +100,9 @@ def reference_logprobs(ctx, p: PolicyTrainParams, rows, tok) -> tuple[list[float
     from ...loops.trainer import autocast
 
     src = ctx.model("reference" if p.reference else "policy")
-    preimage = {
-        "pairs": ctx.inputs[0].key if ctx.inputs else _rows_digest(rows),
-        "reference": src.identity,
-        "temperature": p.logprob_temperature,
-        "max_prompt_tokens": p.max_prompt_tokens,
-        "max_response_tokens": p.max_response_tokens,
-    }
+    preimage = {"pairs": ctx.inputs[0].key if ctx.inputs else _rows_digest(rows), "reference": src.identity,
+                "temperature": p.logprob_temperature,
+                "max_prompt_tokens": p.max_prompt_tokens, "max_response_tokens": p.max_response_tokens}
     if p.mixed_precision != "no":  # absent at full precision: those entries keep their keys
         preimage["autocast"] = p.mixed_precision
 
@@ -132,15 +114,13 @@ def reference_logprobs(ctx, p: PolicyTrainParams, rows, tok) -> tuple[list[float
         ctx.progress.start(len(items))
         with torch.no_grad(), autocast(ctx.device, p.mixed_precision):
             for i in range(0, len(items), p.logprob_batch_size):
-                c, r = pair_logprobs(
-                    model, tok.pad_token_id, items[i : i + p.logprob_batch_size], p.logprob_temperature
-                )
+                c, r = pair_logprobs(model, tok.pad_token_id, items[i : i + p.logprob_batch_size],
+                                     p.logprob_temperature)
                 ch += c.tolist()
                 rj += r.tolist()
                 ctx.progress.advance(len(c))
-        (tmp / "logprobs.json").write_text(
-            json.dumps({"prompt_id": list(rows["prompt_id"]), "chosen": ch, "rejected": rj})
-        )
+        (tmp / "logprobs.json").write_text(json.dumps({"prompt_id": list(rows["prompt_id"]), "chosen": ch,
+                                                       "rejected": rj}))
         return {"pairs": len(items)}
 
     with ctx.timer("reference_logprobs"):
@@ -157,9 +137,8 @@ def _rows_digest(rows) -> str:
 
     from ...hashing import canonical_json
 
-    return hashlib.sha256(
-        canonical_json([list(rows["prompt_id"]), list(rows["chosen"]), list(rows["rejected"])])
-    ).hexdigest()
+    return hashlib.sha256(canonical_json([list(rows["prompt_id"]), list(rows["chosen"]),
+                                          list(rows["rejected"])])).hexdigest()
 
 
 def load_pairs(ctx):
@@ -169,11 +148,8 @@ def load_pairs(ctx):
         return ctx.input_dataset(0)
     rows = ctx.dataset("dataset")
     n = len(rows)
-    return (
-        rows.add_column("split", ["train"] * n)
-        .add_column("chosen_reward", [0.0] * n)
-        .add_column("rejected_reward", [0.0] * n)
-    )
+    return (rows.add_column("split", ["train"] * n).add_column("chosen_reward", [0.0] * n)
+            .add_column("rejected_reward", [0.0] * n))
 
 
 def pairs_check(params: PolicyTrainParams, spec, inputs) -> list[Problem]:
@@ -191,9 +167,8 @@ def pairs_check(params: PolicyTrainParams, spec, inputs) -> list[Problem]:
     """
     dataset = getattr(params, "dataset", None)
     if not dataset and not inputs:
-        return [
-            Problem("/dataset", "training needs preference pairs: set params.dataset or give a pairs stage in inputs")
-        ]
+        return [Problem("/dataset", "training needs preference pairs: set params.dataset or give a pairs stage in "
+                                    "inputs")]
     if dataset and inputs:
         return [Problem("#/inputs", "the trainer reads params.dataset or a pairs input, not both")]
     return []
@@ -207,17 +182,12 @@ class _PairData:
 
         self.items = tokenize_pairs(tok, rows, p.max_prompt_tokens, p.max_response_tokens)
         ix = [pos[pid] for pid in rows["prompt_id"]]
-        self.ref = (
-            None if ref is None else (torch.tensor([ref[0][i] for i in ix]), torch.tensor([ref[1][i] for i in ix]))
-        )
-        self.rewards = (
-            torch.tensor(list(rows["chosen_reward"]), dtype=torch.float32),
-            torch.tensor(list(rows["rejected_reward"]), dtype=torch.float32),
-        )
-        self.lengths = (
-            torch.tensor([len(it.chosen_ids) - it.prompt_len for it in self.items], dtype=torch.float32),
-            torch.tensor([len(it.rejected_ids) - it.prompt_len for it in self.items], dtype=torch.float32),
-        )
+        self.ref = None if ref is None else (torch.tensor([ref[0][i] for i in ix]),
+                                             torch.tensor([ref[1][i] for i in ix]))
+        self.rewards = (torch.tensor(list(rows["chosen_reward"]), dtype=torch.float32),
+                        torch.tensor(list(rows["rejected_reward"]), dtype=torch.float32))
+        self.lengths = (torch.tensor([len(it.chosen_ids) - it.prompt_len for it in self.items], dtype=torch.float32),
+                        torch.tensor([len(it.rejected_ids) - it.prompt_len for it in self.items], dtype=torch.float32))
 
     def __len__(self) -> int:
         return len(self.items)
@@ -235,16 +205,8 @@ class _PairData:
             pc, pr = pair_logprobs(model, pad_id, [self.items[i] for i in idx], temperature)
         dev = pc.device
         ref = (None, None) if self.ref is None else (self.ref[0][idx].to(dev), self.ref[1][idx].to(dev))
-        return PairBatch(
-            pc,
-            pr,
-            ref[0],
-            ref[1],
-            self.rewards[0][idx].to(dev),
-            self.rewards[1][idx].to(dev),
-            self.lengths[0][idx].to(dev),
-            self.lengths[1][idx].to(dev),
-        )
+        return PairBatch(pc, pr, ref[0], ref[1], self.rewards[0][idx].to(dev), self.rewards[1][idx].to(dev),
+                         self.lengths[0][idx].to(dev), self.lengths[1][idx].to(dev))
 
 
 def _kl_stat(b: PairBatch) -> float:
@@ -282,9 +244,8 @@ def _pair_splits(pairs, eval_size: int):
     return train, test
 
 
-def _evaluator(
-    ctx, held: Optional[_PairData], loss_fn, rewards: Optional[Callable], pad_id: int, p
-) -> Optional[Callable]:
+def _evaluator(ctx, held: Optional[_PairData], loss_fn, rewards: Optional[Callable], pad_id: int,
+               p) -> Optional[Callable]:
     """``evaluate(model)`` over the held-out pairs: mean loss and, given ``rewards``, the implicit-reward
     accuracy (ties count one half) and mean margin. ``evaluate(None)`` gives the same figures for the
     reference policy from its logprobs, with no forward pass."""
@@ -315,9 +276,8 @@ def _evaluator(
     return evaluate
 
 
-def train_on_pairs(
-    ctx, make_loss: Callable, reference_free: bool = False, rewards: Optional[Callable] = None
-) -> StageResult:
+def train_on_pairs(ctx, make_loss: Callable, reference_free: bool = False,
+                   rewards: Optional[Callable] = None) -> StageResult:
     """Train ``params.policy`` on the input ``pairs`` (split ``train``) with ``make_loss(params)``.
 
     Reference logprobs are computed once (a shared cache entry) unless ``reference_free``. Pairs of the
@@ -353,31 +313,17 @@ def train_on_pairs(
     with ctx.timer("load_policy"):
         model = src.load_causal_lm()
     evaluate = _evaluator(ctx, held, loss_fn, rewards, tok.pad_token_id, p)
-    trainer = Trainer(
-        p,
-        model,
-        len(train),
-        step,
-        ctx.partial_dir / "checkpoints",
-        ctx.partial_dir / "tensorboard",
-        seed=ctx.seed + 555134,
-        progress=ctx.progress,
-        eval_every=p.eval_every,
-        run_name=ctx.stage_id,
-        evaluate=evaluate,
-    )
+    trainer = Trainer(p, model, len(train), step, ctx.partial_dir / "checkpoints", ctx.partial_dir / "tensorboard",
+                      seed=ctx.seed + 555134, progress=ctx.progress, eval_every=p.eval_every, run_name=ctx.stage_id,
+                      evaluate=evaluate)
     before = metrics_before(trainer, evaluate, starts_at_reference(p, reference_free)) if evaluate else {}
     ctx.progress.note("training")
     with ctx.timer("train"):
         metrics = trainer.train()
     with ctx.timer("save"):
         save_policy(ctx, trainer, tok)
-    metrics.update(
-        before,
-        train_pairs=len(train),
-        test_pairs=len(held) if held else 0,
-        seconds_per_update=seconds_per_update(ctx, metrics),
-    )
+    metrics.update(before, train_pairs=len(train), test_pairs=len(held) if held else 0,
+                   seconds_per_update=seconds_per_update(ctx, metrics))
     return StageResult(metrics=metrics)
 
 
@@ -402,7 +348,6 @@ def pair_trainer(make_loss: Callable, reference_free: bool = False, rewards: Opt
     * ``run.__module__`` is the module of ``make_loss``, so ``source_hash=True`` digests the package
       that defines the loss (the plugin's), not rlhf-spec's.
     """
-
     def run(ctx) -> StageResult:
         return train_on_pairs(ctx, make_loss, reference_free, rewards)
 

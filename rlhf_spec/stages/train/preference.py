@@ -33,21 +33,12 @@ def rebel_loss(p: RebelParams):
     fn = REBELLoss(p.eta)
 
     def loss(b: PairBatch):
-        args = (
-            b.policy_chosen_logps,
-            b.policy_rejected_logps,
-            b.reference_chosen_logps,
-            b.reference_rejected_logps,
-            b.chosen_rewards,
-            b.rejected_rewards,
-        )
+        args = (b.policy_chosen_logps, b.policy_rejected_logps, b.reference_chosen_logps, b.reference_rejected_logps,
+                b.chosen_rewards, b.rejected_rewards)
         value = fn(*args)
         st = rebel_stats(*(a.detach() for a in args), eta=p.eta)
-        return value, {
-            "loss": float(value.detach()),
-            "reward_margin": float(st["reward_margin"]),
-            "logratio_margin": float(st["logratio_margin"]),
-        }
+        return value, {"loss": float(value.detach()), "reward_margin": float(st["reward_margin"]),
+                       "logratio_margin": float(st["logratio_margin"])}
 
     return loss
 
@@ -67,15 +58,12 @@ def dpo_loss(p: DPOParams):
     fn = DPOLoss(p.beta, p.label_smoothing)
 
     def loss(b: PairBatch):
-        value, cr, rj = fn(
-            b.policy_chosen_logps, b.policy_rejected_logps, b.reference_chosen_logps, b.reference_rejected_logps
-        )
-        return value, {
-            "loss": float(value.detach()),
-            "reward_margin": float((b.chosen_rewards - b.rejected_rewards).mean()),
-            "implicit_reward_margin": float((cr - rj).mean()),
-            "implicit_accuracy": float((cr > rj).float().mean()),
-        }
+        value, cr, rj = fn(b.policy_chosen_logps, b.policy_rejected_logps, b.reference_chosen_logps,
+                           b.reference_rejected_logps)
+        return value, {"loss": float(value.detach()),
+                       "reward_margin": float((b.chosen_rewards - b.rejected_rewards).mean()),
+                       "implicit_reward_margin": float((cr - rj).mean()),
+                       "implicit_accuracy": float((cr > rj).float().mean())}
 
     return loss
 
@@ -98,33 +86,23 @@ def rebel_rewards(p: RebelParams, b: PairBatch):
 
 def _rebel_check(params: RebelParams, spec, inputs) -> list[Problem]:
     if params.dataset:
-        return [
-            Problem(
-                "/dataset",
-                "REBEL regresses on reward differences, which a dataset does not have: give a scored pairs stage in "
-                "inputs",
-            )
-        ]
+        return [Problem("/dataset", "REBEL regresses on reward differences, which a dataset does not have: give a "
+                                    "scored pairs stage in inputs")]
     return []
 
 
 def _reward_model_check(params: RewardModelParams, spec, inputs) -> list[Problem]:
     if not params.dataset and not inputs:
-        return [
-            Problem("/dataset", "reward-model training needs pairs: set params.dataset or give a pairs stage in inputs")
-        ]
+        return [Problem("/dataset", "reward-model training needs pairs: set params.dataset or give a pairs stage in "
+                                    "inputs")]
     if params.dataset and inputs:
         return [Problem("#/inputs", "reward-model training reads params.dataset or a pairs input, not both")]
     return []
 
 
 def _policy_resources(p) -> dict:
-    out = {
-        "processes": p.num_processes,
-        "gpus": p.num_processes,
-        "global_batch": p.global_batch(),
-        "episodes": p.total_episodes or f"{p.epochs} epoch(s)",
-    }
+    out = {"processes": p.num_processes, "gpus": p.num_processes, "global_batch": p.global_batch(),
+           "episodes": p.total_episodes or f"{p.epochs} epoch(s)"}
     if p.total_episodes:
         out["updates"] = max(1, p.total_episodes // p.global_batch())
     return out
@@ -137,51 +115,14 @@ run_reward_model = train_reward_model
 
 @hookimpl
 def rlhf_spec_register_stages(register):
-    register(
-        StageImpl(
-            kind="train",
-            name="rebel",
-            params=RebelParams,
-            run=run_rebel,
-            version="1",
-            inputs=(PAIRS,),
-            min_inputs=1,
-            max_inputs=1,
-            output=POLICY,
-            check=_rebel_check,
-            description="REBEL: regress log-ratio differences onto eta * reward differences",
-            resources=_policy_resources,
-        )
-    )
-    register(
-        StageImpl(
-            kind="train",
-            name="dpo",
-            params=DPOParams,
-            run=run_dpo,
-            version="1",
-            inputs=(PAIRS,),
-            min_inputs=0,
-            max_inputs=1,
-            output=POLICY,
-            check=pairs_check,
-            description="DPO: -log sigmoid(beta * log-ratio margin)",
-            resources=_policy_resources,
-        )
-    )
-    register(
-        StageImpl(
-            kind="train",
-            name="reward-model",
-            params=RewardModelParams,
-            run=run_reward_model,
-            version="3",
-            inputs=(PAIRS,),
-            min_inputs=0,
-            max_inputs=1,
-            output=REWARD_MODEL,
-            check=_reward_model_check,
-            description="Bradley-Terry reward model (optional Llama 2 margin), held-out pairwise accuracy",
-            resources=_policy_resources,
-        )
-    )
+    register(StageImpl(kind="train", name="rebel", params=RebelParams, run=run_rebel, version="1",
+                       inputs=(PAIRS,), min_inputs=1, max_inputs=1, output=POLICY, check=_rebel_check,
+                       description="REBEL: regress log-ratio differences onto eta * reward differences",
+                       resources=_policy_resources))
+    register(StageImpl(kind="train", name="dpo", params=DPOParams, run=run_dpo, version="1",
+                       inputs=(PAIRS,), min_inputs=0, max_inputs=1, output=POLICY, check=pairs_check,
+                       description="DPO: -log sigmoid(beta * log-ratio margin)", resources=_policy_resources))
+    register(StageImpl(kind="train", name="reward-model", params=RewardModelParams, run=run_reward_model, version="2",
+                       inputs=(PAIRS,), min_inputs=0, max_inputs=1, output=REWARD_MODEL, check=_reward_model_check,
+                       description="Bradley-Terry reward model (optional Llama 2 margin), held-out pairwise accuracy",
+                       resources=_policy_resources))

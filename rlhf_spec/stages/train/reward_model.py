@@ -23,40 +23,32 @@ class RewardModelParams(OptimParams):
     """
 
     backbone: Annotated[str, ModelRef(artifacts=(REWARD_MODEL,))] = Field(
-        ...,
-        description="Encoder or decoder to put a scalar head on (AutoModelForSequenceClassification, num_labels=1).",
-    )
+        ..., description="Encoder or decoder to put a scalar head on (AutoModelForSequenceClassification, "
+                         "num_labels=1).")
     dataset: Optional[Annotated[str, DatasetRef(columns=("prompt", "chosen", "rejected"))]] = Field(
-        None, description="Preference pairs from /datasets; or give a pairs stage as the input."
-    )
+        None, description="Preference pairs from /datasets; or give a pairs stage as the input.")
     eval_dataset: Optional[Annotated[str, DatasetRef(columns=("prompt", "chosen", "rejected"))]] = Field(
-        None,
-        description="Held-out pairs; default: the input's 'test' split, or eval_size pairs split off by prompt hash.",
-    )
-    eval_size: int = Field(
-        0, ge=0, description="Pairs to hold out from the training data when no eval_dataset is given."
-    )
-    format: Literal["auto", "chat", "pair", "transcript"] = Field(
-        "auto", description="Input format (see rlhf_spec.rewards.classifier); recorded in the output."
-    )
+        None, description="Held-out pairs; default: the input's 'test' split, or eval_size pairs split off by prompt "
+                          "hash.")
+    eval_size: int = Field(0, ge=0, description="Pairs to hold out from the training data when no eval_dataset is "
+                                                "given.")
+    format: Literal["auto", "chat", "pair", "transcript"] = Field("auto", description="Input format (see "
+                                                                                      "rlhf_spec.rewards.classifier); "
+                                                                                      "recorded in the output.")
     max_length: int = Field(256, ge=8, le=131072, description="Truncate inputs to this many tokens (prompt first).")
-    margin: float = Field(
-        0.0, ge=0.0, description="Constant margin m inside the sigmoid (Llama 2 uses rating-dependent margins)."
-    )
-    margin_column: Optional[str] = Field(
-        None, description="Per-pair margin column of the input pairs (overrides margin)."
-    )
+    margin: float = Field(0.0, ge=0.0, description="Constant margin m inside the sigmoid (Llama 2 uses "
+                                                   "rating-dependent margins).")
+    margin_column: Optional[str] = Field(None, description="Per-pair margin column of the input pairs (overrides "
+                                                           "margin).")
     learning_rate: float = Field(2e-5, gt=0, le=1.0, description="Peak learning rate (AdamW).")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
-        "linear", description="LR schedule."
-    )
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field("linear", description="LR "
+                                                                                                             "schedule.")
     per_device_train_batch_size: int = Field(16, ge=1, le=4096, description="Pairs per micro-batch per process.")
     gradient_accumulation_steps: int = Field(1, ge=1, le=65536, description="Micro-batches per optimizer update.")
-    eval_batch_size: Annotated[int, NotInKey()] = Field(
-        64, ge=1, description="Pairs per forward pass in evaluation. Not part of the key."
-    )
+    eval_batch_size: Annotated[int, NotInKey()] = Field(64, ge=1, description="Pairs per forward pass in evaluation. "
+                                                                              "Not part of the key.")
 
 
 def _rows(ctx, p: RewardModelParams):
@@ -96,7 +88,7 @@ class _Scorer:
         from ...rewards.classifier import collate, reward_forward
 
         out = reward_forward(model, collate(self.tok, ch + rj, device=next(model.parameters()).device))
-        return out[: len(ch)], out[len(ch) :]
+        return out[: len(ch)], out[len(ch):]
 
 
 def _evaluator(scorer: _Scorer, ev, loss_fn, batch_size: int):
@@ -112,12 +104,8 @@ def _evaluator(scorer: _Scorer, ev, loss_fn, batch_size: int):
                 cs.append(c)
                 rs.append(r)
         c, r = torch.cat(cs), torch.cat(rs)
-        return {
-            "accuracy": pairwise_accuracy(c, r),
-            "loss": float(loss_fn(c, r)),
-            "pairs": len(c),
-            "reward_margin": float((c - r).mean()),
-        }
+        return {"accuracy": pairwise_accuracy(c, r), "loss": float(loss_fn(c, r)), "pairs": len(c),
+                "reward_margin": float((c - r).mean())}
 
     return evaluate
 
@@ -167,11 +155,8 @@ def train_reward_model(ctx) -> StageResult:
     scorer = _Scorer(tok, resolve_format(p.format, tok), p.max_length)
     with ctx.timer("tokenize"):
         tr = scorer.encode(rows)
-    margins = (
-        torch.tensor(list(rows[p.margin_column]), dtype=torch.float32)
-        if p.margin_column
-        else torch.full((len(rows),), p.margin)
-    )
+    margins = torch.tensor(list(rows[p.margin_column]),
+                           dtype=torch.float32) if p.margin_column else torch.full((len(rows),), p.margin)
     loss_fn = PairwiseRewardLoss()
 
     def step(model, mb):
@@ -180,37 +165,16 @@ def train_reward_model(ctx) -> StageResult:
         return loss, {"loss": float(loss.detach()), "accuracy": pairwise_accuracy(rc.detach(), rr.detach())}
 
     evaluate = _evaluator(scorer, scorer.encode(held), loss_fn, p.eval_batch_size) if held is not None else None
-    trainer = Trainer(
-        p,
-        model,
-        len(rows),
-        step,
-        ctx.partial_dir / "checkpoints",
-        ctx.partial_dir / "tensorboard",
-        seed=ctx.seed + 1234,
-        progress=ctx.progress,
-        evaluate=evaluate,
-        task_type="SEQ_CLS",
-        run_name=ctx.stage_id,
-    )
+    trainer = Trainer(p, model, len(rows), step, ctx.partial_dir / "checkpoints", ctx.partial_dir / "tensorboard",
+                      seed=ctx.seed + 1234, progress=ctx.progress, evaluate=evaluate, task_type="SEQ_CLS",
+                      run_name=ctx.stage_id)
     ctx.progress.note("training reward model")
     with ctx.timer("train"):
         metrics = trainer.train()
     with ctx.timer("statistics"):
         stats = _statistics(scorer, trainer.accelerator.unwrap_model(trainer.model).eval(), tr, p.eval_batch_size)
-    save_policy(
-        ctx,
-        trainer,
-        tok,
-        meta={"format": scorer.fmt, "max_length": p.max_length, "statistics": stats},
-        padding_side=None,
-    )
-    metrics.update(
-        {
-            "train_pairs": len(rows),
-            "format": scorer.fmt,
-            "train_score_mean": stats["mean"],
-            "train_score_std": stats["std"],
-        }
-    )
+    save_policy(ctx, trainer, tok, meta={"format": scorer.fmt, "max_length": p.max_length, "statistics": stats},
+                padding_side=None)
+    metrics.update({"train_pairs": len(rows), "format": scorer.fmt, "train_score_mean": stats["mean"],
+                    "train_score_std": stats["std"]})
     return StageResult(metrics=metrics)

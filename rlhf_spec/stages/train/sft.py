@@ -43,68 +43,42 @@ class SFTParams(OptimParams):
     (0.9, 0.999) and no weight decay, cosine schedule with 3% warm-up, 3 epochs, gradient clipping at 1.0.
     """
 
-    policy: Annotated[str, ModelRef(artifacts=(POLICY,))] = Field(
-        ..., description="Model to fine-tune: a /models name or a train stage id."
-    )
+    policy: Annotated[str, ModelRef(artifacts=(POLICY,))] = Field(..., description="Model to fine-tune: a /models name "
+                                                                                   "or a train stage id.")
     dataset: Optional[Annotated[str, DatasetRef(columns=("prompt", "completion"))]] = Field(
-        None,
-        description="SFT data from /datasets (adapters messages, prompt-completion, alpaca, sharegpt, kto); or give "
-        "one samples/scored stage as the input.",
-    )
+        None, description="SFT data from /datasets (adapters messages, prompt-completion, alpaca, sharegpt, kto); or "
+                          "give one samples/scored stage as the input.")
     eval_dataset: Optional[Annotated[str, DatasetRef(columns=("prompt", "completion"))]] = Field(
-        None, description="Held-out SFT data; default: eval_size rows held out by prompt hash."
-    )
-    eval_size: int = Field(
-        0,
-        ge=0,
-        description="Rows held out from the training data (whole prompts, lowest prompt hash first) when no "
-        "eval_dataset is given.",
-    )
+        None, description="Held-out SFT data; default: eval_size rows held out by prompt hash.")
+    eval_size: int = Field(0, ge=0, description="Rows held out from the training data (whole prompts, lowest prompt "
+                                                "hash first) when no eval_dataset is given.")
     assistant_turns: Optional[Literal["all", "last"]] = Field(
-        None,
-        description="Assistant turns in the loss: 'all' (every assistant turn of the conversation) or 'last' (the "
-        "completion only). "
-        "Default: 'all' for a dataset, 'last' for rows of an input stage (their earlier turns were not written by the "
-        "policy).",
-    )
-    max_length: int = Field(
-        1024,
-        ge=8,
-        le=1048576,
-        description="Sequences are right-truncated to this many tokens; with packing, the block length (examples are "
-        "then not truncated but run on into the next block).",
-    )
-    packing: bool = Field(
-        False,
-        description="Concatenate the examples into blocks of exactly max_length tokens (attention crosses example "
-        "boundaries).",
-    )
-    qlora: bool = Field(
-        False,
-        description="Load the policy in 4-bit NF4 (bitsandbytes, CUDA GPU only) and train the LoRA adapters of "
-        "params.lora (QLoRA).",
-    )
-    chat_template: Optional[str] = Field(
-        None,
-        description="Jinja chat template set on the tokenizer before training and saved with the policy (for a model "
-        "without one).",
-    )
+        None, description="Assistant turns in the loss: 'all' (every assistant turn of the conversation) or 'last' "
+                          "(the completion only). "
+                          "Default: 'all' for a dataset, 'last' for rows of an input stage (their earlier turns were "
+                          "not written by the policy).")
+    max_length: int = Field(1024, ge=8, le=1048576, description="Sequences are right-truncated to this many tokens; "
+                                                                "with packing, the block length (examples are then not "
+                                                                "truncated but run on into the next block).")
+    packing: bool = Field(False, description="Concatenate the examples into blocks of exactly max_length tokens "
+                                             "(attention crosses example boundaries).")
+    qlora: bool = Field(False, description="Load the policy in 4-bit NF4 (bitsandbytes, CUDA GPU only) and train the "
+                                           "LoRA adapters of params.lora (QLoRA).")
+    chat_template: Optional[str] = Field(None, description="Jinja chat template set on the tokenizer before training "
+                                                           "and saved with the policy (for a model without one).")
     learning_rate: float = Field(2e-5, gt=0, le=1.0, description="Peak learning rate (AdamW).")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0, description="Share of updates spent warming up.")
-    per_device_train_batch_size: int = Field(
-        8, ge=1, le=4096, description="Sequences (or packed blocks) per micro-batch per process."
-    )
+    per_device_train_batch_size: int = Field(8, ge=1, le=4096, description="Sequences (or packed blocks) per "
+                                                                           "micro-batch per process.")
     gradient_accumulation_steps: int = Field(1, ge=1, le=65536, description="Micro-batches per optimizer update.")
     epochs: float = Field(3.0, gt=0, description="Passes over the training sequences when total_episodes is unset.")
     max_grad_norm: Optional[float] = Field(1.0, gt=0, description="Clip the gradient norm (None: no clipping).")
-    eval_every: Annotated[Optional[int], NotInKey()] = Field(
-        None, ge=1, description="Evaluate the held-out loss every N updates. Not part of the key."
-    )
-    eval_batch_size: Annotated[int, NotInKey()] = Field(
-        8, ge=1, description="Sequences per forward pass in evaluation. Not part of the key."
-    )
+    eval_every: Annotated[Optional[int], NotInKey()] = Field(None, ge=1, description="Evaluate the held-out loss every "
+                                                                                     "N updates. Not part of the key.")
+    eval_batch_size: Annotated[int, NotInKey()] = Field(8, ge=1, description="Sequences per forward pass in "
+                                                                             "evaluation. Not part of the key.")
 
 
 # ----------------------------------------------------------------------------- data
@@ -156,9 +130,8 @@ def build_examples(tok, rows, p: SFTParams, from_input: bool, pack: bool) -> tup
     packed into blocks of ``max_length`` (a long example runs on into the next block). Also returns how many
     rows were dropped because (after truncation) they had no assistant token to predict."""
     turns = p.assistant_turns or ("last" if from_input else "all")
-    examples = [
-        tokenize_conversation(tok, m, None if pack else p.max_length, turns) for m in _conversations(rows, from_input)
-    ]
+    examples = [tokenize_conversation(tok, m, None if pack else p.max_length,
+                                      turns) for m in _conversations(rows, from_input)]
     kept = [ex for ex in examples if any(ex.loss_mask[1:])]
     return (pack_examples(kept, p.max_length) if pack else kept), len(examples) - len(kept)
 
@@ -205,19 +178,13 @@ def load_policy_4bit(src, p: SFTParams):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    cfg = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
-    )
+    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=compute)
     src._prepare_gguf()  # a GGUF policy is dequantised once; 4-bit loading reads that copy
     loc, kw = src._location()
-    model = AutoModelForCausalLM.from_pretrained(
-        loc,
-        quantization_config=cfg,
-        dtype=compute,
-        trust_remote_code=src.trust_remote_code,
-        device_map={"": int(os.environ.get("LOCAL_RANK", "0"))},
-        **kw,
-    )
+    model = AutoModelForCausalLM.from_pretrained(loc, quantization_config=cfg, dtype=compute,
+                                                 trust_remote_code=src.trust_remote_code,
+                                                 device_map={"": int(os.environ.get("LOCAL_RANK", "0"))}, **kw)
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=p.gradient_checkpointing)
 
 
@@ -280,10 +247,8 @@ def train_sft(ctx) -> StageResult:
         train, dropped = build_examples(tok, rows, p, from_input, p.packing)
         test = build_examples(tok, held, p, from_input, False)[0] if held is not None else []
     if not train:
-        raise ValueError(
-            f"no SFT sequence to train on ({len(rows)} rows; {dropped} left without assistant tokens by "
-            f"max_length={p.max_length})"
-        )
+        raise ValueError(f"no SFT sequence to train on ({len(rows)} rows; {dropped} left without assistant tokens by "
+                         f"max_length={p.max_length})")
     pad = tok.pad_token_id
 
     def step(model, mb):
@@ -297,35 +262,20 @@ def train_sft(ctx) -> StageResult:
 
     with ctx.timer("load_policy"):
         model = load_policy_4bit(src, p) if p.qlora else src.load_causal_lm()
-    trainer = Trainer(
-        p,
-        model,
-        len(train),
-        step,
-        ctx.partial_dir / "checkpoints",
-        ctx.partial_dir / "tensorboard",
-        seed=ctx.seed + 771,
-        progress=ctx.progress,
-        evaluate=evaluate if test else None,
-        eval_every=p.eval_every,
-        run_name=ctx.stage_id,
-    )
+    trainer = Trainer(p, model, len(train), step, ctx.partial_dir / "checkpoints", ctx.partial_dir / "tensorboard",
+                      seed=ctx.seed + 771, progress=ctx.progress, evaluate=evaluate if test else None,
+                      eval_every=p.eval_every,
+                      run_name=ctx.stage_id)
     before = _loss_before(trainer, lambda m: heldout_loss(m, test, pad, p.eval_batch_size)) if test else {}
     ctx.progress.note("training")
     with ctx.timer("train"):
         metrics = trainer.train()
     with ctx.timer("save"):
         save_policy(ctx, MergedQLoRA(trainer, src, p) if p.qlora else trainer, tok)
-    metrics.update(
-        before,
-        train_rows=len(rows),
-        train_sequences=len(train),
-        dropped_no_assistant_tokens=dropped,
-        skipped_undesirable=undesirable,
-        eval_rows=len(held) if held is not None else 0,
-        packing=p.packing,
-        seconds_per_update=seconds_per_update(ctx, metrics),
-    )
+    metrics.update(before, train_rows=len(rows), train_sequences=len(train), dropped_no_assistant_tokens=dropped,
+                   skipped_undesirable=undesirable,
+                   eval_rows=len(held) if held is not None else 0, packing=p.packing,
+                   seconds_per_update=seconds_per_update(ctx, metrics))
     return StageResult(metrics=metrics)
 
 

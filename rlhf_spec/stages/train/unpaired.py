@@ -47,25 +47,19 @@ class KTOParams(PolicyTrainParams):
     that ratio as ``desirable_ratio``."""
 
     dataset: Optional[Annotated[str, DatasetRef(columns=("prompt", "completion", "label"))]] = Field(
-        None,
-        description="Unpaired rows from /datasets (adapter 'kto'); or give a pairs stage as the input (chosen: "
-        "desirable, rejected: undesirable).",
-    )
+        None, description="Unpaired rows from /datasets (adapter 'kto'); or give a pairs stage as the input (chosen: "
+                          "desirable, rejected: undesirable).")
     eval_dataset: Optional[Annotated[str, DatasetRef(columns=("prompt", "completion", "label"))]] = Field(
-        None,
-        description="Held-out unpaired rows; default: the pairs' 'test' split, or eval_size rows held out by prompt "
-        "hash.",
-    )
-    eval_size: int = Field(
-        0, ge=0, description="Rows (or, from pairs, pairs) held out by prompt hash when there is no other held-out set."
-    )
+        None, description="Held-out unpaired rows; default: the pairs' 'test' split, or eval_size rows held out by "
+                          "prompt hash.")
+    eval_size: int = Field(0, ge=0, description="Rows (or, from pairs, pairs) held out by prompt hash when there is no "
+                                                "other held-out set.")
     beta: float = Field(0.1, gt=0, le=100.0, description="Inverse temperature beta of the implicit reward.")
     desirable_weight: float = Field(1.0, gt=0, le=100.0, description="lambda_D, weight of desirable rows.")
     undesirable_weight: float = Field(1.0, gt=0, le=100.0, description="lambda_U, weight of undesirable rows.")
     learning_rate: float = Field(5e-7, gt=0, le=1.0, description="Peak learning rate (AdamW).")
-    per_device_train_batch_size: int = Field(
-        4, ge=1, le=4096, description="Rows per micro-batch per process; at least 2 (z0 needs other rows' completions)."
-    )
+    per_device_train_batch_size: int = Field(4, ge=1, le=4096, description="Rows per micro-batch per process; at least "
+                                                                           "2 (z0 needs other rows' completions).")
     gradient_accumulation_steps: int = Field(8, ge=1, le=65536, description="Micro-batches per optimizer update.")
 
 
@@ -86,21 +80,15 @@ class UnpairedRows:
     @classmethod
     def from_dataset(cls, rows) -> "UnpairedRows":
         """From a dataset with ``prompt_id``, ``prompt``, ``completion`` and ``label`` columns."""
-        return cls(
-            list(rows["prompt_id"]),
-            [list(p) for p in rows["prompt"]],
-            list(rows["completion"]),
-            [bool(x) for x in rows["label"]],
-            [-1] * len(rows),
-        )
+        return cls(list(rows["prompt_id"]), [list(p) for p in rows["prompt"]], list(rows["completion"]),
+                   [bool(x) for x in rows["label"]], [-1] * len(rows))
 
     @classmethod
     def from_pairs(cls, rows) -> "UnpairedRows":
         """Pairs unrolled: each pair gives its chosen response (desirable) and its rejected one (undesirable)."""
         out = cls()
-        for k, (pid, prompt, ch, rj) in enumerate(
-            zip(rows["prompt_id"], rows["prompt"], rows["chosen"], rows["rejected"])
-        ):
+        for k, (pid, prompt, ch, rj) in enumerate(zip(rows["prompt_id"], rows["prompt"], rows["chosen"],
+                                                      rows["rejected"])):
             for text, good in ((ch, True), (rj, False)):
                 out.prompt_id.append(pid)
                 out.prompt.append(list(prompt))
@@ -123,10 +111,9 @@ def kl_partners(prompt_ids: list[str], seed: int = _PARTNER_SEED) -> list[int]:
 
     n = len(prompt_ids)
     if len(set(prompt_ids)) < 2:
-        raise ValueError(
-            f"KTO's reference point needs completions of at least two different prompts; these {n} rows have "
-            f"{len(set(prompt_ids))}"
-        )
+        raise ValueError(f"KTO's reference point needs completions of at least two different prompts; these {n} rows "
+                         f"have "
+                         f"{len(set(prompt_ids))}")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     out = [0] * n
     for k, i in enumerate(order):
@@ -160,9 +147,8 @@ class _Tokenized:
         return h.hexdigest()
 
 
-def kto_reference_logprobs(
-    ctx, p: KTOParams, parts: list[_Tokenized], pad_id: int
-) -> list[tuple[list[float], list[float]]]:
+def kto_reference_logprobs(ctx, p: KTOParams, parts: list[_Tokenized], pad_id: int) -> list[tuple[list[float],
+                                                                                                  list[float]]]:
     """Reference-policy logprobs (nats) of every matched and mismatched sequence of ``parts``, computed once.
 
     A shared cache entry (``kto-reference-logprobs``) keyed by the token ids, the reference model's
@@ -181,12 +167,8 @@ def kto_reference_logprobs(
 
     src = ctx.model("reference" if p.reference else "policy")
     seqs = [s for part in parts for s in part.matched + part.kl]
-    preimage = {
-        "sequences": hash_json([part.digest() for part in parts]),
-        "reference": src.identity,
-        "temperature": p.logprob_temperature,
-        "format": "kto-1",
-    }
+    preimage = {"sequences": hash_json([part.digest() for part in parts]), "reference": src.identity,
+                "temperature": p.logprob_temperature, "format": "kto-1"}
     if p.mixed_precision != "no":  # absent at full precision: those entries keep their keys
         preimage["autocast"] = p.mixed_precision
 
@@ -284,7 +266,6 @@ def _rows(ctx, p: KTOParams) -> tuple[UnpairedRows, Optional[UnpairedRows]]:
 
 def kto_step(loss_fn, data: _KTOData, pad_id: int, p: KTOParams):
     """The Trainer step of KTO: policy logprobs, z0 of this micro-batch, the loss and its stats."""
-
     def step(model, mb):
         lp, kl = data.logps(model, pad_id, mb, p.logprob_temperature)
         z0 = reference_point(kl, data.ref_kl[mb].to(kl.device))
@@ -312,9 +293,8 @@ def kto_evaluator(ctx, held: Optional[_KTOData], loss_fn, pad_id: int, p: KTOPar
             lps, kls = [], []
             with ctx.timer("eval"), torch.no_grad():
                 for i in range(0, len(held), p.logprob_batch_size):
-                    lp, kl = held.logps(
-                        model, pad_id, list(range(i, min(i + p.logprob_batch_size, len(held)))), p.logprob_temperature
-                    )
+                    lp, kl = held.logps(model, pad_id, list(range(i, min(i + p.logprob_batch_size, len(held)))),
+                                        p.logprob_temperature)
                     lps.append(lp.float().cpu())
                     kls.append(kl.float().cpu())
             lp, kl = torch.cat(lps), torch.cat(kls)
@@ -351,17 +331,13 @@ def kto_check(params: KTOParams, spec, inputs) -> list[Problem]:
     """Static checks of ``train``/``kto``: one data source, and micro-batches of at least 2 rows."""
     out = []
     if params.per_device_train_batch_size < 2:
-        out.append(
-            Problem(
-                "/per_device_train_batch_size",
-                f"KTO estimates its reference point z0 from the other rows of each micro-batch, "
-                f"so per_device_train_batch_size must be at least 2 (got {params.per_device_train_batch_size})",
-            )
-        )
+        out.append(Problem("/per_device_train_batch_size", f"KTO estimates its reference point z0 from the other rows "
+                                                           f"of each micro-batch, "
+                           f"so per_device_train_batch_size must be at least 2 (got "
+                           f"{params.per_device_train_batch_size})"))
     if not params.dataset and not inputs:
-        out.append(
-            Problem("/dataset", "KTO needs data: set params.dataset (a 'kto' dataset) or give a pairs stage in inputs")
-        )
+        out.append(Problem("/dataset", "KTO needs data: set params.dataset (a 'kto' dataset) or give a pairs stage in "
+                                       "inputs"))
     if params.dataset and inputs:
         out.append(Problem("#/inputs", "KTO reads params.dataset or a pairs input, not both"))
     return out
@@ -383,9 +359,8 @@ def train_kto(ctx) -> StageResult:
     src = ctx.model("policy")
     tok = src.load_tokenizer(padding_side="right")
     with ctx.timer("tokenize"):
-        parts = [_Tokenized(tok, train_rows, p, "training")] + (
-            [_Tokenized(tok, held_rows, p, "held-out")] if held_rows else []
-        )
+        parts = [_Tokenized(tok, train_rows, p, "training")] + ([_Tokenized(tok, held_rows, p,
+                                                                            "held-out")] if held_rows else [])
     refs = kto_reference_logprobs(ctx, p, parts, tok.pad_token_id)
     train = _KTOData(train_rows, parts[0], refs[0])
     held = _KTOData(held_rows, parts[1], refs[1]) if held_rows else None
@@ -393,19 +368,11 @@ def train_kto(ctx) -> StageResult:
     with ctx.timer("load_policy"):
         model = src.load_causal_lm()
     evaluate = kto_evaluator(ctx, held, loss_fn, tok.pad_token_id, p)
-    trainer = Trainer(
-        p,
-        model,
-        len(train),
-        kto_step(loss_fn, train, tok.pad_token_id, p),
-        ctx.partial_dir / "checkpoints",
-        ctx.partial_dir / "tensorboard",
-        seed=ctx.seed + 424242,
-        progress=ctx.progress,
-        eval_every=p.eval_every,
-        evaluate=evaluate,
-        run_name=ctx.stage_id,
-    )
+    trainer = Trainer(p, model, len(train), kto_step(loss_fn, train, tok.pad_token_id, p),
+                      ctx.partial_dir / "checkpoints",
+                      ctx.partial_dir / "tensorboard", seed=ctx.seed + 424242, progress=ctx.progress,
+                      eval_every=p.eval_every,
+                      evaluate=evaluate, run_name=ctx.stage_id)
     before = metrics_before(trainer, evaluate, starts_at_reference(p)) if evaluate else {}
     ctx.progress.note("training")
     with ctx.timer("train"):
@@ -414,13 +381,8 @@ def train_kto(ctx) -> StageResult:
         save_policy(ctx, trainer, tok)
     n_d = sum(train_rows.label)
     n_u = len(train_rows) - n_d
-    metrics.update(
-        before,
-        train_rows=len(train_rows),
-        desirable=n_d,
-        undesirable=n_u,
-        eval_rows=len(held) if held else 0,
-        desirable_ratio=(p.desirable_weight * n_d / (p.undesirable_weight * n_u)) if n_u else None,
-        seconds_per_update=seconds_per_update(ctx, metrics),
-    )
+    metrics.update(before, train_rows=len(train_rows), desirable=n_d, undesirable=n_u,
+                   eval_rows=len(held) if held else 0,
+                   desirable_ratio=(p.desirable_weight * n_d / (p.undesirable_weight * n_u)) if n_u else None,
+                   seconds_per_update=seconds_per_update(ctx, metrics))
     return StageResult(metrics=metrics)
