@@ -450,3 +450,18 @@ def call_check(check: Callable, params: BaseModel, spec: Any, inputs: tuple) -> 
     except (TypeError, ValueError):
         n = 3
     return list((check(params, spec, inputs) if n >= 3 else check(params, spec)) or [])
+
+
+def pairwise_reward_problems(reward: "ComponentSpec", pointer: str = "/reward") -> list:
+    """A :class:`~rlhf_spec.Problem` at ``pointer`` when the bound reward ``reward`` is pairwise with its
+    params (:meth:`RewardImpl.is_pairwise`): it compares two replies and has no score for one, so it cannot
+    serve where each completion needs a score (``score``, online training). An unbound spec gives none.
+    """
+    from .errors import Problem
+
+    if reward._impl is None or reward._parsed is None or not reward._impl.is_pairwise(reward._parsed):
+        return []
+    return [Problem(pointer, f"{reward._impl.origin()} is pairwise with these params: it compares two replies "
+                             "and gives no score to one",
+                    "use it among evaluate's judges or in the pair stage 'ai-feedback'; where each reply needs a "
+                    "score use a reward that rates it (llm-judge: mode 'pointwise')")]

@@ -275,6 +275,22 @@ def test_kl_past_max_kl_stops_the_stage_with_step_and_value(tmp_path, online_reg
     assert (tmp_path / "cache" / "partial" / st["key"] / "checkpoints" / f"step-{kept:07d}").is_dir()
 
 
+def test_a_pairwise_reward_is_refused_by_its_declared_capability(online_registry, tiny_models, prompts_file):
+    """Online training needs a score per rollout: a reward that declares itself pairwise with its params
+    (llm-judge in mode 'pairwise') is refused at /reward with the reward and its distribution named."""
+    from rlhf_spec.errors import SpecError
+    from rlhf_spec.spec import validate
+
+    judge = {"uses": "llm-judge", "params": {"model": "policy", "mode": "pairwise"}}
+    with pytest.raises(SpecError) as ei:
+        validate(online_spec("grpo", tiny_models, prompts_file, reward=judge), online_registry)
+    found = [p for p in ei.value.problems if p.pointer == "/stages/0/params/reward"]
+    assert found and "reward 'llm-judge' (rlhf-spec" in found[0].message and "pairwise" in found[0].message, \
+        [p.render() for p in ei.value.problems]
+    validate(online_spec("grpo", tiny_models, prompts_file, reward=dict(judge, params={"model": "policy"})),
+             online_registry)
+
+
 def test_group_size_one_and_a_non_live_backend_are_validation_errors(tmp_path, online_registry, tiny_models, prompts_file):
     from rlhf_spec.errors import SpecError
     from rlhf_spec.spec import validate

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ValidationError
 from ..errors import Problem, SpecError, did_you_mean
 from ..graph import Pipeline, Stage, toposort
 from ..paths import check_path, looks_local
-from ..records import KINDS, ComponentSpec, DatasetRef, ModelRef, call_check
+from ..records import KINDS, ComponentSpec, DatasetRef, ModelRef, RewardBatch, call_check
 from ..refs import pointer_of, walk_components, walk_refs
 from .models import Spec
 from .problems import problems_from_validation
@@ -322,7 +322,7 @@ def _row_columns(spec, stages: list[Stage], st: Stage, seen: Optional[set] = Non
     seen.add(st.id)
     for path, name in st.dataset_refs.items():
         if path.split(".")[-1] in ("prompts",) and name in spec.datasets:
-            return set(spec.datasets[name].columns()) - {"chosen", "rejected"}
+            return set(RewardBatch.data_columns(spec.datasets[name].columns()))
     if st.spec.inputs and st.spec.inputs[0] in by_id and st.impl.kind in ("score", "filter", "pair", "evaluate"):
         return _row_columns(spec, stages, by_id[st.spec.inputs[0]], seen)
     return None

@@ -11,7 +11,16 @@ import math
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..hookspecs import hookimpl
-from ..records import SAMPLES, SCORED, RewardBatch, RewardSpec, StageImpl, StageResult, component_resources
+from ..records import (
+    SAMPLES,
+    SCORED,
+    RewardBatch,
+    RewardSpec,
+    StageImpl,
+    StageResult,
+    component_resources,
+    pairwise_reward_problems,
+)
 
 
 class ScoreParams(BaseModel):
@@ -90,17 +99,8 @@ def write_tensorboard(folder, columns: dict[str, list[float]], metrics: dict) ->
 
 
 def _check(params: ScoreParams, spec, inputs) -> list:
-    """A problem at ``/reward`` when the reward is pairwise (:meth:`RewardImpl.is_pairwise`): it compares two
-    replies and has no score for one. A spec not yet resolved against a registry gives none."""
-    from ..errors import Problem
-
-    r = params.reward
-    if r._impl is not None and r._parsed is not None and r._impl.is_pairwise(r._parsed):
-        return [Problem("/reward", f"{r._impl.origin()} is pairwise with these params: it compares two replies and "
-                                   "gives no score to one",
-                        "use it among evaluate's judges or in the pair stage 'ai-feedback'; for score use a reward "
-                        "that rates each reply (llm-judge: mode 'pointwise')")]
-    return []
+    """A problem at ``/reward`` when the reward is pairwise (:func:`~rlhf_spec.records.pairwise_reward_problems`)."""
+    return pairwise_reward_problems(params.reward)
 
 
 @hookimpl

@@ -23,7 +23,17 @@ from ...backends import SamplingParams
 from ...errors import Problem
 from ...hookspecs import hookimpl
 from ...loops.trainer import OptimParams
-from ...records import POLICY, REWARD_MODEL, BackendSpec, DatasetRef, ModelRef, NotInKey, RewardSpec, StageImpl
+from ...records import (
+    POLICY,
+    REWARD_MODEL,
+    BackendSpec,
+    DatasetRef,
+    ModelRef,
+    NotInKey,
+    RewardSpec,
+    StageImpl,
+    pairwise_reward_problems,
+)
 
 Aggregation = Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"]
 
@@ -228,11 +238,7 @@ def check_online(params: OnlineParams, spec=None, inputs=()) -> list[Problem]:
     if params.epochs != 1.0:
         out.append(Problem("/epochs", "online training counts rollout steps", "use total_steps (and ppo_epochs for "
                                                                               "passes over a step's rollouts)"))
-    parsed = params.reward._parsed
-    if parsed is not None and getattr(parsed, "mode", None) == "pairwise":
-        out.append(Problem("/reward/params/mode", "a pairwise judge compares two replies and gives no score to one",
-                           "use mode 'pointwise'"))
-    return out
+    return out + pairwise_reward_problems(params.reward)
 
 
 def _check_group(params, spec=None, inputs=()) -> list[Problem]:
