@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+import rlhf_spec.stages.train.online as online_stages
+from conftest import ROOT, registry_fixture
 from rlhf_spec.cli import main
 
 STEPS = 10
@@ -74,23 +75,10 @@ def _nan_reward_plugin():
     return mod
 
 
-@pytest.fixture(scope="module")
-def online_registry():
-    """The installed plugins, the online stages (unless installed already) and the NaN test reward."""
-    import torch
-
-    import rlhf_spec.stages.train.online as online
-    from rlhf_spec.plugins import load_registry, set_registry
-
-    installed = load_registry()
-    extra = ([] if ("train", "ppo") in installed.stages else [online]) + [_nan_reward_plugin()]
-    reg = load_registry(extra=extra)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    set_registry(reg)
-    yield reg
-    set_registry(None)
-    torch.set_num_threads(threads)
+# The installed plugins, the online stages (unless installed already) and the NaN test reward, installed as the
+# process-wide registry with one torch thread.
+online_registry = registry_fixture(_nan_reward_plugin(), unless_installed=[online_stages], install=True, torch_threads=1,
+                                   name="online_registry")
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from conftest import cli, entry_dir, plan_keys, stages_of, statuses, write_spec
+from conftest import assert_metrics_match_the_table, cli, entry_dir, plan_keys, stages_of, statuses, write_spec
 from rlhf_spec.testing import run_spec
 
 
@@ -44,34 +43,6 @@ def test_full_run_rerun_and_invalidation(tmp_path, tiny_spec):
     assert rows["reward_model"]["status"] == "cached"
     assert any("params.temperature" in c for c in rows["sample"]["changes"])
     assert rows["score"]["status"] == "run"
-
-
-def assert_metrics_match_the_table(evaluate: dict) -> None:
-    """evaluate's headline figures, recomputed from its saved per-answer table by a plain loop: the win rate
-    over all k x k answer pairs of a prompt (ties count one half), both mean rewards, and the k1/k3 KL."""
-    import math
-
-    import datasets
-
-    m = evaluate["metrics"]
-    t = datasets.load_from_disk(str(Path(evaluate["output"]) / "data")).to_list()
-    judge = m["primary_judge"]
-    by_prompt: dict = {}
-    for row in t:
-        by_prompt.setdefault(row["prompt_id"], []).append(row)
-    wins = []
-    for rows in by_prompt.values():
-        pairs = [(a[f"policy_reward/{judge}"], b[f"reference_reward/{judge}"]) for a in rows for b in rows]
-        wins.append(sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in pairs) / len(pairs))
-    assert m["prompts"] == len(by_prompt) and m["samples_per_prompt"] * len(by_prompt) == len(t)
-    assert abs(m["win_rate"] - sum(wins) / len(wins)) < 1e-12
-    assert m["win_rate_ci_low"] <= m["win_rate"] <= m["win_rate_ci_high"]
-    for side in ("policy", "reference"):
-        mean = sum(r[f"{side}_reward/{judge}"] for r in t) / len(t)
-        assert abs(m[f"reward_mean_{side}"] - mean) < 1e-9, side
-    lr = [r["log_ratio"] for r in t]
-    assert abs(m["kl_k1"] - sum(lr) / len(lr)) < 1e-9
-    assert abs(m["kl_k3"] - sum(max(0.0, math.exp(-x) - 1 + x) for x in lr) / len(lr)) < 1e-9
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import ROOT, cli
-from test_pipeline_tiny import assert_metrics_match_the_table
+from conftest import assert_metrics_match_the_table
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, cli
-from test_pipeline_tiny import assert_metrics_match_the_table
+from conftest import assert_metrics_match_the_table
 
 SPEC = "specs/rebel_llama3.json"
 DOC = ROOT / "docs" / "rebel_llama3.md"
