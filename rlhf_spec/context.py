@@ -363,18 +363,21 @@ class CheckedReward:
         Raises:
             RewardError: if the output has another length than the batch, or a non-finite value.
         """
+        out = self.reward.score(batch)
+        for name, values in [("scores", out.scores)] + [(f"component '{k}'", v) for k, v in out.components.items()]:
+            self._check(values, len(batch), name, f"a non-finite {name} value", "completion")
+        return out
+
+    def _check(self, values: list, n: int, name: str, finite_name: Optional[str], unit: str) -> None:
+        """RewardError unless ``values`` holds ``n`` values (and, with ``finite_name``, finite ones)."""
         import math
 
-        out = self.reward.score(batch)
-        n = len(batch)
-        for name, values in [("scores", out.scores)] + [(f"component '{k}'", v) for k, v in out.components.items()]:
-            if len(values) != n:
-                raise RewardError(f"{self.pointer}: {self.origin} returned {len(values)} {name} for {n} completions")
-            bad = [i for i, v in enumerate(values) if not math.isfinite(float(v))]
-            if bad:
-                raise RewardError(f"{self.pointer}: {self.origin} returned a non-finite {name} value "
-                                  f"({values[bad[0]]}) for completion {bad[0]} of {n}")
-        return out
+        if len(values) != n:
+            raise RewardError(f"{self.pointer}: {self.origin} returned {len(values)} {name} for {n} {unit}s")
+        bad = [i for i, v in enumerate(values) if finite_name and not math.isfinite(float(v))]
+        if bad:
+            raise RewardError(f"{self.pointer}: {self.origin} returned {finite_name} ({values[bad[0]]}) "
+                              f"for {unit} {bad[0]} of {n}")
 
     def compare(self, prompts: list, completions_a: list, completions_b: list) -> tuple[list[float], list[bool]]:
         """Compare completion a with completion b for each of N prompts, through the reward's own
@@ -388,20 +391,12 @@ class CheckedReward:
             RewardError: if the reward does not declare the capability for its params, or returns another
                 number of values than N, or a non-finite preference.
         """
-        import math
-
         if not self.pairwise:
             raise RewardError(f"{self.pointer}: {self.origin} does not compare two completions with these params "
                               "(its record declares no pairwise capability for them)")
         p_a, disagreement = self.reward.compare(prompts, completions_a, completions_b)
-        n = len(prompts)
-        for name, values in (("preferences", p_a), ("disagreement flags", disagreement)):
-            if len(values) != n:
-                raise RewardError(f"{self.pointer}: {self.origin} returned {len(values)} {name} for {n} pairs")
-        bad = [i for i, v in enumerate(p_a) if not math.isfinite(float(v))]
-        if bad:
-            raise RewardError(f"{self.pointer}: {self.origin} returned a non-finite preference ({p_a[bad[0]]}) "
-                              f"for pair {bad[0]} of {n}")
+        self._check(p_a, len(prompts), "preferences", "a non-finite preference", "pair")
+        self._check(disagreement, len(prompts), "disagreement flags", None, "pair")
         return p_a, disagreement
 
     def __getattr__(self, name):  # the loaded reward's own attributes (a judge's tokenizer, for example)
