@@ -22,12 +22,11 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, Protocol, U
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 if TYPE_CHECKING:  # names used in annotations only
-    from .context import ComponentContext, StageContext
     from .errors import Problem
     from .model_source import ModelSource
 
-# Annotations name StageContext, ComponentContext (rlhf_spec.context), Problem (rlhf_spec.errors) and
-# ModelSource (rlhf_spec.models) as strings only: records sit below those modules in the layering.
+# The context a stage, reward or backend receives (rlhf_spec.context, a layer above this one) is typed
+# ``Any`` here; the docstrings name it.
 
 #: The six stage kinds a spec may use.
 KINDS = ("sample", "score", "filter", "pair", "train", "evaluate")
@@ -201,7 +200,7 @@ class StageImpl(_Record):
     kind: str
     name: str
     params: type[BaseModel]
-    run: Callable[["StageContext"], Union[StageResult, None]]
+    run: Callable[[Any], Union[StageResult, None]]  # run(ctx: StageContext)
     inputs: tuple[str, ...] = ()
     min_inputs: int = 0
     max_inputs: Optional[int] = None
@@ -348,7 +347,7 @@ class RewardImpl(_Record):
 
     name: str
     params: type[BaseModel]
-    load: Callable[[BaseModel, "ComponentContext"], Reward]
+    load: Callable[[BaseModel, Any], Reward]  # load(params, ctx: ComponentContext)
     columns: Union[tuple[str, ...], Callable[[BaseModel], Any]] = ()
     components: tuple[str, ...] = ()
     check: Optional[Callable[..., list["Problem"]]] = None
@@ -418,7 +417,7 @@ class BackendImpl(_Record):
 
     name: str
     params: type[BaseModel]
-    load: Callable[["ModelSource", BaseModel, "ComponentContext"], Engine]
+    load: Callable[["ModelSource", BaseModel, Any], Engine]  # load(policy, params, ctx: ComponentContext)
     check: Optional[Callable[..., list["Problem"]]] = None
 
     def origin(self) -> str:
