@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import datetime as _dt
 import json
+import os
 import re
 import sys
 import time
@@ -325,6 +326,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("rlhf-spec: interrupted", file=sys.stderr)
         code = 130
+    except BrokenPipeError:
+        # the reader closed the pipe (`rlhf-spec plan --json | head`): nothing failed here, so no error; stdout
+        # goes to devnull so the interpreter's last flush does not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 0
     except Exception as exc:  # noqa: BLE001
         if debug:
             traceback.print_exc()

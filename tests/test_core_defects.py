@@ -360,3 +360,17 @@ def test_a_plugin_that_hashes_its_source_gets_new_keys_when_its_code_changes(tmp
     after = keys()
     assert after["score"] != before["score"] and after["sample"] == before["sample"]
     assert all(after[s] != before[s] for s in ("filter", "pair", "rebel"))
+
+
+def test_a_reader_that_closes_the_pipe_is_no_error():
+    """`rlhf-spec plugins --json | head -c 0`: the reader is gone before the command writes; the command
+    stops quietly with exit code 0, with no internal error and no traceback."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf_spec", "plugins", "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader leaves at once, long before the command has written anything
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert "internal error" not in err and "Traceback" not in err and "BrokenPipe" not in err, err
