@@ -31,8 +31,11 @@ def summary(outcomes: list) -> dict:
 def stage_row(cache, outcome) -> dict:
     """One stage of the run report: the outcome's fields, and for a stage served from the cache
     ``computed_seconds``, the seconds its entry took when it was computed (from the entry's manifest).
-    An entry whose manifest has no ``seconds`` gets no ``computed_seconds``."""
+    An entry whose manifest has no ``seconds`` gets no ``computed_seconds``. ``output`` is an absolute
+    path, so the report opens from any folder."""
     row = dict(outcome.__dict__)
+    if row.get("output"):
+        row["output"] = str(Path(row["output"]).absolute())
     if outcome.status in CACHED and row.get("computed_seconds") is None:
         seconds = (cache.manifest(outcome.key) or {}).get("seconds")
         if isinstance(seconds, (int, float)) and not isinstance(seconds, bool):
@@ -51,7 +54,7 @@ def build_report(runner, started: float, outcomes: list, status: str = "ok", err
         "started": _dt.datetime.fromtimestamp(started, _dt.timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(time.time() - started, 3),
         "host": socket.gethostname(),
-        "cache_dir": str(runner.cache.root),
+        "cache_dir": str(Path(runner.cache.root).absolute()),
         "warnings": list(runner.cache.warnings),
         "summary": summary(outcomes),
         "stages": [stage_row(runner.cache, o) for o in outcomes],

@@ -316,3 +316,21 @@ def test_bad_inputs_raise_usage_errors(tmp_path, capsys):
     ok.write_text(json.dumps({"spec": "s", "status": "ok", "seconds": 0, "stages": []}))
     assert cmd_report(argparse.Namespace(source=str(ok), output=str(tmp_path / "o.html"))) == 0
     assert "o.html" in capsys.readouterr().out and "the run has no stages" in (tmp_path / "o.html").read_text()
+
+
+@pytest.mark.slow
+def test_report_of_a_relative_cache_opens_from_another_folder(tiny_run, tmp_path):
+    """A run with a relative --cache-dir writes absolute output folders into its report, so `rlhf-spec report`
+    run from another folder still finds the entries and draws the examples and training curves."""
+    run_dir, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copytree(tiny_run["cache"], run_dir / "cache", symlinks=True)
+    shutil.copy(tiny_run["dir"] / "spec.json", run_dir / "spec.json")
+    res = cli("run", "spec.json", "--cache-dir", "cache", "--report", "report.json", cwd=run_dir)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert Path(report["cache_dir"]).is_absolute() and all(Path(s["output"]).is_absolute() for s in report["stages"])
+    res = cli("report", str(run_dir / "report.json"), "-o", "page.html", cwd=elsewhere)
+    assert res.returncode == 0, res.stderr[-3000:]
+    page = (elsewhere / "page.html").read_text()
+    assert "is gone" not in page and '<table class="examples">' in page and 'id="fig-train-reward_model"' in page
