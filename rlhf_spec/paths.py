@@ -32,8 +32,8 @@ def check_path(value: str, ptr: str, problems: list[Problem], base: Path, must_e
     The check is lexical: ``..`` may not climb out; a symlink inside the folder is the user's choice.
     """
     if escapes(value):
-        problems.append(Problem(ptr, f"path '{value}' leaves the working directory", "use a path inside it, or an "
-                                                                                     "absolute path"))
+        problems.append(Problem(ptr, f"path '{value}' leaves the working directory",
+                                "use a path inside it, or an absolute path"))
     elif must_exist and not resolve(value, base).exists():
         problems.append(Problem(ptr, f"file or folder not found: {value}"))
 

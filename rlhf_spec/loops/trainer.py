@@ -71,9 +71,8 @@ class OptimParams(BaseModel):
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     weight_decay: float = Field(1e-6, ge=0, description="AdamW weight decay.")
-    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field("cosine", description="LR "
-                                                                                                             "schedule "
-                                                                                                             "(transformers.get_scheduler).")
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="LR schedule (transformers.get_scheduler).")
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of updates spent warming up.")
     per_device_train_batch_size: int = Field(1, ge=1, le=4096, description="Pairs per micro-batch per process.")
     gradient_accumulation_steps: int = Field(16, ge=1, le=65536, description="Micro-batches per optimizer update.")

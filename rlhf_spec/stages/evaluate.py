@@ -39,9 +39,8 @@ class EvaluateParams(SamplingParams):
                                                           "judge other than the training reward shows reward hacking.")
     primary: Optional[str] = Field(None, description="The judge whose figures are the headline (win_rate, ...); "
                                                      "default: the first.")
-    backend: BackendSpec = Field(default_factory=lambda: BackendSpec(uses="transformers"), description="Generation "
-                                                                                                       "backend for "
-                                                                                                       "both policies.")
+    backend: BackendSpec = Field(default_factory=lambda: BackendSpec(uses="transformers"),
+                                 description="Generation backend for both policies.")
     prompts: Optional[Annotated[str, DatasetRef(columns=("prompt",))]] = Field(
         None, description="Held-out prompts from /datasets; or give a pairs input and its 'test' split is used.")
     samples_per_prompt: int = Field(1, ge=1, le=64, description="Answers per prompt from each policy (k).")

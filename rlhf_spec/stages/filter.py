@@ -19,8 +19,8 @@ class FilterParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    tokenizer: Annotated[str, ModelRef(artifacts=(POLICY,))] = Field(..., description="Model whose tokenizer counts "
-                                                                                      "tokens (the policy).")
+    tokenizer: Annotated[str, ModelRef(artifacts=(POLICY,))] = Field(
+        ..., description="Model whose tokenizer counts tokens (the policy).")
     max_prompt_tokens: Optional[int] = Field(None, ge=1, description="Drop prompts longer than this, generation prompt "
                                                                      "included.")
     max_response_tokens: Optional[int] = Field(None, ge=1, description="Drop responses longer than this (no special "

@@ -51,10 +51,8 @@ class OnlineParams(OptimParams, SamplingParams):
     reference: Optional[Annotated[str, ModelRef(artifacts=(POLICY,))]] = Field(
         None, description="Frozen reference policy for the KL terms (never trained); default: the starting policy. It "
                           "must use the policy's tokenizer.")
-    prompts: Annotated[str, DatasetRef(columns=("prompt",))] = Field(..., description="Training prompts (a /datasets "
-                                                                                      "name); other row columns "
-                                                                                      "(reference, ...) reach the "
-                                                                                      "reward.")
+    prompts: Annotated[str, DatasetRef(columns=("prompt",))] = Field(
+        ..., description="Training prompts (a /datasets name); other row columns (reference, ...) reach the reward.")
     reward: RewardSpec = Field(..., description="The reward: {\"uses\": name, \"params\": {...}}. It reads completion "
                                                 "texts, so it may use another tokenizer and device.")
     backend: BackendSpec = Field(default_factory=lambda: BackendSpec(uses="transformers"),
@@ -158,9 +156,9 @@ class GRPOParams(OnlineParams):
                                                              "set).")
     clip_eps_high: Optional[float] = Field(None, gt=0.0, lt=10.0, description="Upper clip range (DAPO's clip-higher, "
                                                                               "e.g. 0.28).")
-    loss_aggregation: Aggregation = Field("seq-mean-token-mean", description="'seq-mean-token-mean' (GRPO), "
-                                                                             "'token-mean' (DAPO), "
-                                                                             "'seq-mean-token-sum-norm' (Dr. GRPO).")
+    loss_aggregation: Aggregation = Field(
+        "seq-mean-token-mean",
+        description="'seq-mean-token-mean' (GRPO), 'token-mean' (DAPO), 'seq-mean-token-sum-norm' (Dr. GRPO).")
 
 
 class RLOOParams(OnlineParams):
@@ -256,8 +254,8 @@ def _check_ppo(params: PPOParams, spec=None, inputs=()) -> list[Problem]:
     if params.ptx_coef > 0 and not params.ptx_dataset:
         out.append(Problem("/ptx_dataset", "ptx_coef > 0 needs ptx_dataset (prompt and chosen reply columns)"))
     if params.ptx_dataset and params.ptx_coef == 0:
-        out.append(Problem("/ptx_dataset", "ptx_dataset is unused with ptx_coef 0", "set ptx_coef > 0 or remove "
-                                                                                    "ptx_dataset"))
+        out.append(Problem("/ptx_dataset", "ptx_dataset is unused with ptx_coef 0",
+                           "set ptx_coef > 0 or remove ptx_dataset"))
     datasets = getattr(spec, "datasets", None) or {}
     if params.ptx_dataset in datasets:
         have = datasets[params.ptx_dataset].columns()

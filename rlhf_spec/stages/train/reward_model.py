@@ -32,9 +32,8 @@ class RewardModelParams(OptimParams):
                           "hash.")
     eval_size: int = Field(0, ge=0, description="Pairs to hold out from the training data when no eval_dataset is "
                                                 "given.")
-    format: Literal["auto", "chat", "pair", "transcript"] = Field("auto", description="Input format (see "
-                                                                                      "rlhf_spec.rewards.classifier); "
-                                                                                      "recorded in the output.")
+    format: Literal["auto", "chat", "pair", "transcript"] = Field(
+        "auto", description="Input format (see rlhf_spec.rewards.classifier); recorded in the output.")
     max_length: int = Field(256, ge=8, le=131072, description="Truncate inputs to this many tokens (prompt first).")
     margin: float = Field(0.0, ge=0.0, description="Constant margin m inside the sigmoid (Llama 2 uses "
                                                    "rating-dependent margins).")
@@ -43,8 +42,8 @@ class RewardModelParams(OptimParams):
     learning_rate: float = Field(2e-5, gt=0, le=1.0, description="Peak learning rate (AdamW).")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field("linear", description="LR "
-                                                                                                             "schedule.")
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "linear", description="LR schedule.")
     per_device_train_batch_size: int = Field(16, ge=1, le=4096, description="Pairs per micro-batch per process.")
     gradient_accumulation_steps: int = Field(1, ge=1, le=65536, description="Micro-batches per optimizer update.")
     eval_batch_size: Annotated[int, NotInKey()] = Field(64, ge=1, description="Pairs per forward pass in evaluation. "
