@@ -6,7 +6,7 @@
     validation, no cache work. The quickstart's cached rerun against its full run is measured the
     same way only with ``--quickstart`` (its full run takes 10-20 minutes); otherwise that figure is
     emitted with no values. No report from an earlier run is ever read.
-(b) ``rlhf_spec.hashing.sha256_file`` against ``sha256sum`` on the same file (the 98 MB GGUF),
+(b) ``rlhf_spec.files.sha256_file`` against ``sha256sum`` on the same file (the 98 MB GGUF),
     alternating, after one untimed read that brings the file into the page cache.
 (c) After the smoke runs: bytes on disk under the cache folder against the bytes its entries and
     converted models hold (manifest sizes); bytes stored twice (same content in two files that
@@ -121,7 +121,7 @@ def quickstart(reps: int, run_it: bool) -> None:
 
 
 def hashing(reps: int) -> None:
-    from rlhf_spec.hashing import sha256_file
+    from rlhf_spec.files import sha256_file
 
     path = (ROOT / common.GGUF_DIR / common.GGUF_FILE).resolve()
     size = path.stat().st_size

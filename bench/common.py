@@ -91,7 +91,7 @@ _GGUF_DIGEST: list[str] = []
 
 def policy_source():
     """SmolLM2-135M-Instruct from its GGUF file, dequantised once into ``bench/.work/converted/<sha256>``."""
-    from rlhf_spec.hashing import sha256_file
+    from rlhf_spec.files import sha256_file
     from rlhf_spec.model_source import ModelSource
 
     if not _GGUF_DIGEST:

@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, Protocol, U
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
+from .errors import Problem
+
 if TYPE_CHECKING:  # names used in annotations only
-    from .errors import Problem
     from .model_source import ModelSource
 
 # The context a stage, reward or backend receives (rlhf_spec.context, a layer above this one) is typed
@@ -266,8 +267,6 @@ class RewardBatch:
         (completion j answers row j // k): k = 1 for a ``samples`` row and its own completion, k = G for
         a group of G rollouts per prompt, k = samples_per_prompt for evaluate's answers.
 
-        Signature: ``RewardBatch.from_rows(rows, completions, prompts=None)``.
-
         Args:
             rows: R rows, a ``datasets.Dataset`` (or anything with ``column_names``, ``len()`` as the row
                 count and ``rows[name]`` -> R values); its :meth:`data_columns` become ``columns``, each
@@ -456,8 +455,6 @@ def pairwise_reward_problems(reward: "ComponentSpec", pointer: str = "/reward") 
     params (:meth:`RewardImpl.is_pairwise`): it compares two replies and has no score for one, so it cannot
     serve where each completion needs a score (``score``, online training). An unbound spec gives none.
     """
-    from .errors import Problem
-
     if reward._impl is None or reward._parsed is None or not reward._impl.is_pairwise(reward._parsed):
         return []
     return [Problem(pointer, f"{reward._impl.origin()} is pairwise with these params: it compares two replies "

@@ -13,8 +13,6 @@ from .cache import atomic_write_json
 HEADLINE = ("eval_accuracy", "eval_pairs", "win_rate", "win_rate_ci_low", "win_rate_ci_high", "lc_win_rate",
             "reward_mean_policy", "reward_mean_reference", "kl_k1", "kl_k3", "reward_mean", "pairs", "samples",
             "updates", "train_loss_last10")
-#: Statuses of a stage served from the cache; its report row also carries ``computed_seconds``.
-CACHED = ("cached", "reused")
 
 
 def summary(outcomes: list) -> dict:
@@ -28,19 +26,10 @@ def summary(outcomes: list) -> dict:
     return out
 
 
-def stage_row(cache, outcome) -> dict:
-    """One stage of the run report: the outcome's fields, and for a stage served from the cache
-    ``computed_seconds``, the seconds its entry took when it was computed (from the entry's manifest).
-    An entry whose manifest has no ``seconds`` gets no ``computed_seconds``. ``output`` is an absolute
-    path, so the report opens from any folder."""
-    row = dict(outcome.__dict__)
-    if row.get("output"):
-        row["output"] = str(Path(row["output"]).absolute())
-    if outcome.status in CACHED and row.get("computed_seconds") is None:
-        seconds = (cache.manifest(outcome.key) or {}).get("seconds")
-        if isinstance(seconds, (int, float)) and not isinstance(seconds, bool):
-            row["computed_seconds"] = float(seconds)
-    return row
+def stage_row(outcome) -> dict:
+    """One stage of the run report: the outcome's fields; ``computed_seconds`` (the seconds a cached stage's
+    entry took when it was computed, from its manifest) only where the runner read one."""
+    return {k: v for k, v in outcome.__dict__.items() if not (k == "computed_seconds" and v is None)}
 
 
 def build_report(runner, started: float, outcomes: list, status: str = "ok", error: str = "") -> dict:
@@ -54,10 +43,10 @@ def build_report(runner, started: float, outcomes: list, status: str = "ok", err
         "started": _dt.datetime.fromtimestamp(started, _dt.timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(time.time() - started, 3),
         "host": socket.gethostname(),
-        "cache_dir": str(Path(runner.cache.root).absolute()),
+        "cache_dir": str(runner.cache.root),
         "warnings": list(runner.cache.warnings),
         "summary": summary(outcomes),
-        "stages": [stage_row(runner.cache, o) for o in outcomes],
+        "stages": [stage_row(o) for o in outcomes],
     }
 
 

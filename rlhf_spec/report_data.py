@@ -14,10 +14,6 @@ from typing import Any
 
 from .errors import UsageError
 
-#: Suffixes of per-judge evaluate metrics, ``<judge>.<suffix>``.
-JUDGE_SUFFIXES = ("win_rate", "win_rate_ci_low", "win_rate_ci_high", "lc_win_rate", "lc_win_rate_ci_low",
-                  "lc_win_rate_ci_high", "win_rate_wilson_low", "win_rate_wilson_high", "reward_mean_policy",
-                  "reward_mean_reference", "reward_delta")
 #: Statuses of a stage whose output came from the cache in that run (its ``seconds`` are about 0).
 CACHED = ("cached", "reused")
 

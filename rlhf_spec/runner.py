@@ -56,6 +56,7 @@ class StageOutcome:
     metrics: dict = field(default_factory=dict)
     rows: Optional[int] = None
     reason: str = ""
+    computed_seconds: Optional[float] = None  # a stage served from the cache: the seconds its entry took
 
 
 class Runner:
@@ -178,10 +179,12 @@ class Runner:
 
     def _from_cache(self, st: Stage, key: str, status: str) -> None:
         man = self.cache.manifest(key) or {}
+        secs = man.get("seconds")
+        computed = float(secs) if isinstance(secs, (int, float)) and not isinstance(secs, bool) else None
         self.outcomes[st.id] = StageOutcome(st.id, st.impl.kind, st.impl.name, key, status, 0.0,
                                             str(self.cache.entry_dir(key)),
                                             man.get("output_type", st.output_type), man.get("metrics", {}),
-                                            man.get("rows"))
+                                            man.get("rows"), computed_seconds=computed)
         self.used_keys.extend(man.get("used_keys", []))
 
     def _ensure(self, sid: str) -> None:

@@ -29,8 +29,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy import stats
 
-from .length_control import (  # noqa: F401 - LC_* and the length-controlled win rate are re-exported
-    LC_PENALTY,
+from .length_control import (  # noqa: F401 - LC_RESAMPLES and the length-controlled win rate are re-exported
     LC_RESAMPLES,
     LengthControlledWinRate,
     _as_2d,

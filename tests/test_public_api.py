@@ -1,7 +1,7 @@
 """The public API (``rlhf_spec.__all__``) a plugin written against ``rlhf_spec`` alone needs, and the
 plugin defects it exposed: ``source_hash`` with ``pair_trainer``, params with a pydantic alias (worker
-jobs, keys, ``plan --explain``), the testing helpers that give an installed record, and which layers
-the built-in stages, rewards and backends import."""
+jobs, keys, ``plan --explain``) and the testing helpers that give an installed record. Which layers the
+built-in stages, rewards and backends import is checked by the import-linter contracts."""
 
 from __future__ import annotations
 

@@ -26,7 +26,6 @@ __all__ = [
     "PairwiseRewardLoss",
     "pairwise_accuracy",
     "IPOLoss",
-    "require_positive",
 ]
 
 

@@ -305,8 +305,3 @@ class ReinforcePP(Algorithm):
 
     def loss(self, logprobs, values, exp, idx, L):
         return self._policy_loss(self.fn, logprobs, exp, idx, L)
-
-
-# ----------------------------------------------------------------------------- helpers
-
-

@@ -52,7 +52,7 @@ class Cache:
     """
 
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
+        self.root = Path(root).absolute()  # reports and run records name entries from any folder
         self.hash_state = HashState(self.root / "state")
         self._verified: set[str] = set()
         self.warnings: list[str] = []

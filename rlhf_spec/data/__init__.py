@@ -18,26 +18,23 @@ rows out by prompt.
 
 from __future__ import annotations
 
-from .base import FIT, DatasetAdapter, first_record, local_format, read_raw  # noqa: F401
+from .base import FIT, DatasetAdapter  # noqa: F401
 from .load import EMPTY_MARKER, load_rows, load_spec_dataset, local_column_problem, save_rows  # noqa: F401
 from .messages import (  # noqa: F401
                        ASSISTANT,
                        GSM8K_REPLY,
                        HUMAN,
                        ROLE_ALIASES,
-                       alpaca_prompt,
                        apply_prompt_template,
                        gsm8k_reply,
                        hash_unit,
                        normalize_messages,
                        parse_hh_transcript,
                        parse_label,
-                       preferred_output,
                        prompt_id,
-                       reference_text,
                        render_transcript,
                        response_text,
                        split_conversation,
                        split_hh_pair,
 )
-from .split import assign_split, check_test_size, prompt_rank, split_by_prompt  # noqa: F401
+from .split import assign_split, check_test_size, split_by_prompt  # noqa: F401

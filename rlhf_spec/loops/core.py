@@ -301,6 +301,7 @@ class TrainingCore:
         self.accelerator.load_state(str(path))
         state = read_checkpoint_state(path, self.state_file)
         self.history = state.get("history", [])
+        self.last_checkpoint = int(path.name.rsplit("-", 1)[1])
         return path, pointer, state
 
     # -- the trained model ---------------------------------------------------------------------

@@ -23,10 +23,10 @@ from typing import Any, Callable, Optional
 
 from ..algorithms.policy_gradient import Experience
 
-__all__ = ["ExperienceMaker", "rollout_stats", "pad_rows"]
+__all__ = ["ExperienceMaker", "rollout_stats"]
 
 
-def pad_rows(rows: list, dtype=None):
+def _pad_rows(rows: list, dtype=None):
     """B 1-D tensors of lengths ``n_b`` -> (B, max n_b) right-padded with 0 (``dtype``: the first row's)."""
     import torch
 
@@ -161,10 +161,10 @@ class ExperienceMaker:
         resp_lens = [len(c.token_ids) for c in flat]
         with self.timer("reference"):
             ref_lp, old_lp, ent, vals = self._logprobs(items)
-        mask = pad_rows([torch.ones(n, dtype=torch.bool) for n in resp_lens])
-        exp = Experience(items=items, resp_lens=resp_lens, scores=scores, mask=mask, old_logprobs=pad_rows(old_lp),
-                         ref_logprobs=pad_rows(ref_lp), entropy=pad_rows(ent), group_size=group_size,
-                         values=pad_rows(vals) if vals else None)
+        mask = _pad_rows([torch.ones(n, dtype=torch.bool) for n in resp_lens])
+        exp = Experience(items=items, resp_lens=resp_lens, scores=scores, mask=mask, old_logprobs=_pad_rows(old_lp),
+                         ref_logprobs=_pad_rows(ref_lp), entropy=_pad_rows(ent), group_size=group_size,
+                         values=_pad_rows(vals) if vals else None)
         info = {"components": {k: torch.tensor([float(x) for x in v]) for k, v in out.components.items()},
                 "counts": dict(out.counts)}
         return exp, info

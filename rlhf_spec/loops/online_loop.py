@@ -50,7 +50,7 @@ from .experience import ExperienceMaker, rollout_stats
 from .online_setup import EVAL, SET_SEED, VALUE_HEAD, OnlineInputs, load_online_models, prompt_order
 from .online_update import PolicyUpdate
 
-__all__ = ["run_online", "prompt_order", "OnlineInputs"]
+__all__ = ["run_online"]
 
 
 class _Loop:
@@ -99,7 +99,6 @@ class _Loop:
         if state.get("prompt_position") != step * self.p.rollout_prompts:
             raise RuntimeError(f"checkpoint {path.name}: prompt position {state.get('prompt_position')} "
                                f"does not match step {step}")
-        self.core.last_checkpoint = step
         return step
 
     def save(self, step: int) -> None:

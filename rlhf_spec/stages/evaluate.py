@@ -25,7 +25,7 @@ from ..errors import Problem
 from ..hookspecs import hookimpl
 from ..records import METRICS, PAIRS, POLICY, BackendSpec, DatasetRef, ModelRef, NotInKey, StageImpl, StageResult
 from ..runtime import sampling_seed
-from .judging import Judges, cell, heldout_pairs, is_pairwise, num, primary_problems, row_columns, score_sides
+from .judging import Judges, cell, heldout_pairs, num, primary_problems, row_columns, score_sides
 
 
 class EvaluateParams(SamplingParams):
@@ -154,13 +154,12 @@ def _judge(ctx, name: str, rows, pol: list, ref: list) -> dict:
     n = len(rows)
     with ctx.timer(f"judge_{name}"):
         reward = ctx.reward(f"judges.{name}")
-        cols = row_columns(rows, k)
         prompts = [pr for pr in rows["prompt"] for _ in range(k)]
         flat_pol, flat_ref = [a for per in pol for a in per], [a for per in ref for a in per]
-        if is_pairwise(ctx, f"judges.{name}"):
+        if reward.pairwise:
             p, dis = reward.compare(prompts, flat_pol, flat_ref)
             return {"preferences": [p[i * k:(i + 1) * k] for i in range(n)], "disagreement": sum(dis) / len(dis)}
-        out = score_sides(reward, prompts, [flat_pol, flat_ref], cols)
+        out = score_sides(reward, prompts, [flat_pol, flat_ref], row_columns(rows, k))
     return {"scores": tuple([o[i * k:(i + 1) * k] for i in range(n)] for o in out)}
 
 

@@ -50,13 +50,6 @@ def heldout_pairs(ctx, param: str):
     return rows
 
 
-def is_pairwise(ctx, path: str) -> bool:
-    """Whether the reward at params ``path`` declares, with its params, that it compares two replies
-    (:meth:`~rlhf_spec.records.RewardImpl.is_pairwise`; it has ``compare``, not per-reply scores)."""
-    spec = ctx.component(path)
-    return spec.impl.is_pairwise(spec.parsed)
-
-
 def score_sides(reward, prompts: list, sides: list[list[str]], columns: dict) -> list[list[float]]:
     """Score S lists of N replies to the same N prompts in one reward call, so that a batch-normalised
     reward (``combine``'s z-score, Llama 2's whitening) puts every side on one scale.

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..errors import Problem
 from ..hookspecs import hookimpl
 from ..records import METRICS, PAIRS, DatasetRef, NotInKey, StageImpl, StageResult
-from .judging import Judges, cell, heldout_pairs, is_pairwise, num, primary_problems, row_columns, score_sides
+from .judging import Judges, cell, heldout_pairs, num, primary_problems, row_columns, score_sides
 
 
 class RewardAccuracyParams(BaseModel):
@@ -72,7 +72,7 @@ def _verdicts(ctx, name: str, rows) -> dict:
         ctx.progress.note(f"judge {name}")
         reward = ctx.reward(f"judges.{name}")
         prompts = list(rows["prompt"])
-        if is_pairwise(ctx, f"judges.{name}"):
+        if reward.pairwise:
             p, dis = reward.compare(prompts, list(rows["chosen"]), list(rows["rejected"]))
             out = {"p_chosen": list(p), "disagreement": list(dis)}
         else:

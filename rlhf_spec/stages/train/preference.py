@@ -91,6 +91,14 @@ def _rebel_check(params: RebelParams, spec, inputs) -> list[Problem]:
     return []
 
 
+def _policy_resources(p) -> dict:
+    out = {"processes": p.num_processes, "gpus": p.num_processes, "global_batch": p.global_batch(),
+           "episodes": p.total_episodes or f"{p.epochs} epoch(s)"}
+    if p.total_episodes:
+        out["updates"] = max(1, p.total_episodes // p.global_batch())
+    return out
+
+
 def _reward_model_check(params: RewardModelParams, spec, inputs) -> list[Problem]:
     if not params.dataset and not inputs:
         return [Problem("/dataset", "reward-model training needs pairs: set params.dataset or give a pairs stage in "
@@ -100,17 +108,8 @@ def _reward_model_check(params: RewardModelParams, spec, inputs) -> list[Problem
     return []
 
 
-def _policy_resources(p) -> dict:
-    out = {"processes": p.num_processes, "gpus": p.num_processes, "global_batch": p.global_batch(),
-           "episodes": p.total_episodes or f"{p.epochs} epoch(s)"}
-    if p.total_episodes:
-        out["updates"] = max(1, p.total_episodes // p.global_batch())
-    return out
-
-
 run_rebel = pair_trainer(rebel_loss, rewards=rebel_rewards)
 run_dpo = pair_trainer(dpo_loss, rewards=dpo_rewards)
-run_reward_model = train_reward_model
 
 
 @hookimpl
@@ -122,7 +121,7 @@ def rlhf_spec_register_stages(register):
     register(StageImpl(kind="train", name="dpo", params=DPOParams, run=run_dpo, version="1",
                        inputs=(PAIRS,), min_inputs=0, max_inputs=1, output=POLICY, check=pairs_check,
                        description="DPO: -log sigmoid(beta * log-ratio margin)", resources=_policy_resources))
-    register(StageImpl(kind="train", name="reward-model", params=RewardModelParams, run=run_reward_model, version="2",
+    register(StageImpl(kind="train", name="reward-model", params=RewardModelParams, run=train_reward_model, version="2",
                        inputs=(PAIRS,), min_inputs=0, max_inputs=1, output=REWARD_MODEL, check=_reward_model_check,
                        description="Bradley-Terry reward model (optional Llama 2 margin), held-out pairwise accuracy",
                        resources=_policy_resources))

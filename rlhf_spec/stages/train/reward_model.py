@@ -11,9 +11,10 @@ from typing import Annotated, Literal, Optional
 
 from pydantic import Field
 
+from ...loops.save import save_policy
 from ...loops.trainer import OptimParams, Trainer
 from ...records import REWARD_MODEL, DatasetRef, ModelRef, NotInKey, StageResult
-from .pair_trainer import save_policy, split_rows
+from .pair_trainer import split_rows
 
 
 class RewardModelParams(OptimParams):

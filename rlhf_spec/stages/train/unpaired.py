@@ -27,16 +27,10 @@ from typing import Annotated, Optional
 from pydantic import Field
 
 from ...errors import Problem
+from ...loops.save import metrics_before, save_policy, seconds_per_update
 from ...loops.trainer import Trainer
 from ...records import DatasetRef, StageResult
-from .pair_trainer import (
-    PolicyTrainParams,
-    metrics_before,
-    save_policy,
-    seconds_per_update,
-    split_rows,
-    starts_at_reference,
-)
+from .pair_trainer import PolicyTrainParams, split_rows, starts_at_reference
 
 _PARTNER_SEED = 8191  # the seeded shuffle that fixes each row's mismatched completion
 
